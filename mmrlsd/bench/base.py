@@ -1,0 +1,245 @@
+"""The benchmark interface, its registry, and the helpers every benchmark module shares.
+
+A benchmark is one small module with one `Bench` subclass registered under the name users type
+(`mmrlsd eval --bench mathvista`). The class knows five things about its benchmark:
+
+* `load(data_path, split)`      gold records in the official format (a local copy, or the HF hub);
+* `prompt(record)`, `images(record, data_root)`   what the model sees;
+* `read_predictions(path)`      our `predictions.jsonl` and each official prediction format;
+* `score(gold, predictions, mode=..., split=...)`  a result dict in the schema below.
+
+Result schema (`scores.json`, `mmrlsd eval ... --output OUT.json`; other tools read it)::
+
+    {"bench", "split", "mode", "n", "correct", "accuracy" (0..1),
+     "breakdown": {group: {value: {"correct", "total", "accuracy"}}},
+     "items": {id: {"prediction", "correct"}},
+     ...benchmark-specific extras ("warnings", "four_dimensional", ...)}
+
+Build it with `make_result`, which computes the totals and breakdowns from per-item verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+if TYPE_CHECKING:  # PIL is only needed by benchmarks that build model inputs
+    from PIL import Image
+
+Record = dict[str, Any]
+"""One gold example, in the benchmark's official format (the fields the official files use)."""
+
+Predictions = dict[str, dict[str, Any]]
+"""id -> prediction row, in file order. Rows of our own `predictions.jsonl` are `{"id", "response", ...}`;
+rows read from an official format keep that format's fields (`extraction`, `model_answer`, ...)."""
+
+
+class Bench:
+    """A benchmark: data, official prompt, official scoring. Subclasses set the class attributes and
+    implement the five methods. Instances are stateless; `get_bench(name)()` makes one."""
+
+    name: ClassVar[str] = ""
+    """Registry key, set by `@register(name)`."""
+    hub_id: ClassVar[str] = ""
+    """Hugging Face dataset id used when no `--data` path is given."""
+    splits: ClassVar[tuple[str, ...]] = ()
+    """Splits this module can load (scored or exported)."""
+    default_split: ClassVar[str] = ""
+    modes: ClassVar[tuple[str, ...]] = ("official",)
+    """Scoring modes. `official` reproduces the upstream scorer bit for bit; any other name is ours."""
+    generate_mode: ClassVar[str] = "official"
+    """Mode used to score freshly generated responses (MathVista: `rule-v1`, as its official extraction
+    needs a GPT judge)."""
+
+    def load(self, data_path: str | None, split: str) -> list[Record]:
+        """Gold records of `split`, in dataset order, from the local official-format file `data_path`,
+        or from the hub (`hub_id`) when `data_path` is None."""
+        raise NotImplementedError
+
+    def record_id(self, record: Record) -> str:
+        """The record's id as a string (MathVista `pid`, MMMU `id`, ...)."""
+        raise NotImplementedError
+
+    def prompt(self, record: Record) -> str:
+        """The official zero-shot prompt text for this record."""
+        raise NotImplementedError
+
+    def images(self, record: Record, data_root: Path | None) -> list[Image.Image]:
+        """The record's images in prompt order (PIL, RGB). `data_root` is the folder that relative image
+        paths in the record resolve against (the folder of the `--data` file); hub records carry decoded
+        images and ignore it."""
+        raise NotImplementedError
+
+    def read_predictions(self, path: str | Path) -> Predictions:
+        """Read our `predictions.jsonl` or any official prediction format of this benchmark."""
+        raise NotImplementedError
+
+    def score(
+        self, gold: list[Record], predictions: Predictions, *, mode: str = "official", split: str = ""
+    ) -> dict[str, Any]:
+        """Score `predictions` against `gold` in `mode`; returns the result schema above (`make_result`).
+        Scores the ids present in `predictions`, unless the official scorer says otherwise."""
+        raise NotImplementedError
+
+
+BENCHES: dict[str, type[Bench]] = {}
+
+
+def register(name: str):
+    """Class decorator: `@register("mathvista") class MathVista(Bench): ...`."""
+
+    def wrap(cls: type[Bench]) -> type[Bench]:
+        if name in BENCHES and BENCHES[name] is not cls:
+            raise ValueError(f"benchmark {name!r} registered twice")
+        cls.name = name
+        BENCHES[name] = cls
+        return cls
+
+    return wrap
+
+
+def get_bench(name: str) -> type[Bench]:
+    """The benchmark class registered as `name`; the error lists the valid names."""
+    if name not in BENCHES:
+        raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(sorted(BENCHES))}")
+    return BENCHES[name]
+
+
+def check_mode(bench: Bench, mode: str) -> None:
+    """Raise a ValueError listing `bench.modes` when `mode` is not one of them."""
+    if mode not in bench.modes:
+        raise ValueError(f"{bench.name}: unknown mode {mode!r}; known: {', '.join(bench.modes)}")
+
+
+# ---------------------------------------------------------------- results
+
+
+def tally(pairs: Iterable[tuple[Any, bool]]) -> dict[str, dict[str, Any]]:
+    """Count verdicts per value: [(value, correct), ...] -> {str(value): {correct, total, accuracy}}.
+    A list value counts once under each element (MathVista `skills`).
+
+    >>> tally([("a", True), ("a", False), (["a", "b"], True)])["a"]
+    {'correct': 2, 'total': 3, 'accuracy': 0.6666666666666666}
+    """
+    counts: dict[str, list[int]] = {}
+    for value, ok in pairs:
+        for v in value if isinstance(value, list) else [value]:
+            c = counts.setdefault(str(v), [0, 0])
+            c[0] += bool(ok)
+            c[1] += 1
+    return {v: {"correct": c, "total": t, "accuracy": c / t} for v, (c, t) in counts.items()}
+
+
+def make_result(
+    bench: str,
+    split: str,
+    mode: str,
+    items: Mapping[str, Mapping[str, Any]],
+    labels: Mapping[str, Mapping[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Assemble the result schema.
+
+    items:  id -> {"prediction": ..., "correct": bool} (other keys are kept).
+    labels: id -> {group: value or list of values}; every group becomes a `breakdown` entry.
+    extra:  benchmark-specific top-level keys (`warnings`, `four_dimensional`, ...).
+    `accuracy` is correct/n, and 0.0 when n == 0.
+    """
+    n = len(items)
+    correct = sum(bool(it["correct"]) for it in items.values())
+    groups: dict[str, list[tuple[Any, bool]]] = {}
+    for rid, lab in (labels or {}).items():
+        for group, value in lab.items():
+            groups.setdefault(group, []).append((value, bool(items[rid]["correct"])))
+    return {
+        "bench": bench,
+        "split": split,
+        "mode": mode,
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "breakdown": {group: tally(pairs) for group, pairs in groups.items()},
+        "items": {rid: dict(it) for rid, it in items.items()},
+        **extra,
+    }
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def read_text(path: str | Path) -> str:
+    """File contents as text; invalid UTF-8 bytes become U+FFFD instead of raising."""
+    return Path(path).read_bytes().decode("utf-8", errors="replace")
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON document (invalid UTF-8 tolerated, see `read_text`)."""
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """One JSON object per non-empty line; a bad line is reported with its line number."""
+    rows = []
+    for i, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def is_own_predictions(rows: list[dict[str, Any]]) -> bool:
+    """True when `rows` look like our `predictions.jsonl` (every row has `id` and `response`)."""
+    return bool(rows) and all("id" in r and "response" in r for r in rows)
+
+
+def rows_by_id(rows: Iterable[dict[str, Any]], key: str = "id", where: str = "") -> Predictions:
+    """Index rows by `str(row[key])`, keeping file order; a row without `key` or a repeated id is an error."""
+    out: Predictions = {}
+    for i, row in enumerate(rows):
+        if key not in row:
+            raise ValueError(f"{where}row {i}: missing required field {key!r}")
+        rid = str(row[key])
+        if rid in out:
+            raise ValueError(f"{where}duplicate id {rid!r}")
+        out[rid] = row
+    return out
+
+
+def require(record: Mapping[str, Any], field: str, rid: str) -> Any:
+    """`record[field]`, or a KeyError that names the record id."""
+    if field not in record:
+        raise KeyError(f"record {rid!r}: missing required field {field!r}")
+    return record[field]
+
+
+def as_response(value: Any) -> str:
+    """A model response as text: None/missing -> "", bytes decoded leniently, other types via str()."""
+    if value is None:
+        return ""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value if isinstance(value, str) else str(value)
+
+
+def load_hub(hub_id: str, split: str, config: str | None = None) -> Any:
+    """`datasets.load_dataset(hub_id, config, split=split)`, with an error that says how to work offline."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(hub_id, config, split=split)
+    except Exception as e:  # no network, no `datasets`, unknown split ...
+        raise RuntimeError(
+            f"could not load {hub_id}{'/' + config if config else ''} split {split!r} from the Hugging Face hub "
+            f"({type(e).__name__}: {e}); pass --data PATH to a local copy in the official format"
+        ) from e
