@@ -1,0 +1,37 @@
+"""Shared fixtures: the `../shared` folder and tiny random Qwen-VL checkpoints built locally (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = (REPO / ".." / "shared").resolve()
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """`../shared` beside the checkout; tests that need it skip with the reason when it is absent."""
+    if not (SHARED / "benchdata").is_dir():
+        pytest.skip(f"../shared/benchdata not found at {SHARED} (reference data lives outside the repo)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """Factory: `tiny_model("qwen2_5_vl")` -> directory of a tiny random checkpoint (built once per session)."""
+    from mmrlsd.model.tiny import make_tiny
+
+    cache: dict[str, Path] = {}
+
+    def build(arch: str = "qwen2_5_vl") -> Path:
+        if arch not in cache:
+            cache[arch] = make_tiny(arch, tmp_path_factory.mktemp(f"tiny_{arch}"), seed=0)
+        return cache[arch]
+
+    return build
