@@ -47,6 +47,8 @@ class Bench:
     splits: ClassVar[tuple[str, ...]] = ()
     """Splits this module can load (scored or exported)."""
     default_split: ClassVar[str] = ""
+    unscored_splits: ClassVar[tuple[str, ...]] = ()
+    """Splits whose gold answers are withheld (MathVista `test`): `mmrlsd eval` only writes predictions."""
     modes: ClassVar[tuple[str, ...]] = ("official",)
     """Scoring modes. `official` reproduces the upstream scorer bit for bit; any other name is ours."""
     generate_mode: ClassVar[str] = "official"
@@ -71,6 +73,11 @@ class Bench:
         paths in the record resolve against (the folder of the `--data` file); hub records carry decoded
         images and ignore it."""
         raise NotImplementedError
+
+    def prediction_fields(self, record: Record) -> dict[str, Any]:
+        """Extra fields copied from the gold record into each `predictions.jsonl` row (default none), e.g.
+        MMMU's `all_choices`/`index2ans`, so that the file is also in the official format."""
+        return {}
 
     def read_predictions(self, path: str | Path) -> Predictions:
         """Read our `predictions.jsonl` or any official prediction format of this benchmark."""
@@ -243,3 +250,32 @@ def load_hub(hub_id: str, split: str, config: str | None = None) -> Any:
             f"could not load {hub_id}{'/' + config if config else ''} split {split!r} from the Hugging Face hub "
             f"({type(e).__name__}: {e}); pass --data PATH to a local copy in the official format"
         ) from e
+
+
+def read_parquet(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a local parquet file (the HF hub's storage format), as plain dicts."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def open_image(value: Any, data_root: Path | None = None) -> Image.Image:
+    """An RGB PIL image from a PIL image, an HF image struct `{"bytes", "path"}`, or a path (relative paths
+    resolve against `data_root`)."""
+    import io
+
+    from PIL import Image
+
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict) and value.get("bytes"):
+        img = Image.open(io.BytesIO(value["bytes"]))
+    else:
+        path = value.get("path") if isinstance(value, dict) else value
+        if not path:
+            raise ValueError(f"no image data in {value!r}")
+        p = Path(path)
+        if not p.is_absolute() and data_root is not None:
+            p = Path(data_root) / p
+        img = Image.open(p)
+    return img.convert("RGB")

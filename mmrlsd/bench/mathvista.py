@@ -1,0 +1,328 @@
+"""MathVista (testmini; test for prediction export). Spec: BENCHMARKS.md §1.
+
+Modes:
+* `official`  the upstream scorer `evaluation/calculate_score.py` (lupantech/MathVista@53d5258) applied to the
+  **recorded** `extraction` field of an upstream-format output file (GPT extraction happened upstream).
+  A row without `extraction` is scored as `""` and counted in `warnings`.
+* `rule-v1`   project-defined rule extraction (§1.6), then the official normalisation and matching.
+  NOT official: results carry `label` "... (rule-v1 extraction, not comparable to official)".
+The LLM-judge extraction (upstream step 6) is not implemented; it cannot run offline.
+
+Official quirks kept (§1.4): multiple choice always maps to some choice (Levenshtein fallback, ties to the
+first choice); integers truncate (`str(int(float(x)))`); floats `str(round(float(x), int(precision)))`; lists
+compare as raw strings; the gold and the metadata come from the scored output record when present.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from Levenshtein import distance
+
+from mmrlsd.bench.base import (
+    Bench,
+    Predictions,
+    Record,
+    as_response,
+    check_mode,
+    is_own_predictions,
+    load_hub,
+    make_result,
+    open_image,
+    read_json,
+    read_jsonl,
+    read_parquet,
+    register,
+    require,
+    rows_by_id,
+)
+
+HINTS = {
+    "multi_choice": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.",
+    "integer": "Hint: Please answer the question requiring an integer answer and provide the final value, e.g., 1, 2, 3, at the end.",
+    "float1": "Hint: Please answer the question requiring a floating-point number with one decimal place and provide the final value, e.g., 1.2, 1.3, 1.4, at the end.",
+    "float2": "Hint: Please answer the question requiring a floating-point number with two decimal places and provide the final value, e.g., 1.23, 1.34, 1.45, at the end.",
+    "list": "Hint: Please answer the question requiring a Python list as an answer and provide the final list, e.g., [1, 2, 3], [1.2, 1.3, 1.4], at the end.",
+}
+BREAKDOWN_KEYS = (
+    "question_type",
+    "answer_type",
+    "language",
+    "source",
+    "category",
+    "task",
+    "context",
+    "grade",
+    "skills",
+)
+LEADERBOARD = {  # column -> (breakdown group, value), BENCHMARKS.md §1.5
+    "FQA": ("task", "figure question answering"),
+    "GPS": ("task", "geometry problem solving"),
+    "MWP": ("task", "math word problem"),
+    "TQA": ("task", "textbook question answering"),
+    "VQA": ("task", "visual question answering"),
+    "ALG": ("skills", "algebraic reasoning"),
+    "ARI": ("skills", "arithmetic reasoning"),
+    "GEO": ("skills", "geometry reasoning"),
+    "LOG": ("skills", "logical reasoning"),
+    "NUM": ("skills", "numeric commonsense"),
+    "SCI": ("skills", "scientific reasoning"),
+    "STA": ("skills", "statistical reasoning"),
+}
+RULE_LABEL = "MathVista testmini (rule-v1 extraction, not comparable to official)"
+
+
+# ---------------------------------------------------------------- prompt
+
+
+def build_query(record: Record) -> str:
+    """The official zero-shot prompt (§1.2); equals `data/query.json[pid]` for all 1000 testmini pids."""
+    if record["question_type"] == "multi_choice":
+        hint = HINTS["multi_choice"]
+    elif record["answer_type"] == "float":
+        hint = HINTS[f"float{int(record['precision'])}"]
+    else:
+        hint = HINTS[record["answer_type"]]
+    text = f"{hint}\nQuestion: {record['question']}"
+    if record.get("unit"):
+        text += f" (Unit: {record['unit']})"
+    if record.get("choices"):
+        text += "\nChoices:" + "".join(
+            f"\n({chr(ord('A') + i)}) {c}" for i, c in enumerate(record["choices"])
+        )
+    return text.strip()
+
+
+# ---------------------------------------------------------------- official normalisation (calculate_score.py)
+
+
+def most_similar(extraction: str, choices: list[str]) -> str:
+    """The choice with the minimum Levenshtein distance (unit cost over code points); ties -> first choice."""
+    distances = [distance(extraction, c) for c in choices]
+    return choices[distances.index(min(distances))]
+
+
+def normalize_extracted_answer(
+    extraction: Any, choices: list[str] | None, question_type: str, answer_type: str, precision: Any
+) -> str | None:
+    """Official `normalize_extracted_answer` (§1.4): the prediction string compared with the gold, or None.
+
+    >>> normalize_extracted_answer("(b) 102", ["97", "102"], "multi_choice", "text", None)
+    '102'
+    >>> normalize_extracted_answer("7.07", None, "free_form", "integer", None)
+    '7'
+    >>> normalize_extracted_answer("0.11", None, "free_form", "float", 1.0)
+    '0.1'
+    """
+    if question_type == "multi_choice":
+        extraction = extraction.strip() if isinstance(extraction, str) else str(extraction)
+        letter = re.findall(r"\(([a-zA-Z])\)", extraction)
+        if letter:
+            extraction = letter[0].upper()
+        options = [chr(ord("A") + i) for i in range(len(choices))]
+        if extraction in options:
+            return choices[options.index(extraction)]
+        return most_similar(extraction, choices)
+    if answer_type == "integer":
+        try:
+            return str(int(float(extraction)))
+        except Exception:
+            return None
+    if answer_type == "float":
+        try:
+            return str(round(float(extraction), int(precision)))
+        except Exception:
+            return None
+    if answer_type == "list":
+        return str(extraction)
+    raise ValueError(
+        f"no official normalisation for question_type={question_type!r} answer_type={answer_type!r}"
+    )
+
+
+# ---------------------------------------------------------------- rule-v1 extraction (project-defined)
+
+_QUICK = re.compile(r'The answer is "(.*)"\.')
+_ANSWER_IS = re.compile(r"answer is|answer:", re.IGNORECASE)
+_LETTER = re.compile(r"\(([A-Z])\)")
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+_LIST = re.compile(r"\[[^\[\]]*\]")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` with balanced braces, or None (unbalanced counts as absent)."""
+    start = text.rfind("\\boxed{")
+    while start != -1:
+        depth, i = 1, start + len("\\boxed{")
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            return text[start + len("\\boxed{") : i - 1]
+        start = text.rfind("\\boxed{", 0, start)
+    return None
+
+
+def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
+    m = None
+    for m in pattern.finditer(text):  # noqa: B007
+        pass
+    return m
+
+
+def rule_v1_extract(response: str, record: Record) -> str:
+    """`rule-v1` extraction (§1.6): official steps 1-4, quick-extract, then boxed / 'answer is' / by type."""
+    question_type, answer_type, choices = (
+        record["question_type"],
+        record["answer_type"],
+        record.get("choices"),
+    )
+    if response == "":
+        return ""
+    if question_type == "multi_choice" and response in (choices or []):
+        return response
+    if answer_type == "integer":
+        try:
+            return str(int(response))
+        except ValueError:
+            pass
+    if answer_type == "float":
+        try:
+            return str(float(response))
+        except ValueError:
+            pass
+    quick = _QUICK.search(response)
+    if quick:
+        return quick.group(1)
+    candidate, region = last_boxed(response), True
+    if candidate is None:
+        m = _last(_ANSWER_IS, response)
+        if m:
+            candidate = response[m.end() :].split("\n", 1)[0].strip().removesuffix(".")
+        else:
+            candidate, region = response, False
+    candidate = candidate.strip()
+    if question_type == "multi_choice":
+        if region:
+            return candidate
+        letter = _last(_LETTER, response)
+        if letter:
+            return letter.group(1)
+        positions = [(response.rfind(c), -i) for i, c in enumerate(choices or []) if c]
+        best = max(positions, default=(-1, 0))
+        return choices[-best[1]] if best[0] >= 0 else ""
+    if answer_type in ("integer", "float"):
+        m = _last(_NUMBER, candidate) or _last(_NUMBER, response)
+        return m.group(0).replace(",", "") if m else ""
+    if answer_type == "list":
+        m = _last(_LIST, candidate) or _last(_LIST, response)
+        return m.group(0) if m else ""
+    raise ValueError(f"no rule-v1 extraction for question_type={question_type!r} answer_type={answer_type!r}")
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+@register("mathvista")
+class MathVista(Bench):
+    """MathVista testmini (1000, gold public) and test (5141, answers withheld: predictions only)."""
+
+    hub_id = "AI4Math/MathVista"
+    splits = ("testmini", "test")
+    default_split = "testmini"
+    unscored_splits = ("test",)
+    modes = ("official", "rule-v1")
+    generate_mode = "rule-v1"
+
+    def load(self, data_path: str | None, split: str) -> list[Record]:
+        """`data/testmini.json` (dict pid -> record), a JSON list / JSONL of records, or an HF parquet file."""
+        if data_path is None:
+            return [dict(r) for r in load_hub(self.hub_id, split)]
+        path = Path(data_path)
+        if path.suffix == ".parquet":
+            return read_parquet(path)
+        if path.suffix == ".jsonl":
+            return read_jsonl(path)
+        data = read_json(path)
+        return list(data.values()) if isinstance(data, dict) else list(data)
+
+    def record_id(self, record: Record) -> str:
+        return str(record["pid"])
+
+    def prompt(self, record: Record) -> str:
+        return build_query(record)
+
+    def images(self, record: Record, data_root: Path | None) -> list[Any]:
+        value = record.get("decoded_image") or record.get("image")
+        return [open_image(value, data_root)]
+
+    def read_predictions(self, path: str | Path) -> Predictions:
+        """Our `predictions.jsonl` (`{id, response}` rows) or an upstream `output_*.json` (pid -> record)."""
+        if str(path).endswith(".jsonl"):
+            rows = read_jsonl(path)
+            return rows_by_id(rows, "id" if is_own_predictions(rows) else "pid", f"{path}: ")
+        data = read_json(path)
+        if isinstance(data, list):
+            return rows_by_id(data, "pid", f"{path}: ")
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"{path}: expected a MathVista output file (pid -> record)")
+        return {str(pid): row for pid, row in data.items()}
+
+    def score(
+        self, gold: list[Record], predictions: Predictions, *, mode: str = "official", split: str = "testmini"
+    ) -> dict[str, Any]:
+        """Score every pid in `predictions` (the official total is the number of pids in the file)."""
+        check_mode(self, mode)
+        by_pid = {self.record_id(r): r for r in gold}
+        items, labels, missing = {}, {}, []
+        for pid, row in predictions.items():
+            rec = {**by_pid.get(pid, {}), **row}  # the output record's own fields win (§1.4)
+            for field in ("question_type", "answer_type", "answer"):
+                require(rec, field, pid)
+            if mode == "official":
+                if "extraction" not in rec:
+                    missing.append(pid)
+                extraction = rec.get("extraction", "")
+            else:
+                extraction = rule_v1_extract(as_response(rec.get("response")), rec)
+            choices = rec.get("choices")
+            if rec["question_type"] == "multi_choice" and not choices:
+                raise KeyError(f"record {pid!r}: multi_choice without choices")
+            pred = normalize_extracted_answer(
+                extraction, choices, rec["question_type"], rec["answer_type"], rec.get("precision")
+            )
+            items[pid] = {"prediction": pred, "correct": pred == rec["answer"], "extraction": extraction}
+            meta = rec.get("metadata") or {}
+            labels[pid] = {
+                k: rec[k] if k in rec else meta[k] for k in BREAKDOWN_KEYS if k in rec or k in meta
+            }
+        warnings = []
+        if missing:
+            warnings.append(f"{len(missing)} rows without 'extraction' scored as '' (first: {missing[0]!r})")
+        if split == "testmini" and len(items) != 1000:
+            warnings.append(f"scored {len(items)} pids, not the 1000 of testmini")
+        result = make_result(
+            self.name,
+            split,
+            mode,
+            items,
+            labels,
+            extraction_source="recorded" if mode == "official" else mode,
+            warnings=warnings,
+        )
+        if mode != "official":
+            result["label"] = RULE_LABEL
+        result["leaderboard"] = leaderboard(result)
+        return result
+
+
+def leaderboard(result: dict[str, Any]) -> dict[str, float]:
+    """Leaderboard columns (ALL, FQA, ..., STA) as percents with 1 decimal from the exact fractions (§1.5)."""
+    cols = {"ALL": (result["correct"], result["n"])}
+    for col, (group, value) in LEADERBOARD.items():
+        cell = result["breakdown"].get(group, {}).get(value)
+        if cell:
+            cols[col] = (cell["correct"], cell["total"])
+    return {col: round(100 * c / t, 1) if t else 0.0 for col, (c, t) in cols.items()}
