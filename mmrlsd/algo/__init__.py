@@ -1,0 +1,28 @@
+"""Pure tensor functions: group advantages, RLSD token advantages, the PPO clipped loss, OPSD terms.
+
+No model, config object, file or `self` in here: every scalar is an explicit argument, every shape is documented.
+"""
+
+from mmrlsd.algo.advantage import ADVANTAGES, get_advantage, grpo_advantages
+from mmrlsd.algo.loss import ppo_clip_loss
+from mmrlsd.algo.opsd import generalized_jsd
+from mmrlsd.algo.rlsd import (
+    TOKEN_ADVANTAGES,
+    evidence_weights,
+    get_token_advantage,
+    lam_at,
+    rlsd_token_advantages,
+)
+
+__all__ = [
+    "ADVANTAGES",
+    "TOKEN_ADVANTAGES",
+    "evidence_weights",
+    "generalized_jsd",
+    "get_advantage",
+    "get_token_advantage",
+    "grpo_advantages",
+    "lam_at",
+    "ppo_clip_loss",
+    "rlsd_token_advantages",
+]

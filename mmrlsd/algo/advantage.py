@@ -1,0 +1,55 @@
+"""Group advantages: one scalar A per response from the verifier rewards of its group of G samples."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def register_advantage(name: str):
+    def wrap(fn):
+        ADVANTAGES[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_advantage(name: str) -> Callable[..., torch.Tensor]:
+    if name not in ADVANTAGES:
+        raise KeyError(f"unknown advantage estimator {name!r}; known: {', '.join(sorted(ADVANTAGES))}")
+    return ADVANTAGES[name]
+
+
+@register_advantage("grpo")
+def grpo_advantages(
+    rewards: torch.Tensor, group_size: int, norm_std: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO: `A_i = (R_i - mean_G(R)) / (std_G(R) + eps)` (or `R_i - mean_G(R)` with `norm_std=False`).
+
+    Args:
+        rewards: `(B*G,)`, responses of one prompt contiguous (prompt b owns rows b*G .. b*G+G-1).
+        group_size: G.
+    Returns:
+        `(B*G,)` advantages; exactly 0 for a group whose rewards are all equal. `std` is the unbiased sample
+        standard deviation (torch's default, as in verl/EasyR1).
+
+    >>> grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4).tolist()  # mean .25, std .5
+    [1.4999970197677612, -0.49999988079071045, -0.49999988079071045, -0.49999988079071045]
+    """
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be (B*G,) with G={group_size}, got shape {tuple(rewards.shape)}")
+    grouped = rewards.float().view(-1, group_size)  # (B, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # (B, G)
+    if norm_std:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centred[:, :1])
+        centred = centred / (std + eps)  # (B, G)
+    return centred.reshape(-1)  # (B*G,)
+
+
+def all_equal_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`(B,)` bool: groups whose G rewards are all equal (their advantages are all 0)."""
+    grouped = rewards.view(-1, group_size)  # (B, G)
+    return (grouped == grouped[:, :1]).all(dim=1)

@@ -1,0 +1,342 @@
+"""Typed, strict configuration: one dataclass per section, loaded from YAML (`yaml.safe_load` only).
+
+Unknown keys and wrong types fail before any model is built, naming the key and the closest valid one:
+
+    configs/x.yaml: unknown key 'algo.eps_W'; did you mean 'algo.eps_w'?
+
+Dotted overrides come from the command line (`trainer.total_steps=3 algo.lam0=0`); their values are parsed as
+YAML scalars. `mmrlsd validate CONFIG` runs this same loader.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""
+    """Hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint."""
+    dtype: str = "float32"
+    """Parameter dtype: float32 | bfloat16 | float16 (bf16 is ~16x slower than fp32 on CPUs)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa | eager | flash_attention_2."""
+    trust_remote_code: bool = False
+    """Off unless you trust the checkpoint's code."""
+    min_pixels: int = 0
+    """Lower pixel budget per image (0: the processor's default)."""
+    max_pixels: int = 0
+    """Upper pixel budget per image (0: the processor's default); larger images are resized down."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (memory for speed)."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Local JSONL/parquet files, or one hub dataset id (`hub:org/name`)."""
+    val_files: list[str] = field(default_factory=list)
+    """Validation files (same format); empty: no validation."""
+    train_split: str = "train"
+    """Split to read when a source is a hub dataset."""
+    val_split: str = "test"
+    """Split to read for validation hub datasets."""
+    problem_key: str = "problem"
+    """Field holding the question text."""
+    answer_key: str = "answer"
+    """Field holding the reference final answer (the privileged information r)."""
+    images_key: str = "images"
+    """Field holding a list of image paths/URLs relative to the data file (may be absent: text-only)."""
+    problem_type_key: str = "problem_type"
+    """Optional field: numeric | multiple_choice | ... (chooses the reward's matcher)."""
+    solution_key: str = "solution"
+    """Optional field: a reference solution (OPSD's privileged information)."""
+    id_key: str = "id"
+    """Optional field: record id (default: `<file>:<line>`)."""
+    student_template: str = "configs/prompts/student.jinja"
+    """Jinja template of the student's user turn (variables: problem)."""
+    teacher_template: str = "configs/prompts/teacher.jinja"
+    """Jinja template of the teacher's user turn (variables: problem, answer, solution)."""
+    max_val_items: int = 0
+    """Cap on validation items (0: all)."""
+    shuffle: bool = True
+    """Shuffle the training data each epoch (seeded)."""
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    """Rollout engine: hf | vllm."""
+    n: int = 8
+    """G: responses sampled per prompt."""
+    batch_size: int = 8
+    """B: prompts per step (B*G responses)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    max_new_tokens: int = 256
+    """Longest response."""
+    gen_batch_size: int = 0
+    """Sequences per `generate` call (0: all B*G at once)."""
+    val_temperature: float = 0.7
+    """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
+    val_n: int = 1
+    """Samples per validation item for `val/sample_accuracy`."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "math"
+    """Reward function (registry in mmrlsd.reward.rewards)."""
+    acc_weight: float = 0.9
+    """reward = acc_weight * accuracy + format_weight * format (multiple choice: accuracy only)."""
+    format_weight: float = 0.1
+    """Weight of the <thought>...</thought><answer>...</answer> format check."""
+    timeout: float = 5.0
+    """Seconds per answer in the math-equivalence worker; slower answers score 0."""
+
+
+@dataclass
+class AlgoConfig:
+    token_adv: str = "rlsd"
+    """Token advantage: rlsd | grpo | opsd | grpo_opsd (registry in mmrlsd.algo)."""
+    adv: str = "grpo"
+    """Group advantage estimator (registry in mmrlsd.algo.advantage)."""
+    norm_std: bool = True
+    """A = (R - mean) / (std + eps) if true, else R - mean."""
+    lam0: float = 0.5
+    """λ_0 of Â_t = A·((1-λ) + λ·clip(w_t, 1-ε_w, 1+ε_w)); 0 gives exactly GRPO."""
+    lam_decay_steps: int = 50
+    """D: λ decays linearly from λ_0 to 0 over D optimizer steps (paper 50; released script 60)."""
+    lam_warmup_steps: int = 0
+    """Linear warm-up of λ from 0 to λ_0 before the decay (0 in the release)."""
+    eps_w: float = 0.2
+    """ε_w: clip range of the evidence weight w_t = exp(sign(A)·Δ_t)."""
+    clip_low: float = 0.2
+    """ε_low of the PPO ratio clip."""
+    clip_high: float = 0.28
+    """ε_high of the PPO ratio clip (clip-higher)."""
+    clip_c: float = 3.0
+    """Dual-clip constant c for negative advantages (0: off)."""
+    teacher_refresh: int = 10
+    """K: refresh the frozen teacher snapshot every K optimizer steps (0: the live policy)."""
+    opsd_coef: float = 1.0
+    """Coefficient of the distillation term in grpo_opsd (Â_t = A + coef·Δ_t)."""
+    teacher_info: str = "answer"
+    """Privileged information in the teacher prompt: answer | solution (OPSD uses the solution)."""
+    teacher_diagnostics: bool = False
+    """Run the teacher pass even when it cannot change the update (GRPO), to log Δ and w for comparison."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (A = 0) before the teacher pass and update."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Max global grad norm (0: off)."""
+    warmup_steps: int = 0
+    """Linear lr warm-up steps."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward; accumulation gives the same update as one big batch."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout batch (1: the old-policy log-probs equal the current ones)."""
+    freeze_vision: bool = False
+    """Freeze the vision tower (the paper trains it)."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 100
+    """Optimizer steps (rollout batches) to run."""
+    save_every: int = 50
+    """Checkpoint every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Checkpoints to keep (0: all)."""
+    val_every: int = 0
+    """Validate every N steps, plus before the first and after the last (0: never)."""
+    dump_every: int = 1
+    """Write a rollout dump every N steps (0: never)."""
+    dump_max: int = 64
+    """Responses per rollout dump."""
+    seed: int = 0
+    """Seeds data order, sampling and init."""
+    output_dir: str = "runs/latest"
+    """Run directory (overridden by --output-dir)."""
+    device: str = "auto"
+    """cpu | cuda | auto."""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)."""
+    max_bad_steps: int = 10
+    """Abort after this many consecutive skipped steps (non-finite loss, empty batch)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
+    "rollout.engine": ("hf", "vllm"),
+    "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
+    "algo.teacher_info": ("answer", "solution"),
+    "trainer.device": ("auto", "cpu", "cuda"),
+}
+POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
+            "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr")  # fmt: skip
+NON_NEGATIVE = ("algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
+                "trainer.save_every", "trainer.val_every", "trainer.keep_last", "optim.grad_clip",
+                "optim.weight_decay", "rollout.temperature", "reward.timeout", "optim.warmup_steps")  # fmt: skip
+
+
+def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _check_type(value, args[0], key, src)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{src}: '{key}' must be a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_check_type(v, item_tp, f"{key}[{i}]", src) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-6` as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise ConfigError(f"{src}: '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _merge(obj: Any, data: dict, prefix: str, src: str) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            valid = [f"{prefix}{n}" for n in names]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+            raise ConfigError(f"{src}: unknown key '{full}'{hint}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{src}: '{full}' must be a mapping (a config section), got {value!r}")
+            _merge(current, value, f"{full}.", src)
+        else:
+            setattr(obj, key, _check_type(value, hints[key], full, src))
+
+
+def _validate(cfg: Config, src: str) -> None:
+    for key, choices in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in choices:
+            raise ConfigError(f"{src}: '{key}' is {value!r}; valid choices: {', '.join(choices)}")
+    for key in POSITIVE:
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"{src}: '{key}' must be > 0, got {get_key(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
+    if not cfg.model.path:
+        raise ConfigError(f"{src}: 'model.path' is required (a hub id or a local checkpoint directory)")
+    if not cfg.data.train_files:
+        raise ConfigError(f"{src}: 'data.train_files' is required (a JSONL/parquet path or hub:org/name)")
+    if cfg.rollout.n < 2 and cfg.algo.token_adv != "opsd":
+        raise ConfigError(f"{src}: 'rollout.n' must be >= 2 for group advantages, got {cfg.rollout.n}")
+    if not 0 <= cfg.algo.lam0 <= 1:
+        raise ConfigError(f"{src}: 'algo.lam0' must be in [0, 1], got {cfg.algo.lam0}")
+    if cfg.algo.eps_w >= 1:
+        raise ConfigError(f"{src}: 'algo.eps_w' must be < 1 (the clip floor 1-eps_w must stay > 0)")
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"{src}: 'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.reward.acc_weight + cfg.reward.format_weight <= 0:
+        raise ConfigError(f"{src}: 'reward.acc_weight' + 'reward.format_weight' must be > 0")
+    if cfg.optim.mini_batches > cfg.rollout.batch_size * cfg.rollout.n:
+        raise ConfigError(f"{src}: 'optim.mini_batches' ({cfg.optim.mini_batches}) exceeds the B*G responses per step")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"{src}: 'optim.betas' must have 2 values, got {cfg.optim.betas}")
+
+
+def get_key(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["a.b=3", "c.d=[x, y]"]` -> nested dict, values parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate."""
+    cfg = Config()
+    src = str(path) if path else "<defaults>"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{src}: config file not found")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{src}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{src}: the top level must be a mapping of sections, got {type(data).__name__}")
+        _merge(cfg, data, "", src)
+    if overrides:
+        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
+    if validate:
+        _validate(cfg, src)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,62 @@
+"""Student and teacher prompts from Jinja template files (spec section 4), rendered into the chat template.
+
+The student sees the question x; the teacher sees x plus the privileged information r (the reference answer, or
+for OPSD the reference solution). Both get the same images in the same place (before the text), so the pixel
+values and image grid are identical and only the text positions differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jinja2 import StrictUndefined
+from jinja2.sandbox import SandboxedEnvironment
+
+from mmrlsd.types import Sample
+
+_ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
+
+
+def load_template(path: str | Path):
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: prompt template not found")
+    return _ENV.from_string(p.read_text(encoding="utf-8"))
+
+
+def user_messages(text: str, n_images: int) -> list[dict]:
+    """One user turn: the images first, then the text (Qwen's convention)."""
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    return [{"role": "user", "content": content}]
+
+
+def chat_text(processor, text: str, n_images: int) -> str:
+    return processor.apply_chat_template(user_messages(text, n_images), add_generation_prompt=True, tokenize=False)
+
+
+class PromptBuilder:
+    """Renders the student prompt x and the teacher prompt (x, r) of a sample as chat-formatted text."""
+
+    def __init__(self, processor, student_template: str | Path, teacher_template: str | Path, teacher_info: str):
+        self.processor = processor
+        self.student_tpl = load_template(student_template)
+        self.teacher_tpl = load_template(teacher_template)
+        self.teacher_info = teacher_info
+
+    def student(self, s: Sample) -> str:
+        return chat_text(self.processor, self.student_tpl.render(problem=s.problem), len(s.images))
+
+    def teacher(self, s: Sample) -> str:
+        reference = s.answer
+        if self.teacher_info == "solution":
+            reference = s.solution or s.answer  # OPSD: the full reference solution when the record has one
+        text = self.teacher_tpl.render(problem=s.problem, reference=reference, answer=s.answer, solution=s.solution)
+        return chat_text(self.processor, text, len(s.images))
+
+
+def encode(processor, texts: list[str], images: list[list]):
+    """Tokenise chat texts with their images, left-padded: a BatchFeature with input_ids, attention_mask,
+    mm_token_type_ids and (when any image is present) pixel_values and image_grid_thw."""
+    flat = [img for imgs in images for img in imgs]
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, images=flat or None, return_tensors="pt", padding=True)

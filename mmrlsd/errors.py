@@ -1,0 +1,17 @@
+"""Error types whose messages name the file, field, key or record at fault (importable without torch)."""
+
+
+class MmrlsdError(ValueError):
+    """Base class: a problem with user input, reported as `error: <message>` by the CLI (exit code 2)."""
+
+
+class DataError(MmrlsdError):
+    """A data source that cannot be read at all (missing file, unknown format, no usable record)."""
+
+
+class ModelError(MmrlsdError):
+    """A checkpoint that cannot be used (missing, not a vision-language model, unsupported architecture)."""
+
+
+class ImageError(MmrlsdError):
+    """An image that cannot be used; the record is skipped and counted."""

@@ -1,0 +1,81 @@
+"""Load a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint and its processor by hub id or local directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mmrlsd.errors import ModelError
+
+SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail early, naming the path, for a missing directory or an unsupported architecture."""
+    p = Path(path)
+    looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
+    if not looks_local:
+        return  # a hub id: transformers reports what it can
+    if not p.is_dir():
+        raise ModelError(f"{path}: model directory not found")
+    cfg = p / "config.json"
+    if not cfg.is_file():
+        raise ModelError(f"{path}: no config.json (not a Hugging Face checkpoint)")
+    try:
+        model_type = json.loads(cfg.read_text()).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg}: not valid JSON ({e})") from None
+    if model_type not in SUPPORTED:
+        raise ModelError(
+            f"{path}: model_type {model_type!r} is not a supported vision-language model; "
+            f"supported: {', '.join(SUPPORTED)}"
+        )
+
+
+def load_model(
+    path: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
+    min_pixels: int = 0,
+    max_pixels: int = 0,
+):
+    """`(model, processor)` through the transformers Auto classes; the processor pads on the left."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    check_checkpoint(path)
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"{path}: cannot load as a vision-language model ({type(e).__name__}: {e})") from None
+    if model.config.model_type not in SUPPORTED:
+        raise ModelError(f"{path}: model_type {model.config.model_type!r} unsupported; supported: {SUPPORTED}")
+    ip = processor.image_processor
+    if min_pixels or max_pixels:
+        size = dict(getattr(ip, "size", None) or {})
+        if min_pixels:
+            size["shortest_edge"] = min_pixels
+            ip.min_pixels = min_pixels
+        if max_pixels:
+            size["longest_edge"] = max_pixels
+            ip.max_pixels = max_pixels
+        ip.size = size
+    processor.tokenizer.padding_side = "left"
+    return model.to(device), processor
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,107 @@
+"""One RLSD training step, stage by stage (spec section 3):
+
+    prompts -> rollout -> reward -> group advantage -> student/teacher log-probs -> Δ -> token advantage -> update
+
+Δ is computed once per rollout batch from the behaviour policy's log-probs (the numbers the released code uses
+with one optimizer step per rollout batch), which makes RLSD a pure advantage-shaping stage before the update.
+GRPO (λ = 0, or `token_adv: grpo`) runs the same code and skips the teacher pass, which cannot matter then.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from mmrlsd.algo.advantage import all_equal_groups, get_advantage
+from mmrlsd.algo.rlsd import get_token_advantage, grpo_opsd_token_advantages, lam_at
+from mmrlsd.config import Config
+from mmrlsd.data.prompts import PromptBuilder, encode
+from mmrlsd.model.logprobs import build_sequences, token_logprobs
+from mmrlsd.reward.rewards import score_responses
+from mmrlsd.rollout.generate import generate
+from mmrlsd.train.diagnostics import dump_rows, step_metrics
+from mmrlsd.train.update import ppo_update
+from mmrlsd.types import Sample, StepResult
+
+
+@dataclass
+class StepContext:
+    cfg: Config
+    policy: torch.nn.Module
+    teacher: torch.nn.Module  # the policy itself when algo.teacher_refresh == 0
+    processor: object
+    optimizer: torch.optim.Optimizer
+    prompts: PromptBuilder
+
+
+@contextmanager
+def timed(times: dict[str, float], name: str):
+    """Stage timer (verl style): adds the stage's wall seconds to `times["time/<name>"]`."""
+    t0 = time.perf_counter()
+    yield
+    times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
+
+
+def encode_group(ctx: StepContext, samples: list[Sample], render, G: int):
+    """Prompt encodings with every prompt repeated G times (prompt b owns rows b*G .. b*G+G-1)."""
+    texts = [render(s) for s in samples for _ in range(G)]
+    return encode(ctx.processor, texts, [s.pil_images for s in samples for _ in range(G)])
+
+
+def needs_teacher(cfg: Config, lam: float) -> bool:
+    if cfg.algo.token_adv in ("opsd", "grpo_opsd"):
+        return True
+    return cfg.algo.token_adv == "rlsd" and (lam > 0 or cfg.algo.teacher_diagnostics)
+
+
+def token_advantages(cfg: Config, adv, delta, mask, lam: float) -> torch.Tensor:
+    if cfg.algo.token_adv == "grpo_opsd":
+        return grpo_opsd_token_advantages(adv, delta, mask, coef=cfg.algo.opsd_coef)
+    return get_token_advantage(cfg.algo.token_adv)(adv, delta, mask, lam=lam, eps_w=cfg.algo.eps_w)
+
+
+def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> StepResult:
+    """Run step `step` (1-based) on B samples; returns metrics and the per-token dump."""
+    cfg, G, mb, t = ctx.cfg, ctx.cfg.rollout.n, ctx.cfg.optim.micro_batch_size, {}
+    with timed(t, "rollout"):
+        student_enc = encode_group(ctx, samples, ctx.prompts.student, G)  # (B*G, P)
+        rollouts = generate(ctx.policy, ctx.processor, student_enc, group_size=G, seed=seed,
+                            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                            gen_batch_size=cfg.rollout.gen_batch_size)  # fmt: skip
+    with timed(t, "reward"):
+        answers = [s.answer for s in samples for _ in range(G)]
+        types = [s.problem_type for s in samples for _ in range(G)]
+        results = score_responses(rollouts.texts, answers, types, name=cfg.reward.name, timeout=cfg.reward.timeout,
+                                  acc_weight=cfg.reward.acc_weight, format_weight=cfg.reward.format_weight)
+        rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)  # (B*G,)
+    adv = get_advantage(cfg.algo.adv)(rewards, G, norm_std=cfg.algo.norm_std)  # (B*G,)
+    mask = rollouts.response_mask.float()  # (B*G, T)
+    if cfg.algo.dynamic_sampling:  # drop groups whose rewards are all equal: they carry no GRPO signal
+        mask = mask * (~all_equal_groups(rewards, G)).repeat_interleave(G)[:, None].float()
+    student = build_sequences(student_enc, rollouts)  # (B*G, P+T)
+    with timed(t, "old_logp"):
+        student_logp, _ = token_logprobs(ctx.policy, student, mb)  # (B*G, T), behaviour policy, no grad
+    lam = lam_at(step - 1, cfg.algo.lam0, cfg.algo.lam_decay_steps, cfg.algo.lam_warmup_steps)
+    teacher_logp = None
+    delta = torch.zeros_like(student_logp)  # (B*G, T)
+    if needs_teacher(cfg, lam):
+        with timed(t, "teacher"):
+            teacher_enc = encode_group(ctx, samples, ctx.prompts.teacher, G)  # (B*G, P'), prompt includes r
+            teacher_logp, _ = token_logprobs(ctx.teacher, build_sequences(teacher_enc, rollouts), mb)  # (B*G, T)
+        delta = (teacher_logp - student_logp) * rollouts.response_mask  # (B*G, T), Δ_t, no grad
+    token_adv = token_advantages(cfg, adv, delta, mask, lam)  # (B*G, T), Â_t
+    with timed(t, "update"):
+        update = ppo_update(ctx.policy, ctx.optimizer, student, student_logp, token_adv, mask,
+                            mini_batches=cfg.optim.mini_batches, micro_batch_size=mb, clip_low=cfg.algo.clip_low,
+                            clip_high=cfg.algo.clip_high, clip_c=cfg.algo.clip_c, grad_clip=cfg.optim.grad_clip)
+    metrics = step_metrics(rollouts, rewards, torch.tensor([r.accuracy for r in results]),
+                           torch.tensor([r.format for r in results]), adv, delta, token_adv, lam, cfg.algo.eps_w,
+                           all_equal_groups(rewards, G))
+    metrics["rlsd/teacher_pass"] = float(teacher_logp is not None)
+    dump = dump_rows(step, samples, rollouts, ctx.processor, results, adv, delta, token_adv, student_logp,
+                     teacher_logp, lam, cfg.trainer.dump_max) if cfg.trainer.dump_every else []  # fmt: skip
+    return StepResult(metrics={**update, **metrics, **t}, dump=dump)

@@ -1,0 +1,74 @@
+"""The policy update: PPO clipped loss over micro-batches, global token-mean, AdamW, grad-norm clip.
+
+The loss of every micro-batch is divided by the token count of its whole mini-batch (summed over ranks when
+distributed), so accumulating micro-batch gradients gives exactly the gradient of one big batch. A mini-batch
+whose loss or gradient is not finite is skipped: no optimizer step, weights and optimizer state unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mmrlsd.algo.loss import ppo_clip_loss
+from mmrlsd.model.logprobs import forward_logprobs, slice_seq
+from mmrlsd.train import dist
+from mmrlsd.types import SeqBatch
+
+
+def ppo_update(
+    policy, optimizer, seq: SeqBatch, old_logp: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor, *,
+    mini_batches: int, micro_batch_size: int, clip_low: float, clip_high: float, clip_c: float, grad_clip: float,
+) -> dict[str, float]:  # fmt: skip
+    """One or more optimizer steps on N sequences; returns scalar stats (token means over the whole batch)."""
+    n = seq.input_ids.shape[0]
+    params = [p for p in policy.parameters() if p.requires_grad]
+    bounds = [round(i * n / mini_batches) for i in range(mini_batches + 1)]
+    sums = {"loss": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio": 0.0, "entropy": 0.0}
+    grad_norms, skipped, tokens_seen = [], 0, 0.0
+    device = next(policy.parameters()).device
+    policy.train()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        num_tokens = dist.all_reduce_sum(float(mask[lo:hi].sum()))  # global token count of this mini-batch
+        optimizer.zero_grad(set_to_none=True)
+        finite = True
+        mb_sums = dict.fromkeys(sums, 0.0)
+        for start in range(lo, hi, micro_batch_size):
+            stop = min(hi, start + micro_batch_size)
+            logp, ent = forward_logprobs(policy, slice_seq(seq, start, stop), with_entropy=True)
+            m = mask[start:stop].to(device)
+            loss, st = ppo_clip_loss(
+                logp, old_logp[start:stop].to(device), token_adv[start:stop].to(device), m,
+                clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, num_tokens=max(num_tokens, 1.0),
+            )  # fmt: skip
+            if not torch.isfinite(loss):
+                finite = False
+            loss.backward()
+            mb_sums["loss"] += float(loss.detach())
+            mb_sums["entropy"] += float((ent * m).sum())
+            for k, v in st.items():
+                mb_sums[k] += float(v)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
+        grad_norm = dist.grad_norm_value(grad_norm)
+        if not finite or not math.isfinite(grad_norm):
+            optimizer.zero_grad(set_to_none=True)
+            skipped += 1
+            continue
+        optimizer.step()
+        grad_norms.append(grad_norm)
+        for k in sums:
+            sums[k] += mb_sums[k]
+        tokens_seen += float(mask[lo:hi].sum())
+    optimizer.zero_grad(set_to_none=True)
+    denom = max(tokens_seen, 1.0)
+    ok = mini_batches - skipped
+    return {
+        "loss": sums["loss"] / max(ok, 1),
+        "actor/pg_clip_frac": sums["clip_frac"] / denom,
+        "actor/dual_clip_frac": sums["dual_clip_frac"] / denom,
+        "actor/ratio_mean": sums["ratio"] / denom,
+        "actor/entropy": sums["entropy"] / denom,
+        "actor/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+        "actor/skipped_updates": float(skipped),
+    }
