@@ -67,6 +67,12 @@ def _eval(args) -> int:
     return main(args)
 
 
+def _sft(args) -> int:
+    from mmrlsd.train.sft import main
+
+    return main(args)
+
+
 def _synth(args) -> int:
     from mmrlsd.data.synth import main
 
@@ -116,6 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     if add_eval is not None:
         add_eval(e)
     e.set_defaults(fn=_eval)
+
+    ft = sub.add_parser("sft", help="supervised fine-tuning on reference solutions (builds the tiny-lab model)",
+                        formatter_class=fmt, epilog="example:\n  mmrlsd sft configs/tiny_sft.yaml --output-dir runs/sft")
+    try:
+        from mmrlsd.train.sft import add_arguments as add_sft
+    except ImportError:
+        add_sft = None
+    if add_sft is not None:
+        add_sft(ft)
+    ft.set_defaults(fn=_sft)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
