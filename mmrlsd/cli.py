@@ -125,12 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     ft = sub.add_parser("sft", help="supervised fine-tuning on reference solutions (builds the tiny-lab model)",
                         formatter_class=fmt, epilog="example:\n  mmrlsd sft configs/tiny_sft.yaml --output-dir runs/sft")
-    try:
-        from mmrlsd.train.sft import add_arguments as add_sft
-    except ImportError:
-        add_sft = None
-    if add_sft is not None:
-        add_sft(ft)
+    ft.add_argument("config", help="YAML config (e.g. configs/tiny_sft.yaml)")
+    ft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=50 optim.lr=1e-4")
+    ft.add_argument("--output-dir", help="run directory (default: trainer.output_dir)")
+    ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.set_defaults(fn=_sft)
 
     d = sub.add_parser("data", help="data utilities")

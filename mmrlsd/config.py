@@ -109,6 +109,9 @@ class RewardConfig:
     """Weight of the <thought>...</thought><answer>...</answer> format check."""
     timeout: float = 5.0
     """Seconds per answer in the math-equivalence worker; slower answers score 0."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules imported before training that register extra rewards with
+    `@mmrlsd.reward.rewards.register_reward(name)` (your own code: nothing from data or model output is run)."""
 
 
 @dataclass

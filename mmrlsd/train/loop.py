@@ -9,6 +9,7 @@ The training step itself is `mmrlsd.train.step.rlsd_step`; this module only runs
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import signal
@@ -23,6 +24,7 @@ from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
 from mmrlsd.log import MetricsWriter, write_dump
 from mmrlsd.model.load import load_model, resolve_device
+from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
 from mmrlsd.train import dist
 from mmrlsd.train.step import StepContext, rlsd_step
@@ -72,6 +74,9 @@ class _StopFlag:
 
 def build(cfg: Config):
     """Model, teacher, processor, optimizer, prompts and data for a run."""
+    for module in cfg.reward.plugins:
+        importlib.import_module(module)
+    get_reward(cfg.reward.name)  # fail now, listing the valid names, not after the first rollout
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)

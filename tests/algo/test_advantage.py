@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from mmrlsd.algo import get_advantage, grpo_advantages
+from mmrlsd.algo.advantage import all_equal_groups
+
+
+def test_hand_computed():
+    # group [1, 0, 0, 0]: mean 0.25, unbiased std = sqrt((0.5625 + 3·0.0625)/3) = 0.5
+    # A = (1-0.25)/0.5 = 1.5 and (0-0.25)/0.5 = -0.5 (eps = 1e-6 shifts these by < 1e-5)
+    a = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4)
+    torch.testing.assert_close(a, torch.tensor([1.5, -0.5, -0.5, -0.5]), rtol=0, atol=1e-5)
+    b = grpo_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), group_size=4, norm_std=False)
+    torch.testing.assert_close(b, torch.tensor([0.75, -0.25, -0.25, -0.25]), rtol=0, atol=1e-7)
+
+
+def test_matches_loop_and_zero_for_equal_groups():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randint(0, 3, (5 * 4,), generator=g).float() / 2
+    r[:4] = 0.7  # one all-equal group
+    a = grpo_advantages(r, 4)
+    for b in range(5):
+        grp = r[b * 4 : b * 4 + 4]
+        want = (grp - grp.mean()) / (grp.std() + 1e-6)
+        torch.testing.assert_close(a[b * 4 : b * 4 + 4], want, rtol=0, atol=1e-6)
+    assert torch.all(a[:4] == 0)
+    assert all_equal_groups(r, 4)[0] and all_equal_groups(r, 4).sum() == int(all_equal_groups(r, 4).sum())
+
+
+def test_bad_shape_and_registry():
+    with pytest.raises(ValueError, match="G=4"):
+        grpo_advantages(torch.zeros(6), 4)
+    with pytest.raises(KeyError, match="known: grpo"):
+        get_advantage("ppo")

@@ -1,0 +1,110 @@
+"""RLSD token advantages against hand-computed values and a slow per-token oracle."""
+
+import math
+
+import pytest
+import torch
+
+from mmrlsd.algo import get_token_advantage, lam_at, rlsd_token_advantages
+from mmrlsd.algo.rlsd import evidence_weights, grpo_opsd_token_advantages
+
+
+def oracle(adv, delta, mask, lam, eps_w):
+    """Per-token loop, straight from spec section 3."""
+    out = torch.zeros_like(delta)
+    for i in range(delta.shape[0]):
+        a = float(adv[i])
+        s = (a > 0) - (a < 0)
+        for t in range(delta.shape[1]):
+            if mask[i, t]:
+                w = math.exp(s * float(delta[i, t]))
+                w = min(max(w, 1 - eps_w), 1 + eps_w)
+                out[i, t] = a * ((1 - lam) + lam * w)
+    return out
+
+
+def test_hand_computed_example():
+    # eps_w=0.2, lam=0.5, Δ=log 2 on one token
+    # A=+1: w = exp(+log 2) = 2.0 -> clip to 1.2 -> Â = 1·(0.5 + 0.5·1.2) = 1.1
+    # A=-1: w = exp(-log 2) = 0.5 -> clip to 0.8 -> Â = -1·(0.5 + 0.5·0.8) = -0.9
+    adv = torch.tensor([1.0, -1.0])
+    delta = torch.full((2, 1), math.log(2))
+    out = rlsd_token_advantages(adv, delta, torch.ones(2, 1), lam=0.5, eps_w=0.2)
+    torch.testing.assert_close(out, torch.tensor([[1.1], [-0.9]]), rtol=0, atol=1e-6)
+
+
+def test_inside_the_clip_range():
+    # A=2, Δ=0.1: w = e^0.1 = 1.10517 (inside [0.8, 1.2]); lam=0.5 -> Â = 2·(0.5 + 0.5·1.10517) = 2.10517
+    # A=-2, Δ=0.1: w = e^-0.1 = 0.904837 -> Â = -2·(0.5 + 0.5·0.904837) = -1.904837
+    out = rlsd_token_advantages(torch.tensor([2.0, -2.0]), torch.full((2, 1), 0.1), torch.ones(2, 1), 0.5, 0.2)
+    torch.testing.assert_close(out, torch.tensor([[2.105171], [-1.904837]]), rtol=0, atol=1e-5)
+
+
+def test_teacher_disagreement_gives_blame_on_negative():
+    # A=-1, Δ=-log 2 (teacher finds the token half as likely): w = exp(+log 2) = 2 -> 1.2; Â = -(0.5+0.6) = -1.1
+    out = rlsd_token_advantages(torch.tensor([-1.0]), torch.full((1, 1), -math.log(2)), torch.ones(1, 1), 0.5, 0.2)
+    torch.testing.assert_close(out, torch.tensor([[-1.1]]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("lam,eps_w", [(0.0, 0.2), (0.5, 0.0), (0.0, 0.0)])
+def test_degenerates_to_grpo(lam, eps_w):
+    g = torch.Generator().manual_seed(0)
+    adv = torch.randn(6, generator=g)
+    delta = torch.randn(6, 9, generator=g) * 3
+    mask = (torch.rand(6, 9, generator=g) > 0.3).float()
+    out = rlsd_token_advantages(adv, delta, mask, lam=lam, eps_w=eps_w)
+    assert torch.equal(out, adv[:, None] * mask)  # exactly, not approximately
+
+
+def test_matches_slow_oracle_and_properties():
+    g = torch.Generator().manual_seed(1)
+    adv = torch.cat([torch.randn(7, generator=g), torch.zeros(1)])
+    delta = torch.randn(8, 13, generator=g) * 2
+    mask = (torch.rand(8, 13, generator=g) > 0.25).float()
+    out = rlsd_token_advantages(adv, delta, mask, lam=0.37, eps_w=0.2)
+    torch.testing.assert_close(out, oracle(adv, delta, mask, 0.37, 0.2), rtol=0, atol=1e-6)
+    on = mask.bool()
+    assert torch.equal(torch.sign(out)[on], torch.sign(adv)[:, None].expand_as(out)[on])  # sign(Â) = sign(A)
+    assert torch.all(out[~on] == 0)  # masked tokens are 0
+    assert torch.all(out[-1] == 0)  # A = 0 -> Â = 0
+    # magnitude bounded by the clip: |Â| / |A| in [(1-λ)+λ(1-ε), (1-λ)+λ(1+ε)] = [0.926, 1.074]
+    ratio = (out[:7] / adv[:7, None])[on[:7]]
+    assert ratio.min() >= 1 - 0.37 * 0.2 - 1e-6 and ratio.max() <= 1 + 0.37 * 0.2 + 1e-6
+
+
+def test_does_not_modify_inputs_or_backprop_into_delta():
+    adv = torch.tensor([1.0, -0.5])
+    delta = torch.tensor([[0.3, -0.2], [0.1, 0.0]], requires_grad=True)
+    before = delta.detach().clone()
+    out = rlsd_token_advantages(adv, delta, torch.ones(2, 2), lam=0.5, eps_w=0.2)
+    assert not out.requires_grad
+    assert torch.equal(delta.detach(), before)
+
+
+def test_evidence_weights():
+    # w = exp(sign(A)·Δ): A>0 -> P_T/P_S, A<0 -> P_S/P_T, A=0 -> 1
+    w = evidence_weights(torch.tensor([2.0, -3.0, 0.0]), torch.full((3, 1), math.log(3)))
+    torch.testing.assert_close(w, torch.tensor([[3.0], [1 / 3], [1.0]]), rtol=0, atol=1e-6)
+
+
+def test_lambda_schedule():
+    # λ0 = 0.5 decayed linearly to 0 over D = 50 steps: step 10 -> 0.5·(1 - 10/50) = 0.4
+    assert lam_at(0, 0.5, 50) == 0.5
+    assert lam_at(10, 0.5, 50) == pytest.approx(0.4, abs=1e-12)
+    assert lam_at(50, 0.5, 50) == 0.0 and lam_at(80, 0.5, 50) == 0.0
+    # warm-up 4 steps: 0, .125, .25, .375, then .5 decaying over 8: step 6 -> 0.5·(1 - 2/8) = 0.375
+    assert [lam_at(s, 0.5, 8, 4) for s in range(5)] == [0.0, 0.125, 0.25, 0.375, 0.5]
+    assert lam_at(6, 0.5, 8, 4) == pytest.approx(0.375, abs=1e-12)
+
+
+def test_registry_and_variants():
+    adv = torch.tensor([1.0, -1.0])
+    delta = torch.tensor([[0.5, -0.25], [1.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    assert torch.equal(get_token_advantage("grpo")(adv, delta, mask), torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
+    assert torch.equal(get_token_advantage("opsd")(adv, delta, mask), torch.tensor([[0.5, -0.25], [1.0, 0.0]]))
+    # GRPO+OPSD: A + coef·Δ = [[1+.25, 1-.125], [-1+.5, 0]]
+    torch.testing.assert_close(grpo_opsd_token_advantages(adv, delta, mask, coef=0.5),
+                               torch.tensor([[1.25, 0.875], [-0.5, 0.0]]), rtol=0, atol=1e-7)  # fmt: skip
+    with pytest.raises(KeyError, match="known: grpo, opsd, rlsd"):
+        get_token_advantage("rlsdd")

@@ -1,0 +1,34 @@
+"""Every subcommand's --help works and ends with examples; `ls` lists the registries."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mmrlsd.cli import build_parser
+
+COMMANDS = [["train"], ["validate"], ["ls"], ["make-tiny"], ["eval"], ["sft"], ["data", "synth"]]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+def test_help(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(cmd + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "example" in out
+
+
+def test_top_level_help_is_fast_and_has_examples():
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "mmrlsd", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "mmrlsd train configs/tiny_cpu.yaml" in r.stdout
+    imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line]
+    assert "torch" not in imported and "transformers" not in imported, "--help must not import torch"
+
+
+def test_ls(capsys):
+    from mmrlsd.cli import main
+
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out
+    assert "rlsd" in out and "grpo" in out and "math" in out and "qwen3_vl" in out

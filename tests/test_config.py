@@ -1,0 +1,87 @@
+import subprocess
+import sys
+
+import pytest
+
+from mmrlsd.config import ConfigError, load_config, parse_overrides
+
+BASE = ["model.path=/m", "data.train_files=[t.jsonl]"]
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_suggests_closest(tmp_path):
+    p = _write(tmp_path, "model: {path: m}\ndata: {train_files: [x]}\nalgo:\n  eps_W: 0.1\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'algo.eps_W'; did you mean 'algo.eps_w'\?"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="unknown key 'trainer.total_step'; did you mean 'trainer.total_steps'"):
+        load_config(None, BASE + ["trainer.total_step=3"])
+    with pytest.raises(ConfigError, match="unknown key 'algoo'"):
+        load_config(None, BASE + ["algoo.lam0=0"])
+
+
+def test_wrong_types_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="'trainer.total_steps' must be int, got str 'ten'"):
+        load_config(None, BASE + ["trainer.total_steps=ten"])
+    with pytest.raises(ConfigError, match="'algo.norm_std' must be bool"):
+        load_config(None, BASE + ["algo.norm_std=3"])
+    with pytest.raises(ConfigError, match="'rollout' must be a mapping"):
+        load_config(_write(tmp_path, "rollout: 3\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "a: [\n"))
+
+
+def test_values_and_overrides():
+    cfg = load_config(None, BASE + ["trainer.total_steps=3", "algo.lam0=0", "optim.lr=1e-5", "trainer.save_every=1"])
+    assert cfg.trainer.total_steps == 3 and cfg.trainer.save_every == 1
+    assert cfg.algo.lam0 == 0.0 and isinstance(cfg.algo.lam0, float)
+    assert cfg.optim.lr == 1e-5  # YAML 1.1 reads 1e-5 as a string; the loader converts it
+    assert parse_overrides(["a.b=[1, 2]", "c=x"]) == {"a": {"b": [1, 2]}, "c": "x"}
+
+
+@pytest.mark.parametrize(
+    "override,msg",
+    [
+        ("rollout.engine=tgi", "'rollout.engine' is 'tgi'; valid choices: hf, vllm"),
+        ("rollout.n=0", "'rollout.n' must be > 0"),
+        ("rollout.n=1", "'rollout.n' must be >= 2"),
+        ("algo.eps_w=-0.1", "'algo.eps_w' must be >= 0"),
+        ("algo.lam0=1.5", "'algo.lam0' must be in \\[0, 1\\]"),
+        ("optim.micro_batch_size=0", "'optim.micro_batch_size' must be > 0"),
+        ("model.dtype=fp32", "'model.dtype' is 'fp32'; valid choices"),
+    ],
+)
+def test_invalid_values(override, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(None, BASE + [override])
+
+
+def test_missing_required():
+    with pytest.raises(ConfigError, match="'model.path' is required"):
+        load_config(None, ["data.train_files=[x]"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config("nope.yaml")
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
+    assert configs, "no configs/*.yaml"
+    for c in configs:
+        load_config(c)
+
+
+def test_validate_cli_and_help():
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.lam0=0"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.eps_W=0"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "did you mean 'algo.eps_w'" in r.stderr
