@@ -38,6 +38,7 @@ from mmrlsd.bench.base import (
     require,
     rows_by_id,
 )
+from mmrlsd.reward.answer import extract_boxed
 
 HINTS = {
     "multi_choice": "Hint: Please answer the question and provide the correct option letter, e.g., A, B, C, D, at the end.",
@@ -144,24 +145,25 @@ def normalize_extracted_answer(
 
 # ---------------------------------------------------------------- rule-v1 extraction (project-defined)
 
-_QUICK = re.compile(r'The answer is "(.*)"\.')
 _ANSWER_IS = re.compile(r"answer is|answer:", re.IGNORECASE)
 _LETTER = re.compile(r"\(([A-Z])\)")
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 _LIST = re.compile(r"\[[^\[\]]*\]")
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` with balanced braces, or None (unbalanced counts as absent)."""
-    start = text.rfind("\\boxed{")
-    while start != -1:
-        depth, i = 1, start + len("\\boxed{")
-        while i < len(text) and depth:
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
-            i += 1
-        if depth == 0:
-            return text[start + len("\\boxed{") : i - 1]
-        start = text.rfind("\\boxed{", 0, start)
+def quick_extract(response: str) -> str | None:
+    """Group 1 of the first match of upstream's `The answer is "(.*)"\\.`, in linear time: `.` stops at
+    a newline and `.*` is greedy, so the group runs to the last `".` on the line of the first opening that
+    has one (the regex itself backtracks quadratically on many openings without a closing)."""
+    opening, start = 'The answer is "', 0
+    while (p := response.find(opening, start)) >= 0:
+        q = p + len(opening)
+        end = response.find("\n", q)
+        end = len(response) if end < 0 else end
+        close = response.rfind('".', q, end)
+        if close >= 0:
+            return response[q:close]
+        start = end  # a later opening on this line sees a subset of the same text
     return None
 
 
@@ -193,10 +195,10 @@ def rule_v1_extract(response: str, record: Record) -> str:
             return str(float(response))
         except ValueError:
             pass
-    quick = _QUICK.search(response)
-    if quick:
-        return quick.group(1)
-    candidate, region = last_boxed(response), True
+    quick = quick_extract(response)
+    if quick is not None:
+        return quick
+    candidate, region = extract_boxed(response), True
     if candidate is None:
         m = _last(_ANSWER_IS, response)
         if m:

@@ -121,10 +121,18 @@ def normalize_str(s: str) -> list[Any]:
     return [" " + s, s + " "] if len(s) == 1 else [s]
 
 
+UPSTREAM_NUMBER_PATTERNS = [  # verbatim from eval_utils.py; the last two backtrack quadratically on digit runs
+    r"-?\b\d{1,3}(?:,\d{3})+\b",
+    r"-?\d+(?:\.\d+)?[eE][+-]?\d+",
+    r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])",
+]
+# The same matches in linear time: `(?<!\d)` before a leading `\d+` forbids starting inside a digit run. A start inside
+# a run can only succeed when the start of that run does (both depend only on what follows the run), and
+# then findall has already consumed the run, so no match is lost (tested against the upstream patterns).
 _NUMBER_PATTERNS = [
-    re.compile(r"-?\b\d{1,3}(?:,\d{3})+\b"),
-    re.compile(r"-?\d+(?:\.\d+)?[eE][+-]?\d+"),
-    re.compile(r"-?(?:\d+\.\d+|\.\d+|\d+\b)(?![eE][+-]?\d+)(?![,\d])"),
+    re.compile(UPSTREAM_NUMBER_PATTERNS[0]),
+    re.compile(r"-?(?<!\d)\d+(?:\.\d+)?[eE][+-]?\d+"),
+    re.compile(r"-?(?:(?<!\d)\d+\.\d+|\.\d+|(?<!\d)\d+\b)(?![eE][+-]?\d+)(?![,\d])"),
 ]
 _INDICATORS = ["could be ", "so ", "is ", "thus ", "therefore ", "final ", "answer ", "result "]
 _TRIVIAL = [":", ",", ".", "!", "?", ";", ":", "'"]
