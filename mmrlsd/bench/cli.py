@@ -1,0 +1,142 @@
+"""`mmrlsd eval`: generate and score a benchmark, or score an existing predictions file.
+
+Parses arguments and dispatches to `mmrlsd.bench.run`; nothing heavy is imported at parse time.
+Run it as `mmrlsd eval ...` or `python -m mmrlsd.bench.cli ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  # generate with a model and score (writes predictions.jsonl, scores.json, summary.md)
+  mmrlsd eval --bench mathvista --model runs/tiny/checkpoint-100 --data ../shared/benchdata/mathvista/data/testmini.json
+  mmrlsd eval --bench mmmu --model Qwen/Qwen2.5-VL-7B-Instruct --split validation --limit 30 --output-dir runs/eval/mmmu
+  # score an existing predictions file (ours or an official format)
+  mmrlsd eval --bench mathvista --predictions ../shared/benchdata/mathvista/results/bard/output_bard.json \\
+      --data ../shared/benchdata/mathvista/data/testmini.json --mode official --output bard.json
+  mmrlsd eval --bench mmmu --predictions ../shared/benchdata/mmmu/mmmu/example_outputs/llava1.5_13b \\
+      --data ../shared/benchdata/mmmu/mmmu/answer_dict_val.json --output llava.json
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Add the `eval` flags to `p` (the `mmrlsd eval` subparser or a standalone parser)."""
+    p.add_argument("--bench", required=True, help="benchmark name (see `mmrlsd ls`)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="checkpoint directory or hub id: generate answers, then score them")
+    src.add_argument("--predictions", help="score this predictions file/folder instead of generating")
+    p.add_argument("--data", help="local gold data in the official format (default: the Hugging Face hub)")
+    p.add_argument("--split", help="split (default: eval/<bench>.yaml, else the benchmark's default)")
+    p.add_argument(
+        "--mode", help="scoring mode (default: official when scoring a file; eval/<bench>.yaml otherwise)"
+    )
+    p.add_argument("--limit", type=int, help="only the first N records (generation)")
+    p.add_argument(
+        "--output-dir", help="where generation writes its files (default: runs/eval/<bench>_<split>)"
+    )
+    p.add_argument(
+        "--output", help="score-only: write the result JSON here (default: print the summary only)"
+    )
+    p.add_argument("--config", help="protocol settings YAML (default: eval/<bench>.yaml when present)")
+    p.add_argument(
+        "--image-root", help="folder that image paths in --data resolve against (default: its folder)"
+    )
+    p.add_argument("--engine", default="auto", help="auto, hf or vllm (auto: vllm when installed and on GPU)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--max-new-tokens", type=int, help="override the config's max_new_tokens")
+    p.add_argument("--batch-size", type=int, help="override the config's batch_size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if p.epilog is None:
+        p.epilog = EXAMPLES
+        p.formatter_class = argparse.RawDescriptionHelpFormatter
+
+
+def _score_only(bench, args: argparse.Namespace) -> int:
+    from mmrlsd.bench.run import summary_markdown, write_json, write_result
+
+    split = args.split or bench.default_split
+    result = bench.score(
+        bench.load(args.data, split),
+        bench.read_predictions(args.predictions),
+        mode=args.mode or "official",
+        split=split,
+    )
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(args.output), result)
+    if args.output_dir:
+        write_result(Path(args.output_dir), result)
+    print(summary_markdown(result))
+    return 0
+
+
+def _generate(bench, args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mmrlsd.bench.run import default_config_path, evaluate, load_eval_config, pick_engine
+
+    cfg = load_eval_config(args.config or default_config_path(bench.name))
+    overrides = {"split": args.split, "mode": args.mode, "max_new_tokens": args.max_new_tokens,
+                 "batch_size": args.batch_size}  # fmt: skip
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    split = cfg.split or bench.default_split
+    records = bench.load(args.data, split)
+    if args.limit is not None:
+        records = records[: args.limit]
+    device = args.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    data_root = Path(args.image_root) if args.image_root else (Path(args.data).parent if args.data else None)
+    out_dir = Path(args.output_dir or f"runs/eval/{bench.name}_{split}")
+    engine = pick_engine(args.engine)
+    result = evaluate(bench, records, args.model, out_dir, cfg, data_root=data_root, engine=engine, dtype=dtype,
+                      device=device, progress=not args.no_progress)  # fmt: skip
+    if result is None:
+        print(
+            f"{bench.name} {split}: answers withheld; wrote {out_dir / 'predictions.jsonl'} ({len(records)} rows)"
+        )
+        return 0
+    print((out_dir / "summary.md").read_text())
+    print(f"wrote {out_dir}/predictions.jsonl, scores.json, summary.md")
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `mmrlsd eval` for parsed `args`; returns the exit status (2 for a usage error)."""
+    from mmrlsd.bench import get_bench
+
+    try:
+        bench = get_bench(args.bench)()
+    except KeyError as e:
+        print(f"error: {e.args[0]}", file=sys.stderr)
+        return 2
+    mode = args.mode
+    if mode is not None and mode not in bench.modes:
+        print(f"error: {bench.name}: unknown mode {mode!r}; known: {', '.join(bench.modes)}", file=sys.stderr)
+        return 2
+    split = args.split
+    if split is not None and split not in bench.splits:
+        print(
+            f"error: {bench.name}: unknown split {split!r}; known: {', '.join(bench.splits)}", file=sys.stderr
+        )
+        return 2
+    if args.predictions:
+        return _score_only(bench, args)
+    return _generate(bench, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmrlsd eval", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return p
+
+
+if __name__ == "__main__":
+    sys.exit(main(build_parser().parse_args()))
