@@ -27,7 +27,6 @@ from mmrlsd.bench.base import (
     Record,
     as_response,
     check_mode,
-    is_own_predictions,
     load_hub,
     make_result,
     open_image,
@@ -264,7 +263,7 @@ class MathVista(Bench):
         """Our `predictions.jsonl` (`{id, response}` rows) or an upstream `output_*.json` (pid -> record)."""
         if str(path).endswith(".jsonl"):
             rows = read_jsonl(path)
-            return rows_by_id(rows, "id" if is_own_predictions(rows) else "pid", f"{path}: ")
+            return rows_by_id(rows, "pid" if rows and all("pid" in r for r in rows) else "id", f"{path}: ")
         data = read_json(path)
         if isinstance(data, list):
             return rows_by_id(data, "pid", f"{path}: ")
@@ -288,6 +287,8 @@ class MathVista(Bench):
                     missing.append(pid)
                 extraction = rec.get("extraction", "")
             else:
+                if "response" not in rec:
+                    missing.append(pid)
                 extraction = rule_v1_extract(as_response(rec.get("response")), rec)
             choices = rec.get("choices")
             if rec["question_type"] == "multi_choice" and not choices:
@@ -302,7 +303,10 @@ class MathVista(Bench):
             }
         warnings = []
         if missing:
-            warnings.append(f"{len(missing)} rows without 'extraction' scored as '' (first: {missing[0]!r})")
+            field = "extraction" if mode == "official" else "response"
+            warnings.append(
+                f"{len(missing)} rows without {field!r} scored as '' (first: record {missing[0]!r})"
+            )
         if split == "testmini" and len(items) != 1000:
             warnings.append(f"scored {len(items)} pids, not the 1000 of testmini")
         result = make_result(
