@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
+from mmrlsd.train import faults
+
 COMPLETE = "COMPLETE"
 
 
@@ -48,6 +50,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, processor, optimizer, teac
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     if teacher is not None and teacher is not policy:
         st_save_model(teacher, str(tmp / "teacher.safetensors"))
+    faults.point("checkpoint", step)
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
     _fsync_dir(tmp)

@@ -22,6 +22,7 @@ from mmrlsd.data.prompts import PromptBuilder, encode
 from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.generate import generate
+from mmrlsd.train import faults
 from mmrlsd.train.diagnostics import dump_rows, step_metrics
 from mmrlsd.train.update import ppo_update
 from mmrlsd.types import Sample, StepResult
@@ -72,6 +73,7 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
                             max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                             top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                             gen_batch_size=cfg.rollout.gen_batch_size)  # fmt: skip
+    faults.point("rollout", step)
     with timed(t, "reward"):
         answers = [s.answer for s in samples for _ in range(G)]
         types = [s.problem_type for s in samples for _ in range(G)]
@@ -97,7 +99,8 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     with timed(t, "update"):
         update = ppo_update(ctx.policy, ctx.optimizer, student, student_logp, token_adv, mask,
                             mini_batches=cfg.optim.mini_batches, micro_batch_size=mb, clip_low=cfg.algo.clip_low,
-                            clip_high=cfg.algo.clip_high, clip_c=cfg.algo.clip_c, grad_clip=cfg.optim.grad_clip)
+                            clip_high=cfg.algo.clip_high, clip_c=cfg.algo.clip_c, grad_clip=cfg.optim.grad_clip,
+                            on_backward=lambda: faults.point("update", step))
     metrics = step_metrics(rollouts, rewards, torch.tensor([r.accuracy for r in results]),
                            torch.tensor([r.format for r in results]), adv, delta, token_adv, lam, cfg.algo.eps_w,
                            all_equal_groups(rewards, G))

@@ -20,6 +20,7 @@ from mmrlsd.types import SeqBatch
 def ppo_update(
     policy, optimizer, seq: SeqBatch, old_logp: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor, *,
     mini_batches: int, micro_batch_size: int, clip_low: float, clip_high: float, clip_c: float, grad_clip: float,
+    on_backward=None,
 ) -> dict[str, float]:  # fmt: skip
     """One or more optimizer steps on N sequences; returns scalar stats (token means over the whole batch)."""
     n = seq.input_ids.shape[0]
@@ -45,6 +46,8 @@ def ppo_update(
             if not torch.isfinite(loss):
                 finite = False
             loss.backward()
+            if on_backward is not None:
+                on_backward()
             mb_sums["loss"] += float(loss.detach())
             mb_sums["entropy"] += float((ent * m).sum())
             for k, v in st.items():
