@@ -257,3 +257,20 @@ def test_adversarial_responses_are_wrong_fast(mv, adversarial):
         # fallback), which may be the gold one by chance
         assert not any(result["items"][pid]["correct"] for pid in ("1", "2", "506")), (name, mode)
         assert result["items"]["5"]["prediction"] in by_pid["5"]["choices"]
+
+
+def test_levenshtein_is_unit_cost_over_code_points():
+    from Levenshtein import distance
+
+    # one substitution per code point (not per UTF-8 byte), no transposition, case-sensitive
+    assert [distance("é", "e"), distance("😀", "a"), distance("ab", "ba"), distance("Ab", "ab")] == [
+        1,
+        1,
+        2,
+        1,
+    ]
+    # a 200k-character extraction against short choices stays fast (bit-parallel O(n*m/64))
+    t0 = time.perf_counter()
+    # distances: "ab" 200000 (2 substitutions + 199998 deletions), "xx" 199998 (deletions only)
+    assert normalize_extracted_answer("x" * 200_000, ["ab", "xx"], "multi_choice", "text", None) == "xx"
+    assert time.perf_counter() - t0 < 1.0
