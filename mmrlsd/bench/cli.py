@@ -19,6 +19,9 @@ EXAMPLES = """examples:
       --data ../shared/benchdata/mathvista/data/testmini.json --mode official --output bard.json
   mmrlsd eval --bench mmmu --predictions ../shared/benchdata/mmmu/mmmu/example_outputs/llava1.5_13b \\
       --data ../shared/benchdata/mmmu/mmmu/answer_dict_val.json --output llava.json
+  # MathVista with the official LLM extraction step, against a judge you run (OpenAI-compatible)
+  mmrlsd eval --bench mathvista --predictions runs/eval/mathvista_testmini/predictions.jsonl --data testmini.json \\
+      --mode llm --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct --output llm.json
 """
 
 
@@ -50,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, help="override the config's max_new_tokens")
     p.add_argument("--batch-size", type=int, help="override the config's batch_size")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--judge-url", help="mode llm (MathVista): OpenAI-compatible base URL, e.g. http://localhost:8000/v1"
+    )
+    p.add_argument("--judge-model", help="mode llm: the judge model name")
+    p.add_argument(
+        "--judge-key-env", default="OPENAI_API_KEY", help="mode llm: env variable holding the API key"
+    )
     if p.epilog is None:
         p.epilog = EXAMPLES
         p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -127,6 +137,20 @@ def main(args: argparse.Namespace) -> int:
             f"error: {bench.name}: unknown split {split!r}; known: {', '.join(bench.splits)}", file=sys.stderr
         )
         return 2
+    if args.judge_url or args.judge_model:
+        if not hasattr(bench, "judge") or not (args.judge_url and args.judge_model):
+            print(
+                f"error: {bench.name}: --judge-url and --judge-model are for mode llm (MathVista)",
+                file=sys.stderr,
+            )
+            return 2
+        import os
+
+        from mmrlsd.bench.mathvista import Judge
+
+        bench.judge = Judge(
+            url=args.judge_url, model=args.judge_model, api_key=os.environ.get(args.judge_key_env, "")
+        )
     if args.predictions:
         return _score_only(bench, args)
     return _generate(bench, args)

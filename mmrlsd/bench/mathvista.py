@@ -6,7 +6,9 @@ Modes:
   A row without `extraction` is scored as `""` and counted in `warnings`.
 * `rule-v1`   project-defined rule extraction (§1.6), then the official normalisation and matching.
   NOT official: results carry `label` "... (rule-v1 extraction, not comparable to official)".
-The LLM-judge extraction (upstream step 6) is not implemented; it cannot run offline.
+* `llm`       the official protocol with a judge the user configures (`Judge`, any OpenAI-compatible
+  endpoint): upstream `extract_answer.py` steps 1-4, then the 5-shot judge prompt; an API error gives "".
+  Judge-dependent, so its label names the judge. Without a judge it fails; it never falls back to rules.
 
 Official quirks kept (§1.4): multiple choice always maps to some choice (Levenshtein fallback, ties to the
 first choice); integers truncate (`str(int(float(x)))`); floats `str(round(float(x), int(precision)))`; lists
@@ -15,7 +17,11 @@ compare as raw strings; the gold and the metadata come from the scored output re
 
 from __future__ import annotations
 
+import json
 import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +229,96 @@ def rule_v1_extract(response: str, record: Record) -> str:
     raise ValueError(f"no rule-v1 extraction for question_type={question_type!r} answer_type={answer_type!r}")
 
 
+# ---------------------------------------------------------------- llm extraction (upstream step 6)
+
+# The 5-shot extraction prompt of the paper (MathVista, appendix "Prompt for Answer Extraction"), written with
+# our HINTS; upstream keeps it in `evaluation/prompts/ext_ans.py`. Whitespace may differ from that file,
+# which does not matter for a sampled judge.
+DEMO_PROMPT = "\n\n".join(
+    [
+        "Please read the following example. Then extract the answer from the model response and type it at the "
+        "end of the prompt.",
+        *(
+            f"{HINTS[hint]}\nQuestion: {question}\n\nModel response: {response}\n\nExtracted answer: {answer}"
+            for hint, question, response, answer in [
+                ("integer", "Which number is missing?", "The number missing in the sequence is 14.", "14"),
+                ("float1", "What is the fraction of females facing the camera?",
+                 "The fraction of females facing the camera is 0.6, which means that six out of ten females in "
+                 "the group are facing the camera.", "0.6"),
+                ("float2", "How much money does Luca need to buy a sour apple candy and a butterscotch candy? "
+                 "(Unit: $)", "Luca needs $1.45 to buy a sour apple candy and a butterscotch candy.", "1.45"),
+                ("list", "Between which two years does the line graph saw its maximum peak?",
+                 "The line graph saw its maximum peak between 2007 and 2008.", "[2007, 2008]"),
+                ("multi_choice", "What fraction of the shape is blue?\nChoices:\n(A) 3/11\n(B) 8/11\n(C) 6/11\n(D) 3/5",
+                 "The correct answer is (B) 8/11.", "B"),
+            ]
+        ),
+    ]
+)  # fmt: skip
+
+
+@dataclass
+class Judge:
+    """An OpenAI-compatible chat endpoint that extracts answers (`POST {url}/chat/completions`)."""
+
+    url: str
+    """Base URL, e.g. `http://localhost:8000/v1` or `https://api.openai.com/v1`."""
+    model: str
+    api_key: str = ""
+    timeout: float = 60.0
+    workers: int = 8
+    """Concurrent requests."""
+
+    def __call__(self, prompt: str) -> str:
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0}
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(
+            self.url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(), headers=headers
+        )
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:  # noqa: S310 (user-configured URL)
+            return str(json.loads(resp.read())["choices"][0]["message"]["content"])
+
+
+def llm_prompt(record: Record, response: str) -> str:
+    """Upstream `create_test_prompt`: demo prompt, the item's query, the raw response, `Extracted answer: `."""
+    return f"{DEMO_PROMPT}\n\n{build_query(record)}\n\n{response}\n\nExtracted answer: "
+
+
+def llm_extract(response: str, record: Record, judge: Judge) -> tuple[str, bool]:
+    """Upstream `extract_answer` without quick-extract: steps 1-4, then the judge; an API error gives ""."""
+    qtype, atype = record["question_type"], record["answer_type"]
+    if response == "":
+        return "", True
+    if qtype == "multi_choice" and response in record["choices"]:
+        return response, True
+    if atype == "integer":
+        try:
+            return str(int(response)), True
+        except ValueError:
+            pass
+    if atype == "float":
+        try:
+            return str(float(response)), True
+        except ValueError:
+            pass
+    try:
+        return judge(llm_prompt(record, response)), True
+    except Exception:  # upstream prints the error and returns ""
+        return "", False
+
+
+def llm_extract_all(recs: dict[str, Record], judge: Judge) -> tuple[dict[str, str], list[str]]:
+    """pid -> extraction for every record (judge calls in parallel), and the pids whose call failed."""
+    pids = list(recs)
+    with ThreadPoolExecutor(max_workers=max(judge.workers, 1)) as pool:
+        outs = list(
+            pool.map(lambda p: llm_extract(as_response(recs[p].get("response")), recs[p], judge), pids)
+        )
+    return {p: ext for p, (ext, _) in zip(pids, outs)}, [p for p, (_, ok) in zip(pids, outs) if not ok]
+
+
 # ---------------------------------------------------------------- the benchmark
 
 
@@ -234,8 +330,10 @@ class MathVista(Bench):
     splits = ("testmini", "test")
     default_split = "testmini"
     unscored_splits = ("test",)
-    modes = ("official", "rule-v1")
+    modes = ("official", "rule-v1", "llm")
     generate_mode = "rule-v1"
+    judge: Judge | None = None
+    """Extraction judge for mode `llm` (set by `mmrlsd eval --judge-url ... --judge-model ...`)."""
 
     def load(self, data_path: str | None, split: str) -> list[Record]:
         """`data/testmini.json` (dict pid -> record), a JSON list / JSONL of records, or an HF parquet file."""
@@ -276,50 +374,61 @@ class MathVista(Bench):
     ) -> dict[str, Any]:
         """Score every pid in `predictions` (the official total is the number of pids in the file)."""
         check_mode(self, mode)
+        if mode == "llm" and self.judge is None:
+            raise ValueError(
+                "mathvista: mode 'llm' needs a judge (--judge-url, --judge-model); no rule fallback"
+            )
         by_pid = {self.record_id(r): r for r in gold}
-        items, labels, missing = {}, {}, []
-        for pid, row in predictions.items():
-            rec = {**by_pid.get(pid, {}), **row}  # the output record's own fields win (§1.4)
+        recs = {
+            pid: {**by_pid.get(pid, {}), **row} for pid, row in predictions.items()
+        }  # output record wins (§1.4)
+        for pid, rec in recs.items():
             for field in ("question_type", "answer_type", "answer"):
                 require(rec, field, pid)
-            if mode == "official":
-                if "extraction" not in rec:
-                    missing.append(pid)
-                extraction = rec.get("extraction", "")
-            else:
-                if "response" not in rec:
-                    missing.append(pid)
-                extraction = rule_v1_extract(as_response(rec.get("response")), rec)
-            choices = rec.get("choices")
-            if rec["question_type"] == "multi_choice" and not choices:
+            if rec["question_type"] == "multi_choice" and not rec.get("choices"):
                 raise KeyError(f"record {pid!r}: multi_choice without choices")
+        field = "extraction" if mode == "official" else "response"
+        missing = [pid for pid, rec in recs.items() if field not in rec]
+        warnings = (
+            [f"{len(missing)} rows without {field!r} scored as '' (first: record {missing[0]!r})"]
+            if missing
+            else []
+        )
+        if mode == "official":
+            extractions = {pid: rec.get("extraction", "") for pid, rec in recs.items()}
+        elif mode == "rule-v1":
+            extractions = {
+                pid: rule_v1_extract(as_response(rec.get("response")), rec) for pid, rec in recs.items()
+            }
+        else:
+            extractions, failed = llm_extract_all(recs, self.judge)
+            if failed:
+                warnings.append(
+                    f"{len(failed)} judge calls failed, extraction '' (first: record {failed[0]!r})"
+                )
+        items, labels = {}, {}
+        for pid, rec in recs.items():
+            extraction = extractions[pid]
             pred = normalize_extracted_answer(
-                extraction, choices, rec["question_type"], rec["answer_type"], rec.get("precision")
+                extraction, rec.get("choices"), rec["question_type"], rec["answer_type"], rec.get("precision")
             )
             items[pid] = {"prediction": pred, "correct": pred == rec["answer"], "extraction": extraction}
             meta = rec.get("metadata") or {}
             labels[pid] = {
                 k: rec[k] if k in rec else meta[k] for k in BREAKDOWN_KEYS if k in rec or k in meta
             }
-        warnings = []
-        if missing:
-            field = "extraction" if mode == "official" else "response"
-            warnings.append(
-                f"{len(missing)} rows without {field!r} scored as '' (first: record {missing[0]!r})"
-            )
         if split == "testmini" and len(items) != 1000:
             warnings.append(f"scored {len(items)} pids, not the 1000 of testmini")
+        source = {"official": "recorded", "rule-v1": "rule-v1"}.get(mode) or f"llm:{self.judge.model}"
         result = make_result(
-            self.name,
-            split,
-            mode,
-            items,
-            labels,
-            extraction_source="recorded" if mode == "official" else mode,
-            warnings=warnings,
+            self.name, split, mode, items, labels, extraction_source=source, warnings=warnings
         )
-        if mode != "official":
+        if mode == "rule-v1":
             result["label"] = RULE_LABEL
+        elif mode == "llm":
+            result["label"] = (
+                f"MathVista {split} (LLM extraction by {self.judge.model}; the paper used GPT-4)"
+            )
         result["leaderboard"] = leaderboard(result)
         return result
 

@@ -48,6 +48,11 @@ def test_usage_errors(capsys):
     assert "unknown mode 'rule-v1'; known: official" in capsys.readouterr().err
     assert run(["--bench", "mathvista", "--predictions", "x", "--split", "val"]) == 2
     assert "known: testmini, test" in capsys.readouterr().err
+    assert (
+        run(["--bench", "mmmu", "--predictions", "x", "--judge-url", "http://h/v1", "--judge-model", "m"])
+        == 2
+    )
+    assert "are for mode llm (MathVista)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --model or --predictions is required
         build_parser().parse_args(["--bench", "mmmu"])
     with pytest.raises(SystemExit):  # not both

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
 from mmrlsd.bench.mathvista import (
+    Judge,
     MathVista,
     build_query,
     normalize_extracted_answer,
@@ -238,8 +241,10 @@ def test_own_predictions_and_missing_fields(mv, tmp_path):
     assert "3 rows without 'extraction'" in official["warnings"][0]
     with pytest.raises(KeyError, match="record '9999'"):
         BENCH.score(gold, {"9999": {"response": "1"}}, mode="rule-v1")  # unknown pid: no gold fields
-    with pytest.raises(ValueError, match="unknown mode 'llm'"):
+    with pytest.raises(ValueError, match="needs a judge"):  # fails loudly, never falls back to rules
         BENCH.score(gold, preds, mode="llm")
+    with pytest.raises(ValueError, match="unknown mode 'gpt'"):
+        BENCH.score(gold, preds, mode="gpt")
 
 
 def test_adversarial_responses_are_wrong_fast(mv, adversarial):
@@ -274,3 +279,60 @@ def test_levenshtein_is_unit_cost_over_code_points():
     # distances: "ab" 200000 (2 substitutions + 199998 deletions), "xx" 199998 (deletions only)
     assert normalize_extracted_answer("x" * 200_000, ["ab", "xx"], "multi_choice", "text", None) == "xx"
     assert time.perf_counter() - t0 < 1.0
+
+
+class FakeJudge(BaseHTTPRequestHandler):
+    """An OpenAI-compatible /chat/completions that answers "B" (or fails for a response containing FAIL)."""
+
+    prompts: list[str] = []
+
+    def do_POST(self):  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        FakeJudge.prompts.append(prompt)
+        if "FAIL" in prompt.rsplit("\n\nExtracted answer: ", 1)[0][-40:]:
+            self.send_response(500)
+            self.end_headers()
+            return
+        data = json.dumps({"choices": [{"message": {"role": "assistant", "content": "B"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def judge_url():
+    server = HTTPServer(("127.0.0.1", 0), FakeJudge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    FakeJudge.prompts = []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_llm_mode_with_a_local_judge(mv, judge_url):
+    _, gold = mv
+    bench = MathVista()
+    bench.judge = Judge(url=judge_url, model="fake-judge", workers=2)
+    preds = {
+        "5": {"response": "I think the second one."},  # judge -> "B" -> choices[1] = "102" (gold 97)
+        "3": {"response": "so FAIL"},  # HTTP 500 -> extraction "" (upstream behaviour), warned
+        "2": {"response": "1000"},  # step 3: int("1000"), no judge call
+    }
+    result = bench.score(gold, preds, mode="llm")
+    assert result["items"]["5"] == {"prediction": "102", "correct": False, "extraction": "B"}
+    assert result["items"]["3"]["extraction"] == ""
+    assert result["items"]["2"] == {"prediction": "1000", "correct": True, "extraction": "1000"}
+    assert result["mode"] == "llm" and result["extraction_source"] == "llm:fake-judge"
+    assert "fake-judge" in result["label"] and "1 judge calls failed" in result["warnings"][0]
+    assert len(FakeJudge.prompts) == 2  # items 5 and 3
+    prompt = next(p for p in FakeJudge.prompts if "second one" in p)
+    query = build_query({r["pid"]: r for r in gold}["5"])
+    assert prompt.startswith("Please read the following example.")
+    assert prompt.endswith(f"\n\n{query}\n\nI think the second one.\n\nExtracted answer: ")
+    assert prompt.count("Extracted answer: ") == 6  # 5 demonstrations + the item
