@@ -139,6 +139,9 @@ def tally(pairs: Iterable[tuple[Any, bool]]) -> dict[str, dict[str, Any]]:
     return {v: {"correct": c, "total": t, "accuracy": c / t} for v, (c, t) in counts.items()}
 
 
+SCHEMA_KEYS = frozenset({"bench", "split", "mode", "n", "correct", "accuracy", "breakdown", "items"})
+
+
 def make_result(
     bench: str,
     split: str,
@@ -151,9 +154,15 @@ def make_result(
 
     items:  id -> {"prediction": ..., "correct": bool} (other keys are kept).
     labels: id -> {group: value or list of values}; every group becomes a `breakdown` entry.
-    extra:  benchmark-specific top-level keys (`warnings`, `four_dimensional`, ...).
+    extra:  benchmark-specific top-level keys (`warnings`, `four_dimensional`, ...); they may not reuse a
+            schema key (`SCHEMA_KEYS`).
     `accuracy` is correct/n, and 0.0 when n == 0.
     """
+    clash = sorted(set(extra) & SCHEMA_KEYS)
+    if clash:
+        raise ValueError(
+            f"extra result keys {clash} would overwrite the result schema; name them differently"
+        )
     n = len(items)
     correct = sum(bool(it["correct"]) for it in items.values())
     groups: dict[str, list[tuple[Any, bool]]] = {}

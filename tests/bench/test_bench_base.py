@@ -72,6 +72,8 @@ def test_make_result_schema_and_arithmetic():
     assert r["items"]["2"] == {"prediction": None, "correct": False}
     assert r["warnings"] == []
     assert make_result("b", "s", "m", {})["accuracy"] == 0.0  # empty: no ZeroDivisionError
+    with pytest.raises(ValueError, match=r"\['accuracy'\] would overwrite the result schema"):
+        make_result("b", "s", "m", items, accuracy={"S1": 0.5})
     json.dumps(r)  # serialisable
 
 

@@ -95,14 +95,11 @@ def mathvision_data(root: Path) -> tuple[Path, str]:
 def wemath_data(root: Path) -> tuple[Path, str]:
     """`testmini.json`: a list of rows; one two-step group (3 rows)."""
     rows = []
-    for key, q in (
-        ("2steps_1", "How many squares?"),
-        ("2steps_2", "What colour?"),
-        ("2steps_multi", "Both?"),
-    ):
+    keys = [("2steps_1", "How many squares?"), ("2steps_2", "What colour?"), ("2steps_multi", "Both?")]
+    for number, (key, q) in enumerate(keys, 1):  # one group: the same ID, one row per key
         rows.append({"ID": "2steps_1", "split": "testmini", "knowledge concept": "Counting", "question": q,
                      "option": "A. 1;B. 2;C. 3;D. 4; E. No correct answer", "answer": "B",
-                     "image_path": f"2steps/image/{key}.png", "key": key, "question number": 1,
+                     "image_path": f"2steps/image/{key}.png", "key": key, "question number": number,
                      "knowledge concept description": "Counting things"})  # fmt: skip
         _image(root / rows[-1]["image_path"])
     path = root / "testmini.json"
