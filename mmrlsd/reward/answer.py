@@ -151,6 +151,7 @@ def format_ok(text: str | None) -> bool:
 
 _WRAPPERS_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf|operatorname|mbox)\s*\{([^{}]*)\}")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°")
+_SIZING_RE = re.compile(r"\\(?:left|right|displaystyle)(?![A-Za-z])")  # not \leftarrow, \rightarrow
 _SPACING_RE = re.compile(r"\\[,;:! ]|\\q?quad\b|~")
 
 
@@ -169,7 +170,7 @@ def strip_latex(s: str) -> str:
     >>> strip_latex(r"12\,\mathrm{cm}")
     '12cm'
     """
-    s = s.replace("$", "").replace("\\left", "").replace("\\right", "").replace("\\displaystyle", "")
+    s = _SIZING_RE.sub("", s.replace("$", ""))
     s = s.replace("\\%", "%")
     s = _DEGREE_RE.sub("", s)
     s = _SPACING_RE.sub("", s)

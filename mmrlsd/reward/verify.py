@@ -22,11 +22,11 @@ message, and it streams back one verdict per pair, so the time limit applies to 
 Why a subprocess running `verify_worker.py` rather than `multiprocessing`: math-verify's own timeouts
 use ``signal.alarm`` (main thread only) and cannot interrupt a long C-level bignum operation, so only
 killing a process is a hard limit; ``fork`` would copy a parent that holds torch and CUDA state; and
-``spawn``/``forkserver`` re-import the parent's ``__main__`` in the child (a training script that
-imports torch at the top costs ~4 s per restart on our CPU box). A fresh ``python verify_worker.py``
-imports only math-verify: measured start-up on the 2-core dev box is ~1.2 s, paid once, and again
-only after a timeout: the restart begins at once, in the background, and from the first restart on a
-warm spare worker waits, so later timeouts cost only the timeout.
+``spawn``/``forkserver`` children re-import the parent's ``__main__``. Measured on the 2-core dev box
+under load (load average ~9), with a parent script that imports torch at the top: spawn 10.8-12.5 s,
+forkserver 9.6-10.3 s, a fresh ``python verify_worker.py`` 2.6-2.9 s to ready (~1.1 s unloaded). The
+start-up is paid once, and again only after a timeout: the restart begins at once, in the background,
+and from the first restart on a warm spare worker waits, so later timeouts cost only the timeout.
 """
 
 from __future__ import annotations
@@ -284,7 +284,8 @@ def math_equal_batch(
 
     Never raises on content and never spends more than ``timeout`` seconds on one undecided pair (a
     worker restart after a timeout may add its start-up). Pairs that `quick_equal` decides never reach
-    the worker; the rest go in one round trip to ``checker`` (default: `default_checker()`).
+    the worker; the rest, each distinct pair once, go in one round trip to ``checker`` (default:
+    `default_checker()`).
 
     >>> math_equal_batch(["3.0", "7", None, "x+1"], ["3", "8", "1", "1+x"])
     [True, False, False, True]
@@ -293,11 +294,11 @@ def math_equal_batch(
         raise ValueError(f"{len(preds)} predictions but {len(golds)} gold answers")
     verdicts = [quick_equal(p, g) for p, g in zip(preds, golds)]
     pending = [i for i, v in enumerate(verdicts) if v is None]
-    if pending:
-        checker = checker or default_checker()
-        checked = checker.check([(preds[i], golds[i]) for i in pending], timeout)
-        for i, ok in zip(pending, checked):
-            verdicts[i] = ok
+    if pending:  # identical pairs (a group's samples often agree) are checked once
+        unique = list(dict.fromkeys((preds[i], golds[i]) for i in pending))
+        checked = dict(zip(unique, (checker or default_checker()).check(unique, timeout)))
+        for i in pending:
+            verdicts[i] = checked[preds[i], golds[i]]
     return [bool(v) for v in verdicts]
 
 

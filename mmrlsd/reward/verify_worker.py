@@ -21,6 +21,7 @@ import logging
 import os
 import resource
 import sys
+import warnings
 from multiprocessing.connection import Connection
 
 ENGINE = "string"
@@ -43,9 +44,16 @@ def _boxed(s: str) -> str:
     return "\\boxed{" + s.replace("$", "") + "}"
 
 
+_GOLD_CACHE: dict[str, list] = {}  # the G samples of a prompt share its gold answer: parse it once
+
+
 def math_verify_equal(pred: str, gold: str) -> bool:
     """math-verify's verdict on (pred, gold), with its signal-based timeouts off (the parent times us)."""
-    gold_parsed = parse(_boxed(gold), parsing_timeout=None)
+    gold_parsed = _GOLD_CACHE.get(gold)
+    if gold_parsed is None:
+        if len(_GOLD_CACHE) >= 4096:
+            _GOLD_CACHE.clear()
+        gold_parsed = _GOLD_CACHE[gold] = parse(_boxed(gold), parsing_timeout=None)
     pred_parsed = parse(_boxed(pred), parsing_timeout=None)
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
@@ -106,6 +114,7 @@ def main(argv: list[str]) -> None:
     if memory_limit > 0:  # a runaway bignum gets a MemoryError instead of eating the machine
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit, memory_limit))
     logging.disable(logging.CRITICAL)  # math-verify warns about disabled timeouts on every start
+    warnings.filterwarnings("ignore")  # nor should sympy deprecation warnings reach the training log
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     serve(Connection(read_fd, writable=False), Connection(write_fd, readable=False))
 

@@ -152,6 +152,8 @@ def test_format_ok_is_linear_time(text):
         (r"12\,\text{cm}", "12cm"),
         (r"\displaystyle \frac{1}{2}.", r"\frac{1}{2}"),
         ("x = 2 ", "x = 2"),
+        (r"\left[0, \infty\right)", r"[0, \infty)"),
+        (r"x \rightarrow \leftarrow", r"x \rightarrow \leftarrow"),  # arrows are not \left / \right
     ],
 )
 def test_strip_latex(raw, expected):

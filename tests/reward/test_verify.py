@@ -13,7 +13,7 @@ import time
 import pytest
 
 from mmrlsd.reward import verify, verify_worker
-from mmrlsd.reward.verify import MathChecker, default_checker, math_equal, math_equal_batch, quick_equal
+from mmrlsd.reward.verify import MathChecker, math_equal, math_equal_batch, quick_equal
 
 # inputs that math-verify cannot finish: they must cost one timeout, then a restart
 HANGS = [r"10^{10^{10^{10}}}", r"9^{9^{9^{9}}}"]
@@ -210,10 +210,10 @@ def test_batch_sends_only_undecided_pairs(monkeypatch):
         return real_check(self, pairs, timeout)
 
     monkeypatch.setattr(MathChecker, "check", spy)
-    preds = ["3.0", "2", r"\frac{1}{2}", None, "x+1"]
-    golds = ["3", "3", "0.5", "1", "1+x"]
-    assert math_equal_batch(preds, golds) == [True, False, True, False, True]
-    assert sent == [[(r"\frac{1}{2}", "0.5"), ("x+1", "1+x")]]  # one round trip, two pairs
+    preds = ["3.0", "2", r"\frac{1}{2}", None, "x+1", r"\frac{1}{2}"]
+    golds = ["3", "3", "0.5", "1", "1+x", "0.5"]
+    assert math_equal_batch(preds, golds) == [True, False, True, False, True, True]
+    assert sent == [[(r"\frac{1}{2}", "0.5"), ("x+1", "1+x")]]  # one round trip, distinct pairs once
     assert math_equal_batch(["1"], ["1"]) == [True] and len(sent) == 1  # all quick: no IPC
     with pytest.raises(ValueError, match="2 predictions but 1 gold"):
         math_equal_batch(["1", "2"], ["1"])
@@ -261,23 +261,40 @@ def test_worker_dies_with_a_killed_parent():
 
 
 @pytest.mark.slow
-def test_throughput_512_pairs():
+def test_throughput_512_pairs(checker):
     pairs = _typical_pairs()
-    default_checker().start()
+    checker.start()
     t0 = time.monotonic()
-    verdicts = math_equal_batch([p for p, _ in pairs], [g for _, g in pairs])
+    verdicts = math_equal_batch([p for p, _ in pairs], [g for _, g in pairs], checker=checker)
     elapsed = time.monotonic() - t0
     print(f"\nmath_equal_batch: {len(pairs)} pairs in {elapsed:.2f} s ({len(pairs) / elapsed:.0f} pairs/s)")
-    assert sum(verdicts) == len(pairs) // 2
+    assert sum(verdicts) == sum(ok for ok in _typical_pairs(truth=True))
 
 
-def _typical_pairs() -> list[tuple[str, str]]:
-    """512 (pred, gold) pairs shaped like training answers; even indices equal, odd unequal."""
-    golds = [r"\frac{3}{4}", "12", r"2\sqrt{3}", "x^2+1", "0.25", r"\{1, 3\}", "(2, 5]", r"\pi/3"]
-    right = ["0.75", "12.0", r"\sqrt{12}", "1+x^2", r"\frac{1}{4}", r"\{3,1\}", "(2,5]", r"\frac{\pi}{3}"]
-    wrong = ["0.7", "13", r"3\sqrt{2}", "x^2-1", "0.2", r"\{1,2\}", "[2,5]", r"\pi/6"]
-    pairs = []
-    for i in range(256):
-        k = i % len(golds)
-        pairs += [(right[k], golds[k]), (wrong[k], golds[k])]
-    return pairs
+def _typical_pairs(truth: bool = False) -> list:
+    """64 prompts x 8 samples shaped like training answers: per prompt 4 right (in various forms, some
+    repeated) and 4 wrong. ``truth=True`` gives the expected verdicts instead of the pairs."""
+    import random
+
+    rng = random.Random(0)
+    pairs, oks = [], []
+    for k in range(64):
+        a, b = rng.randint(1, 40), rng.randint(41, 90)
+        gold, right, wrong = [
+            (
+                rf"\frac{{{a}}}{{{b}}}",
+                [rf"\dfrac{{{a}}}{{{b}}}", rf"\frac{{{2 * a}}}{{{2 * b}}}"],
+                [rf"\frac{{{b}}}{{{a}}}"],
+            ),
+            (rf"{a}\sqrt{{2}}", [rf"\sqrt{{{2 * a * a}}}", rf"{a}\sqrt{{2}}"], [rf"{a}\sqrt{{3}}"]),
+            (f"x^2+{a}x+{b}", [f"{b}+{a}x+x^2", f"x^2+{a}x+{b}"], [f"x^2-{a}x+{b}"]),
+            (f"({a}, {b}]", [f"({a},{b}]"], [f"[{a}, {b}]"]),
+            (rf"\{{{a}, {b}\}}", [rf"\{{{b},{a}\}}"], [rf"\{{{a}\}}"]),
+            (f"{a}.{b}", [f"{a}.{b}0"], [f"{a}.{b + 1}"]),
+            (str(a * b), [f"{a * b}.0", f"{a * b:,}"], [str(a * b + 1)]),
+            (rf"{a}\pi", [rf"{a} \pi"], [rf"{a}\pi^2"]),
+        ][k % 8]
+        for i in range(8):
+            pairs.append((rng.choice(right) if i < 4 else rng.choice(wrong + [f"{a + i}"]), gold))
+            oks.append(i < 4)
+    return oks if truth else pairs
