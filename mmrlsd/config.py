@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -195,6 +196,18 @@ class TrainerConfig:
 
 
 @dataclass
+class DistConfig:
+    fsdp: str = "auto"
+    """FSDP2 sharding: auto (on when launched by torchrun with WORLD_SIZE > 1) | on | off."""
+    backend: str = "auto"
+    """torch.distributed backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
+    mixed_precision: bool = False
+    """FSDP2 mixed precision: bf16 parameters and compute, fp32 gradient reduction."""
+    teacher_offload: bool = False
+    """Keep the frozen teacher snapshot's shards on CPU (FSDP2 CPU offload); saves GPU memory, costs transfers."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -203,6 +216,7 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 CHOICES = {
@@ -212,12 +226,18 @@ CHOICES = {
     "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
     "algo.teacher_info": ("answer", "solution"),
     "trainer.device": ("auto", "cpu", "cuda"),
+    "dist.fsdp": ("auto", "on", "off"),
+    "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
-            "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr")  # fmt: skip
+            "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr", "reward.timeout",
+            "trainer.max_bad_steps", "rollout.val_n")  # fmt: skip
 NON_NEGATIVE = ("algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
                 "trainer.save_every", "trainer.val_every", "trainer.keep_last", "optim.grad_clip",
-                "optim.weight_decay", "rollout.temperature", "reward.timeout", "optim.warmup_steps")  # fmt: skip
+                "optim.weight_decay", "rollout.temperature", "optim.warmup_steps", "algo.lam_warmup_steps",
+                "rollout.top_k", "rollout.gen_batch_size", "model.min_pixels", "model.max_pixels",
+                "data.max_val_items", "trainer.dump_every", "trainer.dump_max", "trainer.threads",
+                "rollout.val_temperature")  # fmt: skip
 
 
 def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
@@ -236,9 +256,11 @@ def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):  # YAML 1.1 reads `1e-6` as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):  # `.nan`, `.inf`, "nan"
+        raise ConfigError(f"{src}: '{key}' must be a finite number, got {value!r}")
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise ConfigError(f"{src}: '{key}' must be {tp.__name__}, got {type(value).__name__} {value!r}")
     return value
@@ -292,6 +314,18 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: 'optim.mini_batches' ({cfg.optim.mini_batches}) exceeds the B*G responses per step")
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"{src}: 'optim.betas' must have 2 values, got {cfg.optim.betas}")
+    _validate_conflicts(cfg, src)
+
+
+def _validate_conflicts(cfg: Config, src: str) -> None:
+    """Settings that are valid alone but contradict each other (one of them would be silently ignored)."""
+    m = cfg.model
+    if m.min_pixels and m.max_pixels and m.min_pixels > m.max_pixels:
+        raise ConfigError(f"{src}: 'model.min_pixels' ({m.min_pixels}) > 'model.max_pixels' ({m.max_pixels})")
+    if m.attn_implementation == "flash_attention_2" and cfg.trainer.device == "cpu":
+        raise ConfigError(f"{src}: 'model.attn_implementation' flash_attention_2 needs 'trainer.device' cuda")
+    if cfg.trainer.val_every and not cfg.data.val_files:
+        raise ConfigError(f"{src}: 'trainer.val_every' needs 'data.val_files' (it is empty)")
 
 
 def get_key(cfg: Any, dotted: str) -> Any:

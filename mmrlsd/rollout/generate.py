@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.train import dist
 from mmrlsd.types import Rollouts
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -32,6 +33,35 @@ def eos_token_ids(model, processor) -> list[int]:
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
     return sorted(set(ids))
+
+
+class RowSeededSampler:
+    """Sampling with one random stream per sequence, seeded by (seed, global row index).
+
+    A logits processor for `generate(do_sample=False)`: after temperature/top-k/top-p warping it adds Gumbel noise
+    drawn from the row's own generator, and greedy argmax then samples exactly from the warped softmax
+    (Gumbel-max trick). The samples of a row therefore do not depend on how rows are batched or split across
+    ranks, which makes a 2-rank run reproduce a single-process run and `gen_batch_size` change nothing.
+    """
+
+    def __init__(self, seed: int, rows: list[int]):
+        self.gens = [torch.Generator().manual_seed(seed * 1_000_003 + r) for r in rows]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-300)))  # (n, V)
+        return scores.float() + gumbel.to(scores.device, torch.float32)
+
+
+def _warpers(temperature: float, top_p: float, top_k: int) -> list:
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    out = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    if top_k:
+        out.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        out.append(TopPLogitsWarper(top_p))
+    return out
 
 
 def _slice_enc(enc, start: int, stop: int) -> dict:
@@ -69,33 +99,40 @@ def images_per_row(enc) -> list[int]:
 def generate(
     model, processor, enc, *, group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
     top_k: int = 0, gen_batch_size: int = 0, seed: int | None = None, progress: bool = False,
+    row_offset: int | None = None,
 ) -> Rollouts:  # fmt: skip
     """Sample responses for the N prompt rows of `enc` (already repeated G times per prompt).
 
-    `temperature == 0` means greedy decoding. Returns right-padded response ids with a mask that covers the
+    `temperature == 0` means greedy decoding. Sampling is seeded per row (`RowSeededSampler`): row i of this
+    call uses the stream (seed, row_offset + i), `row_offset` defaulting to rank * N. Returns right-padded response ids with a mask that covers the
     tokens up to and including the first EOS.
     """
+    from transformers import LogitsProcessorList
+
     tok = processor.tokenizer
     n = enc["input_ids"].shape[0]
     eos = eos_token_ids(model, processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     sample = temperature > 0
     kwargs = dict(
-        max_new_tokens=max_new_tokens, do_sample=sample, suppress_tokens=vision_token_ids(processor),
-        eos_token_id=eos, pad_token_id=pad, use_cache=True,
+        max_new_tokens=max_new_tokens, do_sample=False, suppress_tokens=vision_token_ids(processor),
+        eos_token_id=eos, pad_token_id=pad, use_cache=True, temperature=None, top_p=None, top_k=None,
+        synced_gpus=dist.enabled(),  # under FSDP every rank must run the same number of forwards
     )  # fmt: skip
-    if sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k or None)
-    else:
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    if seed is not None:
-        torch.manual_seed(seed)
+    if row_offset is None:
+        row_offset = dist.rank() * n  # every rank holds the same number of rows
     chunk = gen_batch_size or n
     device = next(model.parameters()).device
     pieces = []
     for start in tqdm(range(0, n, chunk), desc="generate", disable=not progress, leave=False):
-        inputs = {k: v.to(device) for k, v in _slice_enc(enc, start, min(n, start + chunk)).items()}
-        out = model.generate(**inputs, **kwargs)
+        stop = min(n, start + chunk)
+        inputs = {k: v.to(device) for k, v in _slice_enc(enc, start, stop).items()}
+        procs = LogitsProcessorList()
+        if sample:
+            base = 0 if seed is None else seed
+            rows = list(range(row_offset + start, row_offset + stop))
+            procs.extend(_warpers(temperature, top_p, top_k) + [RowSeededSampler(base, rows)])
+        out = model.generate(**inputs, logits_processor=procs, **kwargs)
         pieces.append(out[:, inputs["input_ids"].shape[1] :].cpu())
     width = max(p.shape[1] for p in pieces)
     ids = torch.full((n, max(width, 1)), pad, dtype=torch.long)

@@ -1,10 +1,11 @@
-"""Atomic, resumable checkpoints.
+"""Atomic, resumable, reshardable checkpoints.
 
-`checkpoint-N/` holds the policy in Hugging Face format (loadable by `from_pretrained`, with the processor),
-`optimizer.pt`, `teacher.safetensors` (the frozen teacher snapshot, when there is one), `rng.pt` and
-`trainer_state.json` (step, data position, skips). It is written under a temporary name, flushed, marked
+`checkpoint-N/` holds `state/` (a `torch.distributed.checkpoint` of the policy, its optimizer state and the frozen
+teacher snapshot: loadable on any number of ranks), the model config and processor, `rng_rank<r>.pt` and
+`trainer_state.json` (step, data position, skips, λ). It is written under a temporary name, flushed, marked
 `COMPLETE`, then renamed, so a kill mid-save leaves the previous checkpoint as the newest complete one.
-`torch.load` always runs with `weights_only=True`.
+`mmrlsd export` turns a checkpoint into a plain Hugging Face model folder. `torch.load` runs with
+`weights_only=True`.
 """
 
 from __future__ import annotations
@@ -16,15 +17,20 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
-from mmrlsd.train import faults
+from mmrlsd.train import dist, faults
 
 COMPLETE = "COMPLETE"
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_tree(path: Path) -> None:
     for f in path.rglob("*"):
         if f.is_file():
             with open(f, "rb") as fh:
@@ -40,25 +46,38 @@ def set_rng_state(state: dict) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), None))
 
 
+def _has_snapshot(policy, teacher) -> bool:
+    return teacher is not None and teacher is not policy
+
+
 def save_checkpoint(run_dir: Path, step: int, policy, processor, optimizer, teacher, state: dict, keep_last: int) -> Path:
+    """Collective under torchrun: every rank calls it."""
     final = run_dir / f"checkpoint-{step}"
-    tmp = run_dir / f".checkpoint-{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    policy.save_pretrained(tmp, safe_serialization=True)
-    processor.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    if teacher is not None and teacher is not policy:
-        st_save_model(teacher, str(tmp / "teacher.safetensors"))
+    tmp = run_dir / f".checkpoint-{step}.tmp"
+    if dist.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    to_save = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
+    if _has_snapshot(policy, teacher):
+        to_save["teacher"] = get_model_state_dict(teacher)
+    dcp.save(to_save, checkpoint_id=str(tmp / "state"))
     faults.point("checkpoint", step)
-    torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-    _fsync_dir(tmp)
-    (tmp / COMPLETE).write_text("ok\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    prune(run_dir, keep_last)
+    torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    dist.barrier()
+    if dist.is_main():
+        policy.config.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        (tmp / "trainer_state.json").write_text(
+            json.dumps({**state, "step": step, "world_size": dist.world_size()}, indent=1)
+        )
+        _fsync_tree(tmp)
+        (tmp / COMPLETE).write_text("ok\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        prune(run_dir, keep_last)
+    dist.barrier()
     return final
 
 
@@ -78,23 +97,54 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    for p in Path(run_dir).glob(".checkpoint-*.tmp-*"):  # leftovers of killed saves
-        if not p.name.endswith(f"-{os.getpid()}"):
-            shutil.rmtree(p, ignore_errors=True)
+    for p in Path(run_dir).glob(".checkpoint-*.tmp"):  # leftovers of killed saves
+        shutil.rmtree(p, ignore_errors=True)
     if keep_last > 0:
         for p in complete_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(p, ignore_errors=True)
 
 
 def load_checkpoint(ckpt: Path, policy, optimizer, teacher) -> dict:
-    """Load weights, optimizer, teacher snapshot and RNG into the given objects; return the trainer state."""
-    from transformers import AutoModelForImageTextToText
-
-    loaded = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=next(policy.parameters()).dtype)
-    policy.load_state_dict(loaded.state_dict())
-    del loaded
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location="cpu"))
-    if teacher is not None and teacher is not policy and (ckpt / "teacher.safetensors").is_file():
-        st_load_model(teacher, str(ckpt / "teacher.safetensors"))
-    set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True))
+    """Load weights, optimizer, teacher snapshot and RNG into the given (possibly sharded) objects; return the
+    trainer state. Works on a different number of ranks than the checkpoint was written with."""
+    state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
+    if _has_snapshot(policy, teacher):
+        state["teacher"] = get_model_state_dict(teacher)
+    dcp.load(state, checkpoint_id=str(ckpt / "state"))
+    set_model_state_dict(policy, state["model"])
+    set_optimizer_state_dict(policy, optimizer, state["optim"])
+    if _has_snapshot(policy, teacher):
+        set_model_state_dict(teacher, state["teacher"])
+    rng = ckpt / f"rng_rank{dist.rank()}.pt"
+    if rng.is_file():
+        set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+def load_policy_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
+    """The policy's full state dict from a checkpoint, in one process (for export and comparisons)."""
+    model = _empty_model(Path(ckpt))
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(Path(ckpt) / "state"))
+    return state["model"]
+
+
+def _empty_model(ckpt: Path):
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(ckpt)
+    return AutoModelForImageTextToText.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
+
+
+def export(ckpt: str | Path, out: str | Path) -> Path:
+    """Write a plain Hugging Face checkpoint (model + processor) from a training checkpoint."""
+    from transformers import AutoProcessor
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not (ckpt / COMPLETE).is_file():
+        raise FileNotFoundError(f"{ckpt}: not a complete mmrlsd checkpoint (no {COMPLETE} marker)")
+    model = _empty_model(ckpt)
+    model.load_state_dict(load_policy_weights(ckpt))
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(ckpt).save_pretrained(out)
+    return out

@@ -30,6 +30,24 @@ def all_reduce_sum(x: float) -> float:
     return float(t.item())
 
 
+def all_reduce_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Sum a CPU tensor over ranks (a copy; no-op in one process)."""
+    if not enabled():
+        return t
+    t = t.clone()
+    td.all_reduce(t)
+    return t
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank."""
+    if not enabled():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def grad_norm_value(norm) -> float:
     """A grad norm as a Python float (FSDP2 returns a DTensor)."""
     if hasattr(norm, "full_tensor"):
@@ -40,3 +58,17 @@ def grad_norm_value(norm) -> float:
 def barrier() -> None:
     if enabled():
         td.barrier()
+
+
+SUMMED = ("loss",)  # each rank reports its share of the global token-mean loss
+
+
+def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Across ranks: `loss` summed, everything else averaged (time/* included). No-op in one process."""
+    if not enabled():
+        return metrics
+    keys = sorted(metrics)
+    t = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    td.all_reduce(t)
+    w = world_size()
+    return {k: float(v) if k in SUMMED else float(v) / w for k, v in zip(keys, t.tolist())}

@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from mmrlsd.config import Config, dump_config
+from mmrlsd.config import Config, ConfigError, dump_config
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
 from mmrlsd.log import MetricsWriter, write_dump
 from mmrlsd.model.load import load_model, resolve_device
 from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
-from mmrlsd.train import dist
+from mmrlsd.train import dist, fsdp
 from mmrlsd.train.step import StepContext, rlsd_step
 from mmrlsd.train.validate import validate
 
@@ -73,32 +73,53 @@ class _StopFlag:
 
 
 def build(cfg: Config):
-    """Model, teacher, processor, optimizer, prompts and data for a run."""
+    """Model, teacher, processor, optimizer and prompts for a run (sharded with FSDP2 under torchrun)."""
     for module in cfg.reward.plugins:
         importlib.import_module(module)
     get_reward(cfg.reward.name)  # fail now, listing the valid names, not after the first rollout
+    distributed = fsdp.init_distributed(cfg.dist.backend)
+    use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
+    if distributed and not use_fsdp:
+        raise ConfigError("dist.fsdp=off under torchrun (WORLD_SIZE > 1) is not supported: use auto or on")
     device = resolve_device(cfg.trainer.device)
+    if device.type == "cuda" and distributed:
+        device = torch.device("cuda", torch.cuda.current_device())
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)
-    policy, processor = load_model(cfg.model.path, dtype=cfg.model.dtype, device=str(device),
-                                   trust_remote_code=cfg.model.trust_remote_code,
-                                   attn_implementation=cfg.model.attn_implementation,
-                                   min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)  # fmt: skip
+    load_kw = dict(dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
+                   attn_implementation=cfg.model.attn_implementation, min_pixels=cfg.model.min_pixels,
+                   max_pixels=cfg.model.max_pixels)  # fmt: skip
+    policy, processor = load_model(cfg.model.path, **load_kw)
     if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.optim.freeze_vision:
         for name, p in policy.named_parameters():
             if ".visual." in f".{name}":
                 p.requires_grad_(False)
     teacher = policy
     if cfg.algo.teacher_refresh > 0:
-        teacher = copy.deepcopy(policy).eval().requires_grad_(False)
+        teacher = (load_model(cfg.model.path, **load_kw)[0] if use_fsdp else copy.deepcopy(policy))
+        teacher.eval().requires_grad_(False)
+        if not use_fsdp:
+            fsdp.copy_weights(teacher, policy)
+    if use_fsdp:
+        fsdp.shard_model(policy, mixed_precision=cfg.dist.mixed_precision)
+        if teacher is not policy:
+            fsdp.shard_model(teacher, mixed_precision=cfg.dist.mixed_precision, offload=cfg.dist.teacher_offload)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))  # fmt: skip
     prompts = PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info)
     return StepContext(cfg, policy, teacher, processor, optimizer, prompts)
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This rank's contiguous share of a global batch (the batch must divide evenly)."""
+    if len(items) % world:
+        raise ConfigError(f"rollout.batch_size ({len(items)}) must be divisible by the number of ranks ({world})")
+    k = len(items) // world
+    return items[rank * k : (rank + 1) * k]
 
 
 def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
@@ -135,8 +156,10 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
         dump_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, resume_step=start if latest is not None else None) if main else None
     n_skipped_reported = state.get("skipped_total", 0)
-    if latest is None and val and main:
-        metrics.write({"step": 0, **validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed)})
+    if latest is None and val:
+        v = validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed)
+        if main:
+            metrics.write({"step": 0, **v})
 
     bad_in_a_row = state.get("bad_in_a_row", 0)
     bar = tqdm(range(start + 1, cfg.trainer.total_steps + 1), desc="train", disable=not (progress and main),
@@ -146,19 +169,19 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
             t0 = time.perf_counter()
             for group in ctx.optimizer.param_groups:
                 group["lr"] = _lr_at(step - 1, cfg)
-            samples = train_data.next_batch(cfg.rollout.batch_size)
+            samples = shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
             result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step))
-            m = {"step": step, **result.metrics, "optim/lr": _lr_at(step - 1, cfg)}
+            m = {"step": step, **dist.reduce_metrics(result.metrics), "optim/lr": _lr_at(step - 1, cfg)}
             bad_in_a_row = bad_in_a_row + 1 if m["actor/skipped_updates"] >= cfg.optim.mini_batches else 0
             if bad_in_a_row >= cfg.trainer.max_bad_steps:
                 raise RuntimeError(f"{bad_in_a_row} consecutive steps skipped (non-finite loss or gradient)")
             if cfg.algo.teacher_refresh > 0 and step % cfg.algo.teacher_refresh == 0:
-                ctx.teacher.load_state_dict(ctx.policy.state_dict())
+                fsdp.copy_weights(ctx.teacher, ctx.policy)
             m["data/skipped_total"] = float(len(train_data.skipped))
             m["data/epoch"] = float(train_data.pos // len(train_data.samples))
             m["time/step_s"] = time.perf_counter() - t0
             last = step == cfg.trainer.total_steps
-            if val and main and (last or step % cfg.trainer.val_every == 0):
+            if val and (last or step % cfg.trainer.val_every == 0):  # collective under FSDP
                 t1 = time.perf_counter()
                 m.update(validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed))
                 m["time/val_s"] = time.perf_counter() - t1
@@ -171,21 +194,22 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
                     n_skipped_reported = len(train_data.skipped)
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['reward/accuracy']:.2f}",
                             lam=f"{m['rlsd/lam']:.2f}")  # fmt: skip
+            stop = dist.any_rank(flag.stop)
             save_due = cfg.trainer.save_every and step % cfg.trainer.save_every == 0
-            if save_due or last or flag.stop:
+            if save_due or last or stop:
                 state = {"data_pos": train_data.pos, "bad_in_a_row": bad_in_a_row, "lam": m["rlsd/lam"],
                          "skipped_total": len(train_data.skipped),
                          "skipped": [[s.id, s.reason] for s in train_data.skipped]}  # fmt: skip
-                if main:
-                    ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer,
-                                         ctx.teacher, state, cfg.trainer.keep_last)  # fmt: skip
-            if flag.stop:
+                ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer,
+                                     ctx.teacher, state, cfg.trainer.keep_last)  # fmt: skip
+            if stop:
                 log.warning("stopped cleanly at step %d; resume with --resume", step)
                 break
     if main:
         _write_skips(run_dir, train_data.skipped)
         if train_data.skipped:
             log.warning("%d records skipped (see %s)", len(train_data.skipped), run_dir / "skipped.jsonl")
+    fsdp.destroy_distributed()
     return run_dir
 
 

@@ -5,6 +5,11 @@
 Δ is computed once per rollout batch from the behaviour policy's log-probs (the numbers the released code uses
 with one optimizer step per rollout batch), which makes RLSD a pure advantage-shaping stage before the update.
 GRPO (λ = 0, or `token_adv: grpo`) runs the same code and skips the teacher pass, which cannot matter then.
+
+Fast path (issue #6, `FastOptions` from `model.packing`, `model.share_vision`, `model.logprob_chunk`,
+`optim.token_budget`): packed, vision-sharing, memory-lean passes and `fused_update`. With one optimizer step
+per rollout batch it also skips the old-log-prob pass: π_old = π_θ then, so the update's own forward gives the
+behaviour log-probs and Δ is formed inside it, from the same numbers.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -20,12 +26,14 @@ from mmrlsd.algo.rlsd import get_token_advantage, grpo_opsd_token_advantages, la
 from mmrlsd.config import Config
 from mmrlsd.data.prompts import PromptBuilder, encode
 from mmrlsd.model.logprobs import build_sequences, token_logprobs
+from mmrlsd.model.packing import FastOptions, fast_options
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.generate import generate
 from mmrlsd.train import faults
 from mmrlsd.train.diagnostics import dump_rows, step_metrics
+from mmrlsd.train.fused import fused_update
 from mmrlsd.train.update import ppo_update
-from mmrlsd.types import Sample, StepResult
+from mmrlsd.types import Sample, SeqBatch, StepResult
 
 
 @dataclass
@@ -64,9 +72,36 @@ def token_advantages(cfg: Config, adv, delta, mask, lam: float) -> torch.Tensor:
     return get_token_advantage(cfg.algo.token_adv)(adv, delta, mask, lam=lam, eps_w=cfg.algo.eps_w)
 
 
+def shape_rows(
+    cfg: Config, adv, teacher_logp, response_mask, mask, lam: float, rows, student_logp
+) -> torch.Tensor:
+    """Â_t of `rows` `(n, T)` given the student's log-probs there: Δ_t = teacher - student (0 without a teacher)."""
+    delta = torch.zeros_like(student_logp)
+    if teacher_logp is not None:
+        delta = (teacher_logp[rows] - student_logp) * response_mask[rows]  # (n, T), Δ_t, no grad
+    return token_advantages(cfg, adv[rows], delta, mask[rows], lam)
+
+
+def update(ctx: StepContext, seq: SeqBatch, old_logp, shaped, mask, fast: FastOptions, step: int):
+    """`ppo_update`, or on the fast path `fused_update` (Δ inside the update when `old_logp` is None).
+    Returns the update stats and the student log-probs Δ used."""
+    o, a = ctx.cfg.optim, ctx.cfg.algo
+    kw = dict(mini_batches=o.mini_batches, micro_batch_size=o.micro_batch_size, clip_low=a.clip_low,
+              clip_high=a.clip_high, clip_c=a.clip_c, grad_clip=o.grad_clip,
+              on_backward=lambda: faults.point("update", step))  # fmt: skip
+    if not fast.enabled:
+        all_rows = list(range(seq.input_ids.shape[0]))
+        return ppo_update(
+            ctx.policy, ctx.optimizer, seq, old_logp, shaped(all_rows, old_logp), mask, **kw
+        ), old_logp
+    stats, seen = fused_update(ctx.policy, ctx.optimizer, seq, old_logp, shaped, mask, fast=fast, **kw)
+    return stats, (seen if old_logp is None else old_logp)
+
+
 def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> StepResult:
     """Run step `step` (1-based) on B samples; returns metrics and the per-token dump."""
     cfg, G, mb, t = ctx.cfg, ctx.cfg.rollout.n, ctx.cfg.optim.micro_batch_size, {}
+    fast = fast_options(cfg, G)
     with timed(t, "rollout"):
         student_enc = encode_group(ctx, samples, ctx.prompts.student, G)  # (B*G, P)
         rollouts = generate(ctx.policy, ctx.processor, student_enc, group_size=G, seed=seed,
@@ -77,34 +112,55 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     with timed(t, "reward"):
         answers = [s.answer for s in samples for _ in range(G)]
         types = [s.problem_type for s in samples for _ in range(G)]
-        results = score_responses(rollouts.texts, answers, types, name=cfg.reward.name, timeout=cfg.reward.timeout,
-                                  acc_weight=cfg.reward.acc_weight, format_weight=cfg.reward.format_weight)
+        results = score_responses(
+            rollouts.texts,
+            answers,
+            types,
+            name=cfg.reward.name,
+            timeout=cfg.reward.timeout,
+            acc_weight=cfg.reward.acc_weight,
+            format_weight=cfg.reward.format_weight,
+        )
         rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)  # (B*G,)
     adv = get_advantage(cfg.algo.adv)(rewards, G, norm_std=cfg.algo.norm_std)  # (B*G,)
     mask = rollouts.response_mask.float()  # (B*G, T)
     if cfg.algo.dynamic_sampling:  # drop groups whose rewards are all equal: they carry no GRPO signal
         mask = mask * (~all_equal_groups(rewards, G)).repeat_interleave(G)[:, None].float()
     student = build_sequences(student_enc, rollouts)  # (B*G, P+T)
-    with timed(t, "old_logp"):
-        student_logp, _ = token_logprobs(ctx.policy, student, mb)  # (B*G, T), behaviour policy, no grad
     lam = lam_at(step - 1, cfg.algo.lam0, cfg.algo.lam_decay_steps, cfg.algo.lam_warmup_steps)
     teacher_logp = None
-    delta = torch.zeros_like(student_logp)  # (B*G, T)
     if needs_teacher(cfg, lam):
         with timed(t, "teacher"):
             teacher_enc = encode_group(ctx, samples, ctx.prompts.teacher, G)  # (B*G, P'), prompt includes r
-            teacher_logp, _ = token_logprobs(ctx.teacher, build_sequences(teacher_enc, rollouts), mb)  # (B*G, T)
-        delta = (teacher_logp - student_logp) * rollouts.response_mask  # (B*G, T), Δ_t, no grad
-    token_adv = token_advantages(cfg, adv, delta, mask, lam)  # (B*G, T), Â_t
+            teacher_seq = build_sequences(teacher_enc, rollouts)  # (B*G, P'+T)
+            teacher_logp, _ = token_logprobs(ctx.teacher, teacher_seq, mb, fast=fast)  # (B*G, T)
+    shaped = partial(
+        shape_rows, cfg, adv, teacher_logp, rollouts.response_mask, mask, lam
+    )  # Â_t of some rows
+    student_logp = None  # fast path, one optimizer step: π_old = π_θ, the update's forward gives it
+    if not (fast.enabled and cfg.optim.mini_batches == 1):
+        with timed(t, "old_logp"):
+            student_logp, _ = token_logprobs(ctx.policy, student, mb, fast=fast)  # (B*G, T), behaviour policy
     with timed(t, "update"):
-        update = ppo_update(ctx.policy, ctx.optimizer, student, student_logp, token_adv, mask,
-                            mini_batches=cfg.optim.mini_batches, micro_batch_size=mb, clip_low=cfg.algo.clip_low,
-                            clip_high=cfg.algo.clip_high, clip_c=cfg.algo.clip_c, grad_clip=cfg.optim.grad_clip,
-                            on_backward=lambda: faults.point("update", step))
-    metrics = step_metrics(rollouts, rewards, torch.tensor([r.accuracy for r in results]),
-                           torch.tensor([r.format for r in results]), adv, delta, token_adv, lam, cfg.algo.eps_w,
-                           all_equal_groups(rewards, G))
+        stats, student_logp = update(ctx, student, student_logp, shaped, mask, fast, step)
+    rows = list(range(len(rollouts.texts)))
+    token_adv = shaped(rows, student_logp)  # (B*G, T), Â_t: what the update used
+    delta = torch.zeros_like(student_logp)  # (B*G, T), Δ_t
+    if teacher_logp is not None:
+        delta = (teacher_logp - student_logp) * rollouts.response_mask
+    metrics = step_metrics(
+        rollouts,
+        rewards,
+        torch.tensor([r.accuracy for r in results]),
+        torch.tensor([r.format for r in results]),
+        adv,
+        delta,
+        token_adv,
+        lam,
+        cfg.algo.eps_w,
+        all_equal_groups(rewards, G),
+    )
     metrics["rlsd/teacher_pass"] = float(teacher_logp is not None)
     dump = dump_rows(step, samples, rollouts, ctx.processor, results, adv, delta, token_adv, student_logp,
                      teacher_logp, lam, cfg.trainer.dump_max) if cfg.trainer.dump_every else []  # fmt: skip
-    return StepResult(metrics={**update, **metrics, **t}, dump=dump)
+    return StepResult(metrics={**stats, **metrics, **t}, dump=dump)

@@ -17,6 +17,20 @@ from mmrlsd.train import dist
 from mmrlsd.types import SeqBatch
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """Global L2 norm of all gradients (over FSDP shards and ranks); scales them to `max_norm` when above it."""
+    grads = [p.grad for p in params if p.grad is not None]
+    local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP2 shards are disjoint
+    sq = torch.stack([g.detach().float().pow(2).sum() for g in local]).sum() if local else torch.zeros(())
+    sharded = any(hasattr(g, "to_local") for g in grads)
+    total = math.sqrt(dist.all_reduce_sum(float(sq)) if sharded else float(sq))
+    if max_norm > 0 and total > max_norm and math.isfinite(total):
+        coef = max_norm / (total + 1e-6)
+        for g in grads:
+            g.detach().mul_(coef)
+    return total
+
+
 def ppo_update(
     policy, optimizer, seq: SeqBatch, old_logp: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor, *,
     mini_batches: int, micro_batch_size: int, clip_low: float, clip_high: float, clip_c: float, grad_clip: float,
@@ -24,7 +38,9 @@ def ppo_update(
 ) -> dict[str, float]:  # fmt: skip
     """One or more optimizer steps on N sequences; returns scalar stats (token means over the whole batch)."""
     n = seq.input_ids.shape[0]
-    params = [p for p in policy.parameters() if p.requires_grad]
+    # the optimizer's own list: under FSDP2 `policy.parameters()` can return the root's temporary unsharded
+    # tensors right after a no-grad forward, which never receive gradients
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     bounds = [round(i * n / mini_batches) for i in range(mini_batches + 1)]
     sums = {"loss": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio": 0.0, "entropy": 0.0}
     grad_norms, skipped, tokens_seen = [], 0, 0.0
@@ -45,15 +61,16 @@ def ppo_update(
             )  # fmt: skip
             if not torch.isfinite(loss):
                 finite = False
-            loss.backward()
+            # FSDP averages gradients over ranks; the loss is already normalised by the global token count,
+            # so scale by the world size to make the reduced gradient the global token-mean gradient.
+            (loss * dist.world_size()).backward()
             if on_backward is not None:
                 on_backward()
-            mb_sums["loss"] += float(loss.detach())
+            mb_sums["loss"] += float(loss.detach())  # this rank's share; summed over ranks by the loop
             mb_sums["entropy"] += float((ent * m).sum())
             for k, v in st.items():
                 mb_sums[k] += float(v)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-        grad_norm = dist.grad_norm_value(grad_norm)
+        grad_norm = clip_grad_norm(params, grad_clip)
         if not finite or not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             skipped += 1

@@ -1,41 +1,58 @@
 """Validation: greedy accuracy (`val/accuracy`) and sampled accuracy at a validation temperature
-(`val/sample_accuracy`: the mean correctness of samples, the quantity RL optimises)."""
+(`val/sample_accuracy`: the mean correctness of samples, the quantity RL optimises).
+
+Under torchrun every rank scores an equal share (padded with repeats that are not counted), and the counts are
+summed: generation under FSDP is collective, so all ranks must run the same number of `generate` calls. Sampling
+is seeded per global row, so the numbers do not depend on the number of ranks.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from mmrlsd.data.prompts import encode
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.generate import generate
+from mmrlsd.train import dist
 from mmrlsd.types import Sample
 
 
-def _accuracy(policy, processor, prompts, samples, cfg, temperature: float, n: int, seed: int) -> tuple[float, float]:
-    bs = cfg.rollout.gen_batch_size or 64
-    accs, rewards = [], []
-    for start in range(0, len(samples), max(1, bs // n)):
-        chunk = samples[start : start + max(1, bs // n)]
+def _sums(policy, processor, prompts, samples, n_real, first_index, cfg, temperature, n, seed) -> torch.Tensor:
+    """(correct, reward, count) summed over the first `n_real` of `samples` (the rest is padding)."""
+    per_call = max(1, (cfg.rollout.gen_batch_size or 64) // n)
+    out = torch.zeros(3, dtype=torch.float64)
+    for start in range(0, len(samples), per_call):
+        chunk = samples[start : start + per_call]
         enc = encode(processor, [prompts.student(s) for s in chunk for _ in range(n)],
                      [s.pil_images for s in chunk for _ in range(n)])  # fmt: skip
         r = generate(policy, processor, enc, group_size=n, max_new_tokens=cfg.rollout.max_new_tokens,
-                     temperature=temperature, top_p=cfg.rollout.top_p, seed=seed + start)  # fmt: skip
+                     temperature=temperature, top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, seed=seed,
+                     row_offset=(first_index + start) * n)  # fmt: skip
         res = score_responses(r.texts, [s.answer for s in chunk for _ in range(n)],
                               [s.problem_type for s in chunk for _ in range(n)], name=cfg.reward.name,
                               acc_weight=cfg.reward.acc_weight, format_weight=cfg.reward.format_weight,
                               timeout=cfg.reward.timeout)  # fmt: skip
-        accs += [x.accuracy for x in res]
-        rewards += [x.reward for x in res]
-    return sum(accs) / max(len(accs), 1), sum(rewards) / max(len(rewards), 1)
+        for i, x in enumerate(res):
+            if start + i // n < n_real:
+                out += torch.tensor([x.accuracy, x.reward, 1.0], dtype=torch.float64)
+    return out
 
 
 @torch.no_grad()
 def validate(policy, processor, prompts, samples: list[Sample], cfg, seed: int) -> dict[str, float]:
     policy.eval()
-    acc, reward = _accuracy(policy, processor, prompts, samples, cfg, 0.0, 1, seed)
-    out = {"val/accuracy": acc, "val/reward": reward, "val/n": float(len(samples))}
+    world, rank = dist.world_size(), dist.rank()
+    per = math.ceil(len(samples) / world)
+    mine = samples[rank * per : (rank + 1) * per]
+    n_real = len(mine)
+    mine = mine + samples[: per - n_real]  # equal shares; repeats are not counted
+    greedy = dist.all_reduce_tensor(_sums(policy, processor, prompts, mine, n_real, rank * per, cfg, 0.0, 1, seed))
+    out = {"val/accuracy": float(greedy[0] / greedy[2]), "val/reward": float(greedy[1] / greedy[2]),
+           "val/n": float(greedy[2])}  # fmt: skip
     if cfg.rollout.val_n > 0:
-        sacc, _ = _accuracy(policy, processor, prompts, samples, cfg, cfg.rollout.val_temperature,
-                            cfg.rollout.val_n, seed + 7919)  # fmt: skip
-        out["val/sample_accuracy"] = sacc
+        s = dist.all_reduce_tensor(_sums(policy, processor, prompts, mine, n_real, rank * per, cfg,
+                                         cfg.rollout.val_temperature, cfg.rollout.val_n, seed + 7919))  # fmt: skip
+        out["val/sample_accuracy"] = float(s[0] / s[2])
     return out
