@@ -73,6 +73,13 @@ def _sft(args) -> int:
     return main(args)
 
 
+def _export(args) -> int:
+    from mmrlsd.train.checkpoint import export
+
+    print(export(args.checkpoint, args.out))
+    return 0
+
+
 def _synth(args) -> int:
     from mmrlsd.data.synth import main
 
@@ -130,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--output-dir", help="run directory (default: trainer.output_dir)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.set_defaults(fn=_sft)
+
+    x = sub.add_parser("export", help="write a plain Hugging Face model folder from a training checkpoint",
+                       formatter_class=fmt, epilog="example:\n  mmrlsd export runs/tiny/checkpoint-100 --out models/tiny")
+    x.add_argument("checkpoint", help="RUN_DIR/checkpoint-N")
+    x.add_argument("--out", required=True, help="output folder (loadable by from_pretrained and vLLM)")
+    x.set_defaults(fn=_export)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
