@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
@@ -73,6 +74,18 @@ def _sft(args) -> int:
     return main(args)
 
 
+def _viz(args) -> int:
+    from mmrlsd.viz_cli import main
+
+    return main(args)
+
+
+def _perf(args) -> int:
+    from mmrlsd.perf_cli import main
+
+    return main(args)
+
+
 def _export(args) -> int:
     from mmrlsd.train.checkpoint import export
 
@@ -119,9 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     mt.add_argument("--seed", type=int, default=0)
     mt.set_defaults(fn=_make_tiny)
 
-    e = sub.add_parser("eval", help="generate and/or score a benchmark", formatter_class=fmt,
-                       epilog="examples:\n  mmrlsd eval --bench mathvista --model PATH --data testmini.json\n"
-                       "  mmrlsd eval --bench mmmu --predictions out/ --data answer_dict_val.json --output s.json")
+    e = sub.add_parser("eval", help="generate and/or score a benchmark", formatter_class=fmt)
     try:
         from mmrlsd.bench.cli import add_arguments as add_eval
     except ImportError:  # pragma: no cover - the bench package is part of the install
@@ -143,6 +154,19 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="RUN_DIR/checkpoint-N")
     x.add_argument("--out", required=True, help="output folder (loadable by from_pretrained and vLLM)")
     x.set_defaults(fn=_export)
+
+    for name, module, fn, helptext in (
+        ("viz", "mmrlsd.viz_cli", _viz, "render RLSD token credit (text + image overlay) to HTML or PNG"),
+        ("perf", "mmrlsd.perf_cli", _perf, "benchmark the RLSD step against GRPO, the naive path and TRL"),
+    ):
+        sp = sub.add_parser(name, help=helptext, formatter_class=fmt)
+        try:
+            add = importlib.import_module(module).add_arguments
+        except (ImportError, AttributeError):
+            add = None
+        if add is not None:
+            add(sp)
+        sp.set_defaults(fn=fn)
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
