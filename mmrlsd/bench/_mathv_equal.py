@@ -400,6 +400,7 @@ class EqualityWorker:
         self.start_timeout = start_timeout
         self.versions: dict[str, str] = {}
         self._proc: subprocess.Popen | None = None
+        self._stderr: Any = None
         self._buf = b""
         self._writer: threading.Thread | None = None
 
@@ -410,14 +411,17 @@ class EqualityWorker:
         self.close()
 
     def _start(self) -> None:
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # read back only when the worker fails to start
         cmd = [sys.executable, "-I", "-c", _BOOT, str(self.site), str(Path(__file__).resolve())]
         self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr)
         self._buf = b""
         line = self._read_line(self.start_timeout)
         if line is None:
+            self._proc.kill()
+            self._proc.wait()
+            tail = self._stderr_tail()
             self.close()
-            raise RuntimeError(f"MATH-V equality worker failed to start:\n{self._stderr_tail()}")
+            raise RuntimeError(f"MATH-V equality worker failed to start:\n{tail}")
         self.versions = json.loads(line)["versions"]
 
     def _stderr_tail(self) -> str:
@@ -503,6 +507,7 @@ class EqualityWorker:
         if self._writer is not None:
             self._writer.join()
             self._writer = None
+        self._stderr.close()
 
 
 class EqualityPool:
@@ -515,6 +520,7 @@ class EqualityPool:
     def __init__(self, site: Path | None = None, item_timeout: float = 10.0, workers: int | None = None):
         n = workers or min(os.cpu_count() or 1, 4)
         self.workers = [EqualityWorker(site, item_timeout=item_timeout) for _ in range(n)]
+        self._lock = threading.Lock()  # one batch at a time per pool
 
     def __enter__(self) -> EqualityPool:
         return self
@@ -533,7 +539,7 @@ class EqualityPool:
         """`EqualityWorker.run` over all jobs, split across up to n workers (fewer for small batches)."""
         n = max(1, min(len(self.workers), len(jobs) // min_jobs_per_worker))
         parts = [list(range(k, len(jobs), n)) for k in range(n)]
-        with ThreadPoolExecutor(n) as ex:
+        with self._lock, ThreadPoolExecutor(n) as ex:
             outs = list(ex.map(lambda k: self.workers[k].run([jobs[i] for i in parts[k]]), range(n)))
         result: list[tuple[bool, str | None]] = [(False, None)] * len(jobs)
         for idx, out in zip(parts, outs):

@@ -6,7 +6,9 @@ Mode `official` ports upstream `evaluation/evaluate.py` (`evaluate(file, regen_a
 item is correct when ``is_equal(gt, answer) or is_equal(gt_option_text, answer)``.
 
 Quirks kept: only one numeric tolerance (both sides rounded to 2 decimals); fraction fixing runs only when
-the string contains ``sqrt``; the ``oxed{...}`` capture runs to the *last* ``}`` of the text.
+the string contains ``sqrt``; the ``oxed{...}`` capture runs to the *last* ``}`` of the text; latex2sympy2
+runs in the global state upstream enters at its first ``d<letter>`` string, where any letter fails to
+convert (`_mathv_equal.enter_upstream_steady_state`), so verdicts do not depend on item order.
 Departures, all turning a hang or crash into "not equal" and a warning: `_mathv_equal.safe_eval` replaces
 ``eval``; each numeric comparison has a time limit (`MathVision.item_timeout`); a null response scores as
 ``""``; prediction ids outside the gold split are skipped. `testmini` is the same computation restricted to
@@ -261,8 +263,11 @@ def official_result_dict(rows: Iterable[tuple[Any, str, bool]]) -> dict[str, str
     return {k: f"{c}/{n}={round(c / n * 100, 2)}%" for k, (c, n) in sorted(counts.items())}
 
 
-def judge(pairs: list[list[eq.Pair]], site: Path | None = None, item_timeout: float = 10.0):
-    """Per item, ``any(is_equal(x, y) for x, y in pairs)`` -> (correct, note, versions).
+def judge(
+    pairs: list[list[eq.Pair]], site: Path | None = None, item_timeout: float = 10.0
+) -> tuple[list[tuple[bool, str | None]], dict[str, str]]:
+    """Per item, ``any(is_equal(x, y) for x, y in item)`` -> ([(correct, note), ...], package versions);
+    note is None, ``"timeout"`` or ``"worker died"`` (then correct is False).
 
     The text steps, single letters and plain numerals are decided here (`text_verdict`, `local_verdict`);
     the rest go to the latex2sympy2 side (`_mathv_equal.shared_pool`, worker processes that stay up for
@@ -402,4 +407,4 @@ def leaderboard(result: dict[str, Any]) -> dict[str, float]:
     cols = {"ALL": (result["correct"], result["n"])}
     for subject, cell in result["breakdown"].get("subject", {}).items():
         cols[SUBJECTS.get(subject, subject)] = (cell["correct"], cell["total"])
-    return {col: round(100 * c / n, 2) if n else 0.0 for col, (c, n) in cols.items()}
+    return {col: round(c / n * 100, 2) if n else 0.0 for col, (c, n) in cols.items()}  # as `official`

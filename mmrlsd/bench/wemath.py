@@ -8,8 +8,12 @@ Mode `official` ports `We-Math/We-Math@a57a0e8` `evaluation/four_dimensional_met
 * four-dimensional metrics (`four_dimensional`): IK, IG, CM and RM counted over the problems; rates and
   scores divide by the hard-coded 525 even when rows are missing, so a problem with a missing row falls in
   no category and is never penalised (upstream quirk, kept; `groups_complete` and a warning report it).
-* accuracy (`accuracy_table`): S1/S2/S3 and 12 domain accuracies; a domain is the unweighted mean over its
-  leaf concepts, summed in knowledge-tree order with pandas' compensated (Kahan) groupby sum.
+* accuracy (`accuracy_table`, result key `step_domain_accuracy`): S1/S2/S3 and 12 domain accuracies; a
+  domain is the unweighted mean over its leaf concepts, summed in knowledge-tree order with pandas'
+  compensated (Kahan) groupby sum.
+
+The result's `accuracy` is per row (1740 rows), not the benchmark score: the headline is
+`four_dimensional["score_strict"]` / `["score_loose"]`, also in `leaderboard` (percent, as the CSV prints).
 
 Departures (upstream would crash or silently miscount): a duplicate (ID, key) pair is an error; a null
 response scores as ``""``; an RM rate with denominator 0 is ``"n/a"`` with a warning.
@@ -376,5 +380,13 @@ class WeMath(Bench):
             },  # NaN (nothing scored) -> null
             official={"four_dimensional": four_dimensional_row(fd), "accuracy": accuracy_row(acc)},
             groups_complete=fd["groups_complete"],
+            leaderboard=leaderboard(fd, acc),
             warnings=warnings,
         )
+
+
+def leaderboard(fd: dict[str, Any], acc: dict[str, float]) -> dict[str, float | None]:
+    """Score (Strict/Loose) and S1/S2/S3 in percent, exactly as the official CSV prints them (None: nan)."""
+    cols = {"Score (Strict)": fd["score_strict"], "Score (Loose)": fd["score_loose"]}
+    cols.update({k: acc[k] for k in ("One-step(S1)", "Two-step(S2)", "Three-step(S3)")})
+    return {k: None if v != v else float(pct(v)[:-1]) for k, v in cols.items()}

@@ -238,6 +238,18 @@ def test_missing_site_error_says_how_to_install(tmp_path):
         eq.EqualityWorker(tmp_path / "nowhere")
 
 
+def test_broken_site_fails_with_the_worker_traceback(tmp_path):
+    site = tmp_path / "site"
+    for spec in eq.PINNED:  # looks complete, but latex2sympy2 cannot be imported
+        name, version = spec.split("==")
+        (site / f"{name.replace('-', '_')}-{version}.dist-info").mkdir(parents=True)
+    (site / "antlr4").mkdir()
+    (site / "antlr4" / "__init__.py").write_text("")
+    (site / "latex2sympy2.py").write_text("raise ImportError('broken on purpose')\n")
+    with pytest.raises(RuntimeError, match="(?s)failed to start.*broken on purpose"):
+        eq.EqualityWorker(site).run([[("1", "x")]])
+
+
 # ---------------------------------------------------------------- scoring without the worker
 
 

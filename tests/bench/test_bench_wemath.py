@@ -79,6 +79,8 @@ def test_synthetic_headline_numbers(wemath_dir, bench_gold):
     assert fd["RM_strict"]["rate"] == 98 / (55 + 98) and fd["IK"]["rate"] == 365 / 525
     assert res["step_domain_accuracy"]["Two-step(S2)"] == pytest.approx(107 / 360, rel=0, abs=1e-15)  # 29.72%
     assert res["breakdown"]["key"]["2steps_multi"]["total"] == 360
+    assert res["leaderboard"] == {"Score (Strict)": 11.14, "Score (Loose)": 29.24, "One-step(S1)": 35.56,
+                                  "Two-step(S2)": 29.72, "Three-step(S3)": 27.88}  # fmt: skip
     json.dumps(res, allow_nan=False)  # the result file is strict JSON
 
 
