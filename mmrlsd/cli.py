@@ -159,11 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("viz", "mmrlsd.viz_cli", _viz, "render RLSD token credit (text + image overlay) to HTML or PNG"),
         ("perf", "mmrlsd.perf_cli", _perf, "benchmark the RLSD step against GRPO, the naive path and TRL"),
     ):
-        sp = sub.add_parser(name, help=helptext, formatter_class=fmt)
         try:
-            add = importlib.import_module(module).add_arguments
+            mod = importlib.import_module(module)
+            add, examples = mod.add_arguments, getattr(mod, "EXAMPLES", None)
         except (ImportError, AttributeError):
-            add = None
+            add, examples = None, None
+        sp = sub.add_parser(name, help=helptext, formatter_class=fmt, epilog=examples)
         if add is not None:
             add(sp)
         sp.set_defaults(fn=fn)

@@ -7,7 +7,7 @@ import pytest
 
 from mmrlsd.cli import build_parser
 
-COMMANDS = [["train"], ["validate"], ["ls"], ["make-tiny"], ["eval"], ["sft"], ["data", "synth"]]
+COMMANDS = [["train"], ["validate"], ["ls"], ["make-tiny"], ["eval"], ["sft"], ["export"], ["viz"], ["data", "synth"]]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
