@@ -9,19 +9,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jinja2 import StrictUndefined
+from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
+from mmrlsd.config import ConfigError
 from mmrlsd.types import Sample
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
+VARIABLES = ("problem", "reference", "answer", "solution")
+"""The variables a template may use: `problem` (student and teacher) and the privileged information."""
 
 
 def load_template(path: str | Path):
+    """Compile a Jinja template file (sandboxed, undefined variables are errors)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{path}: prompt template not found")
-    return _ENV.from_string(p.read_text(encoding="utf-8"))
+    try:
+        return _ENV.from_string(p.read_text(encoding="utf-8"))
+    except (TemplateSyntaxError, UnicodeDecodeError) as e:
+        line = f" (line {e.lineno})" if isinstance(e, TemplateSyntaxError) else ""
+        raise ConfigError(f"{path}: not a valid prompt template{line}: {e}") from None
+
+
+def check_template(tpl, path: str | Path) -> None:
+    """Render once with placeholder values, so a misspelt variable fails at start-up naming the file, not at
+    the first training step."""
+    try:
+        tpl.render(**dict.fromkeys(VARIABLES, "x"))
+    except TemplateError as e:  # UndefinedError, SecurityError, ...
+        known = ", ".join(VARIABLES)
+        raise ConfigError(f"{path}: prompt template cannot render: {e} (variables: {known})") from None
 
 
 def user_messages(text: str, n_images: int) -> list[dict]:
@@ -41,6 +59,8 @@ class PromptBuilder:
         self.processor = processor
         self.student_tpl = load_template(student_template)
         self.teacher_tpl = load_template(teacher_template)
+        check_template(self.student_tpl, student_template)
+        check_template(self.teacher_tpl, teacher_template)
         self.teacher_info = teacher_info
 
     def student(self, s: Sample) -> str:

@@ -8,8 +8,11 @@ images are loaded for a batch (missing, empty or corrupt file).
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
+import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,20 +59,26 @@ def _read_rows(source: str, split: str) -> tuple[list[tuple[str, dict | Skip]], 
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
+            raise DataError(f"{source}: unreadable parquet file ({type(e).__name__}: {e})") from None
         return [(f"{path.name}:{i}", r) for i, r in enumerate(table.to_pylist())], path.parent
     if path.suffix not in (".jsonl", ".json"):
         raise DataError(f"{source}: unknown data format {path.suffix!r} (use .jsonl, .json or .parquet)")
     rows: list[tuple[str, dict | Skip]] = []
-    raw = path.read_bytes()
+    raw = path.read_bytes().removeprefix(codecs.BOM_UTF8)  # files saved by Windows tools start with a BOM
     if path.suffix == ".json":
         try:
             items = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"{source}: not a JSON list ({e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise DataError(f"{source}: not a JSON list ({type(e).__name__}: {e})") from None
         if not isinstance(items, list):
             raise DataError(f"{source}: a .json data file must hold a list of records")
-        return [(f"{path.name}:{i}", r) for i, r in enumerate(items)], path.parent
+        for i, item in enumerate(items):
+            rid = f"{path.name}:{i}"
+            rows.append((rid, item if isinstance(item, dict) else Skip(rid, "item is not a JSON object")))
+        return rows, path.parent
     for lineno, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
@@ -82,6 +91,9 @@ def _read_rows(source: str, split: str) -> tuple[list[tuple[str, dict | Skip]], 
         except json.JSONDecodeError as e:
             rows.append((rid, Skip(rid, f"line is not JSON ({e.msg})")))
             continue
+        except RecursionError:
+            rows.append((rid, Skip(rid, "line is not JSON (nested too deeply)")))
+            continue
         rows.append((rid, row if isinstance(row, dict) else Skip(rid, "line is not a JSON object")))
     return rows, path.parent
 
@@ -90,10 +102,12 @@ def to_sample(row: dict, default_id: str, fields: FieldMap, base: Path) -> Sampl
     """Validate and remap one raw row."""
     rid = str(row.get(fields.id) or default_id)
     problem = row.get(fields.problem)
-    if not isinstance(problem, str) or not problem.strip():
+    if not isinstance(problem, str) or not problem.replace("<image>", "").strip():
         return Skip(rid, f"missing or empty question field {fields.problem!r}")
     answer = row.get(fields.answer)
-    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+    if (isinstance(answer, int) and not isinstance(answer, bool)) or (
+        isinstance(answer, float) and math.isfinite(answer)  # NaN (pandas/parquet null, JSON NaN): missing
+    ):
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
         return Skip(rid, f"missing or empty answer field {fields.answer!r}")
@@ -165,7 +179,9 @@ class Dataset:
                 sample.pil_images = [load_image(p, self.max_pixels) for p in sample.images]
                 out.append(sample)
             except ImageError as e:
-                self.record_skip(Skip(sample.id, str(e)))
+                skip = Skip(sample.id, str(e))
+                if skip not in self.skipped:  # counted once, not again in every epoch that draws it
+                    self.record_skip(skip)
             if tries > 10 * size + len(self.samples):
                 raise DataError(f"could not assemble a batch of {size}: too many unreadable records")
         return out
@@ -175,7 +191,25 @@ class Dataset:
         log.warning("skipped record %s: %s", skip.id, skip.reason)
 
     def skip_counts(self) -> dict[str, int]:
-        return dict(Counter(s.reason.split(":")[0] if ": image" in s.reason else s.reason for s in self.skipped))
+        """Skips per kind of reason, most frequent first: `{"line is not JSON": 2, "unreadable image": 1}`."""
+        return dict(Counter(skip_kind(s.reason) for s in self.skipped).most_common())
+
+
+def skip_kind(reason: str) -> str:
+    """A skip reason without its details: the image path before it and the parenthesised cause after it.
+
+    >>> skip_kind("/data/a.png: unreadable image (OSError: truncated)")
+    'unreadable image'
+    >>> skip_kind("line is not JSON (Expecting value)")
+    'line is not JSON'
+    >>> skip_kind("[val] /data/b.png: image file not found")
+    '[val] image file not found'
+    """
+    prefix = "[val] " if reason.startswith("[val] ") else ""
+    kind = re.sub(r"\s*\(.*\)$", "", reason.removeprefix(prefix), flags=re.DOTALL)
+    if "image" in kind and ": " in kind:
+        kind = kind.rsplit(": ", 1)[1]
+    return prefix + kind
 
 
 def load_dataset_files(

@@ -19,8 +19,10 @@ def check_checkpoint(path: str) -> None:
     looks_local = p.exists() or path.startswith((".", "/", "~")) or path.count("/") != 1
     if not looks_local:
         return  # a hub id: transformers reports what it can
-    if not p.is_dir():
+    if not p.exists():
         raise ModelError(f"{path}: model directory not found")
+    if not p.is_dir():
+        raise ModelError(f"{path}: is a file, not a model directory")
     cfg = p / "config.json"
     if not cfg.is_file():
         raise ModelError(f"{path}: no config.json (not a Hugging Face checkpoint)")
