@@ -73,9 +73,13 @@ def save_checkpoint(run_dir: Path, step: int, policy, processor, optimizer, teac
         )
         _fsync_tree(tmp)
         (tmp / COMPLETE).write_text("ok\n")
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # a re-save of the same step: move the old one aside, then drop it
+            old = run_dir / f".checkpoint-{step}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            (old / COMPLETE).unlink(missing_ok=True)
         os.replace(tmp, final)
+        shutil.rmtree(run_dir / f".checkpoint-{step}.old", ignore_errors=True)
         prune(run_dir, keep_last)
     dist.barrier()
     return final
@@ -97,10 +101,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def prune(run_dir: Path, keep_last: int) -> None:
-    for p in Path(run_dir).glob(".checkpoint-*.tmp"):  # leftovers of killed saves
+    for p in [*Path(run_dir).glob(".checkpoint-*.tmp"), *Path(run_dir).glob(".checkpoint-*.old")]:  # killed saves
         shutil.rmtree(p, ignore_errors=True)
     if keep_last > 0:
         for p in complete_checkpoints(run_dir)[:-keep_last]:
+            (p / COMPLETE).unlink(missing_ok=True)  # never leave a half-deleted folder marked complete
             shutil.rmtree(p, ignore_errors=True)
 
 

@@ -209,6 +209,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
         _write_skips(run_dir, train_data.skipped)
         if train_data.skipped:
             log.warning("%d records skipped (see %s)", len(train_data.skipped), run_dir / "skipped.jsonl")
+            log.warning("skip reasons: %s", ", ".join(f"{k}: {v}" for k, v in train_data.skip_counts().items()))
     fsdp.destroy_distributed()
     return run_dir
 
