@@ -1,0 +1,127 @@
+"""Vision features computed once per prompt and shared by its G responses (issue #6, item 2).
+
+`encode_group` repeats every prompt G times, images included, so the naive forward runs the vision tower
+G times on the same pixels. Here the tower runs once on the images of each prompt's first row, and every
+row's image placeholders are filled by indexing those features (the same `masked_scatter` merge that
+Qwen2VLModel.forward does). Autograd's index backward sums the G rows' gradients; with `detached()` and
+`backward_from()` the tower's own backward also runs once per prompt per optimizer step, however many
+micro-batches the rows are spread over.
+
+Qwen3-VL's deepstack features (added to the first decoder layers' hidden states at the image positions,
+transformers' Qwen3VLTextModel._deepstack_process) are shared the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmrlsd.rollout.generate import images_per_row
+from mmrlsd.types import SeqBatch
+
+
+@dataclass
+class VisionFeatures:
+    """Merged vision features of the distinct prompts' images."""
+
+    embeds: torch.Tensor  # (n_tok, H) in group order, each group's images in order
+    deepstack: list[torch.Tensor] | None  # per deepstack layer, (n_tok, H) (Qwen3-VL); None otherwise
+    spans: dict[int, tuple[int, int]]  # group g -> its rows start..stop of `embeds`
+    group_size: int  # G: row r belongs to group r // G
+
+    def index(self, rows: list[int]) -> torch.Tensor:
+        """`(n_img_tok,)` rows of `embeds` for the image placeholders of `rows`, in sequence order."""
+        parts = [
+            torch.arange(*self.spans[r // self.group_size])
+            for r in rows
+            if r // self.group_size in self.spans
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def gather(self, rows: list[int]) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        idx = self.index(rows).to(self.embeds.device)
+        deep = [d[idx] for d in self.deepstack] if self.deepstack is not None else None
+        return self.embeds[idx], deep  # (n_img_tok, H)
+
+    def detached(self) -> VisionFeatures:
+        """Leaf copies that collect the language model's gradients across micro-batches."""
+        deep = [_leaf(d) for d in self.deepstack] if self.deepstack is not None else None
+        return VisionFeatures(_leaf(self.embeds), deep, self.spans, self.group_size)
+
+    def backward_from(self, leaf: VisionFeatures) -> None:
+        """Send the gradients `leaf` collected through the vision tower, once."""
+        pairs = [(self.embeds, leaf.embeds)] + list(zip(self.deepstack or [], leaf.deepstack or []))
+        pairs = [(t, lf.grad) for t, lf in pairs if t.requires_grad and lf.grad is not None]
+        if pairs:
+            torch.autograd.backward([t for t, _ in pairs], [g for _, g in pairs])
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(t.requires_grad)
+
+
+def _image_slices(seq: SeqBatch) -> tuple[list[int], list[int]]:
+    """First image index of each row, and first pixel row of each image (both with a final total)."""
+    img_start = [0]
+    for n in seq.images_per_seq:
+        img_start.append(img_start[-1] + n)
+    pix_start = [0]
+    for p in seq.image_grid_thw.prod(dim=1).tolist():
+        pix_start.append(pix_start[-1] + p)
+    return img_start, pix_start
+
+
+def vision_features(model, seq: SeqBatch, rows: list[int], group_size: int) -> VisionFeatures | None:
+    """Run the vision tower once on the images of each group that `rows` touch (group g is represented by
+    its first row g*G). `group_size=1`: once per row, as the naive forward does. None without images."""
+    groups = sorted({r // group_size for r in rows if seq.images_per_seq[r] > 0})
+    if seq.pixel_values is None or not groups:
+        return None
+    img_start, pix_start = _image_slices(seq)
+    pix, thw = [], []
+    for g in groups:
+        r0 = g * group_size
+        members = range(r0, min(r0 + group_size, len(seq.images_per_seq)))
+        if any(seq.images_per_seq[r] != seq.images_per_seq[r0] for r in members):
+            raise ValueError(f"rows {r0}..{r0 + group_size - 1} do not share their images (group {g})")
+        a, b = img_start[r0], img_start[r0 + 1]
+        pix.append(seq.pixel_values[pix_start[a] : pix_start[b]])
+        thw.append(seq.image_grid_thw[a:b])
+    device = next(model.parameters()).device
+    inner = model.model
+    out = inner.get_image_features(torch.cat(pix).to(device), torch.cat(thw).to(device))
+    pooled = out.pooler_output if hasattr(out, "pooler_output") else out  # tuple of per-image (tok_i, H)
+    deep = getattr(out, "deepstack_features", None)
+    merged = torch.cat(list(pooled))  # (n_tok, H)
+    deepstack = [torch.cat(list(d)) for d in deep] if deep else None
+    per_image = [t.shape[0] for t in pooled]
+    spans, k, start = {}, 0, 0
+    for g, t in zip(groups, thw):
+        n = sum(per_image[k : k + t.shape[0]])
+        spans[g] = (start, start + n)
+        k, start = k + t.shape[0], start + n
+    return VisionFeatures(merged, deepstack, spans, group_size)
+
+
+def repeat_encoding(enc, group_size: int) -> dict:
+    """A processor encoding of B prompts with every row repeated G times (prompt b owns rows b*G .. b*G+G-1),
+    pixel rows and image grids included: what encoding the B*G repeated prompts gives, with each prompt
+    tokenised and its images preprocessed once."""
+    G = group_size
+    out = {
+        k: enc[k].repeat_interleave(G, dim=0)
+        for k in ("input_ids", "attention_mask", "mm_token_type_ids")
+        if k in enc
+    }
+    if enc.get("pixel_values") is not None:
+        seq = SeqBatch(enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"], enc["pixel_values"],
+                       enc["image_grid_thw"], images_per_row(enc), 0)  # fmt: skip
+        img_start, pix_start = _image_slices(seq)
+        pix, thw = [], []
+        for b in range(enc["input_ids"].shape[0]):
+            a, z = img_start[b], img_start[b + 1]
+            pix += [enc["pixel_values"][pix_start[a] : pix_start[z]]] * G
+            thw += [enc["image_grid_thw"][a:z]] * G
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(pix), torch.cat(thw)
+    return out
