@@ -21,9 +21,10 @@ import torch.distributed as td
 
 from mmrlsd.algo.loss import ppo_clip_loss
 from mmrlsd.model.logprobs import fast_forward_logprobs
-from mmrlsd.model.packing import FastOptions, micro_batches, rope_positions
+from mmrlsd.model.packing import FastOptions, plan, rope_positions
 from mmrlsd.model.vision import vision_features
 from mmrlsd.train import dist
+from mmrlsd.train.update import clip_grad_norm
 from mmrlsd.types import SeqBatch
 
 TokenAdv = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -31,16 +32,16 @@ TokenAdv = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 def plan_micro_batches(
-    lengths: list[int], rows: list[int], fast: FastOptions, max_rows: int
+    policy, seq: SeqBatch, rows: list[int], fast: FastOptions, max_rows: int
 ) -> list[list[int]]:
     """Micro-batches of one mini-batch; under torch.distributed every rank gets as many (the extra ones are
     empty lists: a zero-weight forward/backward that keeps the ranks' collectives in step)."""
-    plan = micro_batches(lengths, rows, fast.token_budget if fast.packing else 0, max_rows)
+    micro = plan(policy, seq, rows, fast, max_rows)
     if dist.enabled():
-        k = torch.tensor([len(plan)])
+        k = torch.tensor([len(micro)])
         td.all_reduce(k, op=td.ReduceOp.MAX)
-        plan += [[] for _ in range(int(k) - len(plan))]
-    return plan
+        micro += [[] for _ in range(int(k) - len(micro))]
+    return micro
 
 
 def fused_update(
@@ -53,10 +54,9 @@ def fused_update(
     if old_logp is None and mini_batches != 1:
         raise ValueError("old_logp=None (Δ inside the update) needs mini_batches == 1")
     n, T = seq.input_ids.shape[0], seq.response_len
-    params = [p for p in policy.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP2: the sharded ones
     device = next(policy.parameters()).device
     positions = rope_positions(policy, seq)  # (3, N, P+T)
-    lengths = seq.attention_mask.sum(dim=1).tolist()
     bounds = [round(i * n / mini_batches) for i in range(mini_batches + 1)]
     sums = {"loss": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio": 0.0, "entropy": 0.0}
     grad_norms, skipped, tokens_seen = [], 0, 0.0
@@ -69,7 +69,7 @@ def fused_update(
         tower = vision_features(policy, seq, rows_mb, fast.group_size) if fast.share_vision else None
         shared = tower.detached() if tower is not None else None
         finite, mb_sums = True, dict.fromkeys(sums, 0.0)
-        for rows in plan_micro_batches(lengths, rows_mb, fast, micro_batch_size):
+        for rows in plan_micro_batches(policy, seq, rows_mb, fast, micro_batch_size):
             weight = 1.0 if rows else 0.0
             rows = rows or rows_mb[:1]
             logp, ent = fast_forward_logprobs(policy, seq, rows, fast, positions, shared, with_entropy=True)
@@ -81,18 +81,16 @@ def fused_update(
                 clip_c=clip_c, num_tokens=max(num_tokens, 1.0),
             )  # fmt: skip
             finite = finite and bool(torch.isfinite(loss))
-            loss.backward()
+            (loss * dist.world_size()).backward()  # FSDP averages over ranks; the loss is a global token mean
             if on_backward is not None:
                 on_backward()
-            mb_sums["loss"] += float(loss.detach())
+            mb_sums["loss"] += float(loss.detach())  # this rank's share
             mb_sums["entropy"] += float((ent * m).sum())
             for k, v in st.items():
                 mb_sums[k] += float(v)
         if tower is not None:
             tower.backward_from(shared)  # the vision tower's backward, once per prompt
-        grad_norm = dist.grad_norm_value(
-            torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-        )
+        grad_norm = clip_grad_norm(params, grad_clip)
         if not finite or not math.isfinite(grad_norm):
             optimizer.zero_grad(set_to_none=True)
             skipped += 1

@@ -27,6 +27,7 @@ from mmrlsd.config import Config
 from mmrlsd.data.prompts import PromptBuilder, encode
 from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.model.packing import FastOptions, fast_options
+from mmrlsd.model.vision import repeat_encoding
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.generate import generate
 from mmrlsd.train import faults
@@ -55,9 +56,10 @@ def timed(times: dict[str, float], name: str):
 
 
 def encode_group(ctx: StepContext, samples: list[Sample], render, G: int):
-    """Prompt encodings with every prompt repeated G times (prompt b owns rows b*G .. b*G+G-1)."""
-    texts = [render(s) for s in samples for _ in range(G)]
-    return encode(ctx.processor, texts, [s.pil_images for s in samples for _ in range(G)])
+    """Prompt encodings with every prompt repeated G times (prompt b owns rows b*G .. b*G+G-1); each prompt is
+    tokenised and its images preprocessed once."""
+    enc = encode(ctx.processor, [render(s) for s in samples], [s.pil_images for s in samples])
+    return repeat_encoding(enc, G)
 
 
 def needs_teacher(cfg: Config, lam: float) -> bool:
