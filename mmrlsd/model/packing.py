@@ -326,7 +326,7 @@ def packed_attention(model, layout: Layout, kind: str):
     impl = resolve_kernel(model, kind)
     config = model.model.language_model.config
     old = config._attn_implementation
-    device = layout.input_ids.device
+    device = next(model.parameters()).device
     if impl == "varlen_sdpa":
         _register_varlen()
         impl, kwargs = VARLEN_SDPA, {"mmrlsd_segments": layout.segments}
