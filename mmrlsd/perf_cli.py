@@ -12,6 +12,11 @@ import argparse
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "eval" / "perf"
+EXAMPLES = """examples:
+  mmrlsd perf --config cpu --out eval/results/perf/            # tiny model on CPU: naive, GRPO, RLSD, TRL
+  mmrlsd perf --config gpu --out eval/results/perf/            # Qwen2.5-VL-3B shape on one GPU
+  mmrlsd perf --config cpu --set repeats=1 --set variants=[naive,rlsd]
+"""
 
 
 def resolve_config(name: str) -> Path:
@@ -49,7 +54,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(prog="mmrlsd perf", description=__doc__,
+    ap = argparse.ArgumentParser(prog="mmrlsd perf", description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     add_arguments(ap)
     raise SystemExit(main(ap.parse_args()))
