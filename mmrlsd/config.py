@@ -42,6 +42,19 @@ class ModelConfig:
     """Upper pixel budget per image (0: the processor's default); larger images are resized down."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass (memory for speed)."""
+    packing: bool = False
+    """Padding-free packing of the log-prob passes (teacher, old policy, update): block-diagonal attention, no pad
+    tokens."""
+    share_prefix: bool = False
+    """With packing: a prompt's G responses share one segment, so the prompt (images included) is computed once."""
+    share_vision: bool = False
+    """Vision features once per prompt, shared by its G responses (the tower's backward runs once per prompt)."""
+    logprob_chunk: int = 0
+    """Tokens per chunk of the lm_head projection + logsumexp on the fast path (0: full [tokens, vocab] fp32
+    logits)."""
+    packed_attention: str = "auto"
+    """Packed attention kernel: auto (flash_attention_2 if loaded, flex_attention on CUDA, else varlen_sdpa) |
+    varlen_sdpa | flex_attention | flash_attention_2."""
 
 
 @dataclass
@@ -165,6 +178,8 @@ class OptimConfig:
     """Sequences per forward/backward; accumulation gives the same update as one big batch."""
     mini_batches: int = 1
     """Optimizer steps per rollout batch (1: the old-policy log-probs equal the current ones)."""
+    token_budget: int = 0
+    """Real tokens per micro-batch when packing (0: micro_batch_size rows)."""
     freeze_vision: bool = False
     """Freeze the vision tower (the paper trains it)."""
 
@@ -227,12 +242,13 @@ CHOICES = {
     "algo.teacher_info": ("answer", "solution"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
+    "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
             "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr", "reward.timeout",
             "trainer.max_bad_steps", "rollout.val_n")  # fmt: skip
-NON_NEGATIVE = ("algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
+NON_NEGATIVE = ("model.logprob_chunk", "optim.token_budget", "algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
                 "trainer.save_every", "trainer.val_every", "trainer.keep_last", "optim.grad_clip",
                 "optim.weight_decay", "rollout.temperature", "optim.warmup_steps", "algo.lam_warmup_steps",
                 "rollout.top_k", "rollout.gen_batch_size", "model.min_pixels", "model.max_pixels",

@@ -89,6 +89,16 @@ class VLLMEngine:
         self.sleep()
         return rollouts_from_ids(seqs, eos, pad, self.processor.tokenizer, group_size)
 
+    def sample(self, texts: list[str], images: list[list], *, group_size: int, seed: int, cfg) -> Rollouts:
+        """G samples per chat text with the `rollout` config's settings (what `rlsd_step` calls)."""
+        tok = self.processor.tokenizer
+        eos = sorted({i for i in (tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
+                      if i is not None and i != tok.unk_token_id})  # fmt: skip
+        params = self.sampling_params(n=group_size, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                                      max_new_tokens=cfg.max_new_tokens, seed=seed, eos=eos)  # fmt: skip
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+        return self.generate(texts, images, group_size=group_size, params=params, eos=eos, pad=pad)
+
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Push the policy's current weights into the engine's model (in memory)."""
         self.wake(tags=["weights"])

@@ -111,7 +111,13 @@ def build(cfg: Config):
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))  # fmt: skip
     prompts = PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info)
-    return StepContext(cfg, policy, teacher, processor, optimizer, prompts)
+    engine = None
+    if cfg.rollout.engine == "vllm":
+        from mmrlsd.rollout.vllm_engine import VLLMEngine
+
+        engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype,
+                            seed=cfg.trainer.seed + dist.rank())  # fmt: skip
+    return StepContext(cfg, policy, teacher, processor, optimizer, prompts, engine)
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -149,6 +155,8 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
         train_data.pos = state["data_pos"]
         train_data.skipped = [Skip(i, r) for i, r in state.get("skipped", [])]
         log.info("resumed from %s (step %d)", latest, start)
+        if ctx.engine is not None:
+            ctx.engine.sync_weights(fsdp.full_state_dict(ctx.policy).items())
     elif resume:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", run_dir)
     main = dist.is_main()
@@ -175,6 +183,8 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
             bad_in_a_row = bad_in_a_row + 1 if m["actor/skipped_updates"] >= cfg.optim.mini_batches else 0
             if bad_in_a_row >= cfg.trainer.max_bad_steps:
                 raise RuntimeError(f"{bad_in_a_row} consecutive steps skipped (non-finite loss or gradient)")
+            if ctx.engine is not None:  # push the new weights into the rollout engine, in memory
+                ctx.engine.sync_weights(fsdp.full_state_dict(ctx.policy).items())
             if cfg.algo.teacher_refresh > 0 and step % cfg.algo.teacher_refresh == 0:
                 fsdp.copy_weights(ctx.teacher, ctx.policy)
             m["data/skipped_total"] = float(len(train_data.skipped))

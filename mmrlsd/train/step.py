@@ -45,6 +45,7 @@ class StepContext:
     processor: object
     optimizer: torch.optim.Optimizer
     prompts: PromptBuilder
+    engine: object | None = None  # a VLLMEngine when rollout.engine == "vllm", else HF generate
 
 
 @contextmanager
@@ -106,10 +107,14 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     fast = fast_options(cfg, G)
     with timed(t, "rollout"):
         student_enc = encode_group(ctx, samples, ctx.prompts.student, G)  # (B*G, P)
-        rollouts = generate(ctx.policy, ctx.processor, student_enc, group_size=G, seed=seed,
-                            max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                            gen_batch_size=cfg.rollout.gen_batch_size)  # fmt: skip
+        if ctx.engine is not None:  # colocated vLLM, same sampling settings
+            rollouts = ctx.engine.sample([ctx.prompts.student(s) for s in samples], [s.pil_images for s in samples],
+                                         group_size=G, seed=seed, cfg=cfg.rollout)  # fmt: skip
+        else:
+            rollouts = generate(ctx.policy, ctx.processor, student_enc, group_size=G, seed=seed,
+                                max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
+                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
+                                gen_batch_size=cfg.rollout.gen_batch_size)  # fmt: skip
     faults.point("rollout", step)
     with timed(t, "reward"):
         answers = [s.answer for s in samples for _ in range(G)]

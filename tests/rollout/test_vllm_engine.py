@@ -86,3 +86,44 @@ def test_rollouts_from_ids_matches_hf_layout(tiny_model):
     r = rollouts_from_ids([[5, 6, 99, 7], [8]], eos=[99], pad=0, tokenizer=proc.tokenizer, group_size=2)
     assert r.response_ids.tolist() == [[5, 6, 99, 0], [8, 0, 0, 0]]
     assert r.response_mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+
+
+def test_training_loop_uses_the_engine_and_syncs_weights(tiny_model, tiny_records, tmp_path, monkeypatch):
+    """`rollout.engine: vllm` routes sampling through the engine and pushes the weights after every step."""
+    from pathlib import Path
+
+    from mmrlsd.config import load_config
+    from mmrlsd.log import read_metrics
+    from mmrlsd.train.loop import train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
+    from test_train_smoke import tiny_overrides
+
+    created = []
+
+    class RecordingLLM(FakeLLM):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            self.synced = 0
+            created.append(self)
+
+        def _load(self, weights):
+            self.synced += 1
+            assert any(name.startswith("lm_head") for name, _ in weights)
+
+        def generate(self, requests, params, use_tqdm):
+            g = torch.Generator().manual_seed(params.seed)
+            outs = []
+            for _ in requests:  # ordinary tokens (ids >= 20), no EOS: every response is max_tokens long
+                comps = [types.SimpleNamespace(token_ids=torch.randint(20, 400, (params.max_tokens,), generator=g).tolist())
+                         for _ in range(params.n)]  # fmt: skip
+                outs.append(types.SimpleNamespace(outputs=comps))
+            return outs
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(SamplingParams=FakeParams, LLM=RecordingLLM))
+    cfg = load_config(None, tiny_overrides(tiny_model("qwen2_vl"), tiny_records, **{"rollout.engine": "vllm"}))
+    run = train(cfg, tmp_path / "run", progress=False)
+    (llm,) = created
+    assert llm.kw["model"] == str(tiny_model("qwen2_vl")) and llm.synced == 2  # one push per optimizer step
+    m = read_metrics(run)
+    assert [r["step"] for r in m] == [1, 2] and all(r["response/length_mean"] == 12 for r in m)
