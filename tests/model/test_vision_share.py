@@ -193,7 +193,7 @@ def test_fast_path_under_fsdp2_matches_one_process(tiny_model, tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import write_records
+    from tinydata import write_records
 
     from mmrlsd.log import read_metrics
     from mmrlsd.train.checkpoint import load_policy_weights

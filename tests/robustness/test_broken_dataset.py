@@ -34,7 +34,7 @@ NO_ANSWER = {"id": "no_answer", "problem": "how many red squares?", "images": ["
 
 
 def _broken_dataset(root: Path) -> tuple[Path, str]:
-    from conftest import write_records
+    from tinydata import write_records
 
     path = write_records(root, n=27)
     (root / "images" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50)

@@ -110,7 +110,7 @@ def in_child(fn: Callable[[], int], stderr_path: Path | None = None, kill_after:
 @pytest.fixture(scope="module")
 def ref(tiny_model, tmp_path_factory):
     """The uninterrupted reference run, shared by every fault test."""
-    from conftest import write_records
+    from tinydata import write_records
 
     root = tmp_path_factory.mktemp("faults")
     data = write_records(root / "data")

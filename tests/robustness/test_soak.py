@@ -61,7 +61,7 @@ def test_slope_of_a_line():
 
 @pytest.mark.slow
 def test_soak_200_steps_no_memory_growth(tiny_model, tmp_path, monkeypatch):
-    from conftest import write_records
+    from tinydata import write_records
 
     data = write_records(tmp_path / "data")
     args = tiny_overrides(tiny_model("qwen2_vl"), data, **{

@@ -25,7 +25,7 @@ SAME = ["loss", "reward/mean", "adv/mean", "adv/abs_mean", "rlsd/lam", "actor/gr
 
 @pytest.fixture(scope="module")
 def runs(tiny_model, tmp_path_factory):
-    from conftest import write_records
+    from tinydata import write_records
 
     tmp = tmp_path_factory.mktemp("fsdp")
     data = write_records(tmp / "data", n=8, text_only_every=0)  # every micro-batch calls the vision tower

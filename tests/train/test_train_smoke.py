@@ -74,7 +74,7 @@ def test_two_rlsd_steps(arch, tiny_model, tiny_records, tmp_path):
 
 
 def test_grpo_skips_teacher_and_text_only_batches_work(tiny_model, tmp_path):
-    from conftest import write_records
+    from tinydata import write_records
 
     data = write_records(tmp_path / "d", n=4, text_only_every=1)  # every record text-only
     cfg = load_config(None, tiny_overrides(tiny_model("qwen2_vl"), data, **{"algo.lam0": 0.0, "trainer.total_steps": 1}))

@@ -190,7 +190,7 @@ def test_notebook_is_committed_without_outputs():
 @pytest.fixture(scope="module")
 def tiny_run(tiny_model, tmp_path_factory) -> Path:
     """Two RLSD steps of a tiny Qwen2.5-VL on records that all have an image; returns the run directory."""
-    from conftest import write_records
+    from tinydata import write_records
 
     from mmrlsd.config import load_config
     from mmrlsd.train.loop import train
