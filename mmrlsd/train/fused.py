@@ -13,7 +13,6 @@ read detached leaf copies, and after the last one the leaves' summed gradients g
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -24,7 +23,7 @@ from mmrlsd.model.logprobs import fast_forward_logprobs
 from mmrlsd.model.packing import FastOptions, plan, rope_positions
 from mmrlsd.model.vision import vision_features
 from mmrlsd.train import dist
-from mmrlsd.train.update import clip_grad_norm
+from mmrlsd.train.update import step_if_finite, update_stats
 from mmrlsd.types import SeqBatch
 
 TokenAdv = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -90,25 +89,14 @@ def fused_update(
                 mb_sums[k] += float(v)
         if tower is not None:
             tower.backward_from(shared)  # the vision tower's backward, once per prompt
-        grad_norm = clip_grad_norm(params, grad_clip)
-        if not finite or not math.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm = step_if_finite(optimizer, params, grad_clip, finite)
+        if grad_norm is None:
             skipped += 1
             continue
-        optimizer.step()
         grad_norms.append(grad_norm)
         for k in sums:
             sums[k] += mb_sums[k]
         tokens_seen += float(mask[lo:hi].sum())
     optimizer.zero_grad(set_to_none=True)
-    denom, ok = max(tokens_seen, 1.0), mini_batches - skipped
-    stats = {
-        "loss": sums["loss"] / max(ok, 1),
-        "actor/pg_clip_frac": sums["clip_frac"] / denom,
-        "actor/dual_clip_frac": sums["dual_clip_frac"] / denom,
-        "actor/ratio_mean": sums["ratio"] / denom,
-        "actor/entropy": sums["entropy"] / denom,
-        "actor/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-        "actor/skipped_updates": float(skipped),
-    }
+    stats = update_stats(sums, grad_norms, skipped, mini_batches, tokens_seen)
     return stats, seen

@@ -31,6 +31,32 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
     return total
 
 
+def step_if_finite(optimizer, params: list[torch.Tensor], grad_clip: float, finite: bool) -> float | None:
+    """Clip and take the optimizer step; with a non-finite loss or gradient drop the gradients instead (weights
+    and optimizer state unchanged). Returns the grad norm, or None when the mini-batch was skipped."""
+    grad_norm = clip_grad_norm(params, grad_clip)
+    if not finite or not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    optimizer.step()
+    return grad_norm
+
+
+def update_stats(sums: dict[str, float], grad_norms: list[float], skipped: int, mini_batches: int,
+                 tokens_seen: float) -> dict[str, float]:  # fmt: skip
+    """Token means over the mini-batches that were applied."""
+    denom, ok = max(tokens_seen, 1.0), mini_batches - skipped
+    return {
+        "loss": sums["loss"] / max(ok, 1),
+        "actor/pg_clip_frac": sums["clip_frac"] / denom,
+        "actor/dual_clip_frac": sums["dual_clip_frac"] / denom,
+        "actor/ratio_mean": sums["ratio"] / denom,
+        "actor/entropy": sums["entropy"] / denom,
+        "actor/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
+        "actor/skipped_updates": float(skipped),
+    }
+
+
 def ppo_update(
     policy, optimizer, seq: SeqBatch, old_logp: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor, *,
     mini_batches: int, micro_batch_size: int, clip_low: float, clip_high: float, clip_c: float, grad_clip: float,
@@ -70,25 +96,13 @@ def ppo_update(
             mb_sums["entropy"] += float((ent * m).sum())
             for k, v in st.items():
                 mb_sums[k] += float(v)
-        grad_norm = clip_grad_norm(params, grad_clip)
-        if not finite or not math.isfinite(grad_norm):
-            optimizer.zero_grad(set_to_none=True)
+        grad_norm = step_if_finite(optimizer, params, grad_clip, finite)
+        if grad_norm is None:
             skipped += 1
             continue
-        optimizer.step()
         grad_norms.append(grad_norm)
         for k in sums:
             sums[k] += mb_sums[k]
         tokens_seen += float(mask[lo:hi].sum())
     optimizer.zero_grad(set_to_none=True)
-    denom = max(tokens_seen, 1.0)
-    ok = mini_batches - skipped
-    return {
-        "loss": sums["loss"] / max(ok, 1),
-        "actor/pg_clip_frac": sums["clip_frac"] / denom,
-        "actor/dual_clip_frac": sums["dual_clip_frac"] / denom,
-        "actor/ratio_mean": sums["ratio"] / denom,
-        "actor/entropy": sums["entropy"] / denom,
-        "actor/grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else float("nan"),
-        "actor/skipped_updates": float(skipped),
-    }
+    return update_stats(sums, grad_norms, skipped, mini_batches, tokens_seen)
