@@ -32,3 +32,17 @@ def test_ls(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
     assert "rlsd" in out and "grpo" in out and "math" in out and "qwen3_vl" in out
+
+
+
+def test_overrides_may_follow_options(monkeypatch, tmp_path):
+    """`mmrlsd train CFG --output-dir D key=value` (the README's torchrun command) keeps the overrides."""
+    import mmrlsd.train.loop as loop
+    from mmrlsd.cli import main
+
+    seen = {}
+    monkeypatch.setattr(loop, "train", lambda cfg, out, **kw: seen.update(cfg=cfg, out=out) or tmp_path)
+    assert main(["train", "configs/qwen2vl_7b.yaml", "algo.lam0=0", "--output-dir", "d", "trainer.total_steps=2"]) == 0
+    assert seen["out"] == "d" and seen["cfg"].trainer.total_steps == 2 and seen["cfg"].algo.lam0 == 0.0
+    with pytest.raises(SystemExit):
+        main(["train", "configs/qwen2vl_7b.yaml", "--output-dir", "d", "--bogus"])
