@@ -82,9 +82,16 @@ class TinySize:
     vision_heads: int = 2
 
 
-def build_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 512):
-    """Train a byte-level BPE on the built-in corpus (+ `extra_corpus`) and wrap it as a fast HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(
+    extra_corpus: list[str] | None = None, vocab_size: int = 512, added_tokens: list[str] | None = None
+):
+    """Train a byte-level BPE on the built-in corpus (+ `extra_corpus`) and wrap it as a fast HF tokenizer.
+
+    `added_tokens` (e.g. the response tags `<thought>`, `</answer>`) become single, non-special tokens: they are
+    matched before BPE, so a tag is one token wherever it appears, and decoding keeps them (unlike special
+    tokens, which `skip_special_tokens=True` drops).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -97,6 +104,8 @@ def build_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int = 512
         show_progress=False,
     )
     tok.train_from_iterator(list(_BASE_CORPUS) + list(extra_corpus or []), trainer=trainer)
+    if added_tokens:
+        tok.add_tokens([AddedToken(t, single_word=False, normalized=False, special=False) for t in added_tokens])
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -196,15 +205,18 @@ def make_tiny(
     extra_corpus: list[str] | None = None,
     vocab_size: int = 512,
     max_pixels: int = 112 * 112,
+    added_tokens: list[str] | None = None,
 ) -> Path:
-    """Write a random-init tiny `arch` model + processor to `out_dir` and return the path."""
+    """Write a random-init tiny `arch` model + processor to `out_dir` and return the path.
+
+    `added_tokens`: extra single tokens for the tokenizer (see `build_tokenizer`)."""
     from transformers import AutoModelForImageTextToText
 
     if arch not in ARCHS:
         raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(extra_corpus, vocab_size)
+    tok = build_tokenizer(extra_corpus, vocab_size, added_tokens)
     config = tiny_config(arch, tok, size)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,11 @@ class SFTSection:
     """Cosine decay after warm-up ends at min_lr_ratio·lr on the last step (1: constant lr)."""
     val_items: int = 0
     """Validation items used by the periodic check during training (0: all of `data.val_files`)."""
+    teacher_frac: float = 0.0
+    """Fraction of training sequences shown the teacher prompt (question + privileged reference) instead of the
+    student prompt, so the model learns to use a reference in context, as the paper's instruct models can."""
+    teacher_infos: list[str] = field(default_factory=lambda: ["answer", "solution"])
+    """Privileged information of those sequences, drawn uniformly per sequence: answer | solution."""
 
 
 @dataclass
@@ -132,6 +138,11 @@ def load_sft_config(path: str | Path | None, overrides: list[str] | None = None)
                        ("optim.micro_batch_size", cfg.optim.micro_batch_size), ("optim.lr", cfg.optim.lr)):  # fmt: skip
         if value <= 0:
             raise ConfigError(f"{src}: '{key}' must be > 0, got {value!r}")
+    if not 0 <= cfg.sft.teacher_frac <= 1:
+        raise ConfigError(f"{src}: 'sft.teacher_frac' must be in [0, 1], got {cfg.sft.teacher_frac}")
+    bad = [i for i in cfg.sft.teacher_infos if i not in ("answer", "solution")]
+    if bad or not cfg.sft.teacher_infos:
+        raise ConfigError(f"{src}: 'sft.teacher_infos' must be a non-empty list of answer | solution, got {bad}")
     if not 0 <= cfg.sft.min_lr_ratio <= 1:
         raise ConfigError(f"{src}: 'sft.min_lr_ratio' must be in [0, 1], got {cfg.sft.min_lr_ratio}")
     return cfg
@@ -151,12 +162,13 @@ def lr_at(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> fl
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def solution_batch(processor, prompts: PromptBuilder, samples: list[Sample]) -> SeqBatch:
-    """`[left-padded student prompt | right-padded solution + <|im_end|>]` for each sample; the response mask
-    covers the solution tokens and the end-of-turn token, exactly what a rollout's mask covers."""
+def solution_batch(processor, samples: list[Sample], texts: list[str]) -> SeqBatch:
+    """`[left-padded prompt | right-padded solution + <|im_end|>]` for each sample (`texts`: its
+    chat-formatted prompt); the response mask covers the solution tokens and the end-of-turn token, exactly what
+    a rollout's mask covers."""
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
-    enc = encode(processor, [prompts.student(s) for s in samples], [s.pil_images for s in samples])
+    enc = encode(processor, texts, [s.pil_images for s in samples])
     targets = [tok(s.solution or "", add_special_tokens=False)["input_ids"] + [eos] for s in samples]
     T = max(len(t) for t in targets)
     ids = torch.full((len(samples), T), tok.pad_token_id, dtype=torch.long)  # (N, T)
@@ -165,6 +177,19 @@ def solution_batch(processor, prompts: PromptBuilder, samples: list[Sample]) -> 
         ids[i, : len(t)] = torch.tensor(t)
         mask[i, : len(t)] = 1
     return build_sequences(enc, Rollouts(response_ids=ids, response_mask=mask, texts=[], group_size=1))
+
+
+def prompt_texts(builders: dict[str, PromptBuilder], samples: list[Sample], teacher_frac: float,
+                 infos: list[str], rng: random.Random) -> list[str]:
+    """The chat prompt of each sample: the student prompt, or with probability `teacher_frac` the teacher prompt
+    with privileged information drawn from `infos` (`builders` maps an info name to its prompt builder)."""
+    texts = []
+    for s in samples:
+        if teacher_frac > 0 and rng.random() < teacher_frac:
+            texts.append(builders[rng.choice(infos)].teacher(s))
+        else:
+            texts.append(builders["answer"].student(s))
+    return texts
 
 
 def sft_loss(policy, seq: SeqBatch, micro_batch_size: int, backward: bool = True) -> tuple[float, float]:
@@ -237,7 +262,9 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
                                    attn_implementation=cfg.model.attn_implementation,
                                    min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)  # fmt: skip
     log.info("model: %s (%.2fM parameters)", model_path, sum(p.numel() for p in policy.parameters()) / 1e6)
-    prompts = PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, "answer")
+    builders = {info: PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, info)
+                for info in ("answer", "solution")}  # fmt: skip
+    prompts = builders["answer"]
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                             betas=tuple(cfg.optim.betas))  # fmt: skip
@@ -252,7 +279,10 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
         lr = lr_at(step - 1, cfg.optim.lr, cfg.optim.warmup_steps, total, cfg.sft.min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = lr
-        seq = solution_batch(processor, prompts, train.next_batch(cfg.sft.batch_size))
+        samples = train.next_batch(cfg.sft.batch_size)
+        rng = random.Random(cfg.trainer.seed * 1_000_003 + step)
+        texts = prompt_texts(builders, samples, cfg.sft.teacher_frac, cfg.sft.teacher_infos, rng)
+        seq = solution_batch(processor, samples, texts)
         policy.train()
         opt.zero_grad(set_to_none=True)
         loss, tokens = sft_loss(policy, seq, cfg.optim.micro_batch_size)

@@ -1,0 +1,313 @@
+"""The tiny lab (issue #4): its task mix and data, and the GRPO / RLSD / OPSD comparison at toy scale.
+
+    python -m mmrlsd.lab data --out data/tiny/lab                          # the committed RL data
+    python -m mmrlsd.lab data --out data/synth_sft --n 24000 --n-val 0 --seed 1    # the SFT data
+    python -m mmrlsd.lab compare                                           # the comparison (about an hour)
+
+The lab trains a ~1M-parameter Qwen2-VL (`data/tiny/sft-qwen2vl/`, made by `mmrlsd sft configs/tiny_sft.yaml`)
+on four synthetic families (`mmrlsd.data.synth`) at difficulty levels 1-2. Three of them are multi-step
+(`count_two_colors`: count two colours, add; `add_digits`: read two digits, add; `bar_diff`: read two bars,
+subtract), so a reference answer constrains the intermediate steps and gives the teacher something to say.
+
+`compare` runs each method's config (`METHODS`) for every seed with the same budget, each run its own
+`mmrlsd train` process, then writes `results.json`, `curves.png` and the results table of the write-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from mmrlsd.data import synth
+
+LAB_FAMILIES = ("count_color", "count_two_colors", "add_digits", "bar_diff")
+"""The lab's task families (see `mmrlsd.data.synth.FAMILIES`)."""
+LAB_LEVELS = (1, 2)
+"""Difficulty levels, interleaved: 56x56 px images (4 vision tokens), answers 0-18."""
+METHODS = {
+    "grpo": "configs/grpo_tiny_cpu.yaml",
+    "rlsd": "configs/tiny_cpu.yaml",
+    "opsd": "configs/opsd_tiny_cpu.yaml",
+}
+"""Method -> its config; the three differ only where the method does (see the configs' headers)."""
+CURVE_KEYS = ("reward/mean", "actor/entropy", "response/length_mean", "rlsd/w_clip_frac", "leakage/rate",
+              "adv/all_equal_frac")  # fmt: skip
+"""Per-step metrics kept for the curves (besides the validation ones)."""
+VAL_KEYS = ("val/accuracy", "val/sample_accuracy")
+
+
+# --- data ---
+
+
+def lab_records(
+    n: int, seed: int, split: str, families: Sequence[str] = LAB_FAMILIES, levels: Sequence[int] = LAB_LEVELS
+) -> list[dict]:
+    """n records of `split`, levels interleaved (record i has level `levels[i % len(levels)]`), families in
+    round-robin within each level; ids are `<split>-L<level>-<index>`. Deterministic in (seed, split); a
+    smaller n is a prefix of a larger one."""
+    per_level = -(-n // len(levels))
+    streams = [synth.generate(per_level, seed, list(families), level=lv, split=split) for lv in levels]
+    out = []
+    for i in range(n):
+        level = levels[i % len(levels)]
+        rec = dict(streams[i % len(levels)][i // len(levels)])
+        rid = f"{split}-L{level}-{i // len(levels):06d}"
+        rec["id"], rec["images"] = rid, [f"images/{rid}.png"]
+        out.append(rec)
+    return out
+
+
+def write_lab_data(
+    out_dir: str | Path, n_train: int = 4000, n_val: int = 512, seed: int = 0,
+    families: Sequence[str] = LAB_FAMILIES, levels: Sequence[int] = LAB_LEVELS,
+) -> dict:  # fmt: skip
+    """Write `train.jsonl`, `val.jsonl`, `images/*.png` and `meta.json` under `out_dir`; returns the meta."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    meta = {"generator": "mmrlsd.lab", "synth_version": synth.GENERATOR_VERSION, "seed": seed,
+            "families": list(families), "levels": list(levels), "counts": {}}  # fmt: skip
+    for split, n in (("train", n_train), ("val", n_val)):
+        records = lab_records(n, seed, split, families, levels) if n else []
+        synth.write_split(out, split, records)
+        meta["counts"][split] = len(records)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
+
+
+# --- the comparison ---
+
+
+def run_dir_of(runs: Path, method: str, seed: int) -> Path:
+    return runs / f"{method}-seed{seed}"
+
+
+def train_command(method: str, seed: int, runs: Path, overrides: Sequence[str], config: str | None = None) -> list[str]:
+    """The `mmrlsd train` command line of one run."""
+    cfg = config or METHODS[method]
+    return [sys.executable, "-m", "mmrlsd", "train", cfg, "--output-dir", str(run_dir_of(runs, method, seed)),
+            "--no-progress", f"trainer.seed={seed}", *overrides]  # fmt: skip
+
+
+def run_all(
+    methods: Sequence[str], seeds: Sequence[int], runs: Path, overrides: Sequence[str], jobs: int = 2,
+    configs: dict[str, str] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Run every (method, seed), `jobs` processes at a time (interleaved by seed, so each method sees the same
+    machine load on average); returns wall seconds per run. A failed run raises after all have finished."""
+    runs.mkdir(parents=True, exist_ok=True)
+    order = [(m, s) for s in seeds for m in methods]
+    walls: dict[str, float] = {}
+    failed: list[str] = []
+
+    def one(ms: tuple[str, int]) -> None:
+        m, s = ms
+        cmd = train_command(m, s, runs, overrides, (configs or {}).get(m))
+        log = run_dir_of(runs, m, s).with_suffix(".log")
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+        walls[f"{m}-seed{s}"] = time.perf_counter() - t0
+        print(f"{m} seed {s}: rc={rc} in {walls[f'{m}-seed{s}']:.0f}s ({log})", flush=True)
+        if rc != 0:
+            failed.append(f"{m}-seed{s} (see {log})")
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, order))
+    if failed:
+        raise RuntimeError(f"runs failed: {', '.join(failed)}")
+    return walls
+
+
+def read_run(run_dir: Path) -> dict:
+    """Per-step curves and validation points of one run directory."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if r.get("step", 0) > 0 and "reward/mean" in r]
+    vals = [r for r in rows if "val/accuracy" in r]
+    out = {"steps": [r["step"] for r in steps], "val_steps": [r["step"] for r in vals]}
+    for k in CURVE_KEYS:
+        out[k] = [r.get(k) for r in steps]
+    for k in VAL_KEYS:
+        out[k] = [r.get(k) for r in vals]
+    times = [r["time/step_s"] for r in steps if "time/step_s" in r]
+    out["time/step_s_median"] = statistics.median(times) if times else None
+    return out
+
+
+def _mean_sd(xs: list[float]) -> dict[str, float]:
+    return {"mean": round(statistics.fmean(xs), 4), "sd": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0}
+
+
+def summarize_method(runs: dict[int, dict]) -> dict:
+    """Across seeds: first, last, best and last-minus-first validation accuracy (greedy and sampled), and the
+    mean reward of the last 10 steps. Each entry gives the mean and sample standard deviation over seeds."""
+    out: dict[str, dict] = {}
+    for k in VAL_KEYS:
+        name = k.split("/")[1]
+        firsts = [r[k][0] for r in runs.values()]
+        lasts = [r[k][-1] for r in runs.values()]
+        out[f"{name}_first"] = _mean_sd(firsts)
+        out[f"{name}_last"] = _mean_sd(lasts)
+        out[f"{name}_best"] = _mean_sd([max(r[k]) for r in runs.values()])
+        out[f"{name}_gain"] = _mean_sd([b - a for a, b in zip(firsts, lasts)])
+    out["reward_last10"] = _mean_sd([statistics.fmean(r["reward/mean"][-10:]) for r in runs.values()])
+    out["entropy_last10"] = _mean_sd([statistics.fmean(r["actor/entropy"][-10:]) for r in runs.values()])
+    out["step_s_median"] = _mean_sd([r["time/step_s_median"] for r in runs.values()])
+    return out
+
+
+def summarize(runs_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> dict:
+    methods_out = {}
+    for m in methods:
+        per_seed = {s: read_run(run_dir_of(runs_dir, m, s)) for s in seeds}
+        methods_out[m] = {"summary": summarize_method(per_seed), "runs": {str(s): r for s, r in per_seed.items()}}
+    return methods_out
+
+
+def _avg(curves: list[list]) -> tuple[list[int], list[float]]:
+    """Mean over seeds at each index (ignoring None), up to the shortest run."""
+    n = min(len(c) for c in curves)
+    xs, ys = [], []
+    for i in range(n):
+        vals = [c[i] for c in curves if c[i] is not None]
+        if vals:
+            xs.append(i)
+            ys.append(statistics.fmean(vals))
+    return xs, ys
+
+
+def _smooth(ys: list[float], k: int) -> list[float]:
+    """Trailing moving average over k points."""
+    return [statistics.fmean(ys[max(0, i - k + 1) : i + 1]) for i in range(len(ys))]
+
+
+def plot(results: dict, path: Path, smooth: int = 5) -> None:
+    """Validation accuracy (greedy, sampled) and per-step reward, entropy, response length, clipped-w fraction,
+    leakage rate and all-equal-group fraction vs step: the mean over seeds per method (thin lines: each seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("val/accuracy", "val/accuracy (greedy)"), ("val/sample_accuracy", "val/sample_accuracy (T=1)"),
+              ("reward/mean", "reward/mean"), ("actor/entropy", "actor/entropy"),
+              ("response/length_mean", "response/length_mean (tokens)"), ("rlsd/w_clip_frac", "rlsd/w_clip_frac"),
+              ("leakage/rate", "leakage/rate"), ("adv/all_equal_frac", "adv/all_equal_frac")]  # fmt: skip
+    fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
+    colors = {"grpo": "tab:blue", "rlsd": "tab:red", "opsd": "tab:green"}
+    for ax, (key, title) in zip(axes.flat, panels):
+        for m, res in results["methods"].items():
+            c = colors.get(m)
+            runs = list(res["runs"].values())
+            if key in VAL_KEYS:
+                for r in runs:
+                    ax.plot(r["val_steps"], r[key], color=c, alpha=0.25, lw=0.8)
+                steps = runs[0]["val_steps"][: min(len(r[key]) for r in runs)]
+                _, ys = _avg([r[key] for r in runs])
+                ax.plot(steps, ys, color=c, lw=2, marker="o", ms=3, label=m)
+            else:
+                idx, ys = _avg([r[key] for r in runs])
+                steps = [runs[0]["steps"][i] for i in idx]
+                ax.plot(steps, _smooth(ys, smooth), color=c, lw=1.6, label=m)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend()
+    fig.suptitle(f"tiny lab: {results['budget_text']} (mean of seeds {results['seeds']}; per-step curves "
+                 f"smoothed over {smooth} steps)", fontsize=11)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table_markdown(results: dict) -> str:
+    """The write-up's results table: mean ± sd over seeds, straight from `results`."""
+    rows = ["| method | val/accuracy first → last (gain) | best | val/sample_accuracy first → last (gain) | best "
+            "| reward, last 10 steps | entropy, last 10 steps |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+
+    def f(d: dict) -> str:
+        return f"{d['mean']:.3f} ± {d['sd']:.3f}"
+
+    for m, res in results["methods"].items():
+        s = res["summary"]
+        rows.append(
+            f"| {m} | {s['accuracy_first']['mean']:.3f} → {s['accuracy_last']['mean']:.3f} ({f(s['accuracy_gain'])}) "
+            f"| {f(s['accuracy_best'])} | {s['sample_accuracy_first']['mean']:.3f} → "
+            f"{s['sample_accuracy_last']['mean']:.3f} ({f(s['sample_accuracy_gain'])}) | {f(s['sample_accuracy_best'])} "
+            f"| {f(s['reward_last10'])} | {f(s['entropy_last10'])} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def compare(
+    out: Path, runs: Path, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str], jobs: int,
+    configs: dict[str, str] | None = None, skip_runs: bool = False,
+) -> dict:  # fmt: skip
+    """Run (unless `skip_runs`) and summarise the comparison; writes results.json, curves.png, table.md."""
+    t0 = time.perf_counter()
+    walls = {} if skip_runs else run_all(methods, seeds, runs, overrides, jobs, configs)
+    results = {
+        "command": " ".join(["python -m mmrlsd.lab compare", *sys.argv[2:]]) if sys.argv[1:2] == ["compare"] else "",
+        "methods_configs": {m: (configs or {}).get(m, METHODS[m]) for m in methods},
+        "seeds": list(seeds),
+        "overrides": list(overrides),
+        "budget_text": " ".join(overrides) or "the configs' budget",
+        "jobs": jobs,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
+        "load_avg_at_end": list(os.getloadavg()),
+        "methods": summarize(runs, methods, seeds),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "table.md").write_text(table_markdown(results))
+    plot(results, out / "curves.png")
+    return results
+
+
+# --- CLI ---
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mmrlsd.lab", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("data", help="write the lab's data (train + val)")
+    d.add_argument("--out", type=Path, default=Path("data/tiny/lab"))
+    d.add_argument("--n", type=int, default=4000, help="train records (default 4000)")
+    d.add_argument("--n-val", type=int, default=512, help="val records (default 512)")
+    d.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("compare", help="run GRPO, RLSD and OPSD for each seed and write the results")
+    c.add_argument("--out", type=Path, default=Path("eval/results/tiny_lab"))
+    c.add_argument("--runs", type=Path, default=Path("runs/tiny_lab"), help="run directories go here")
+    c.add_argument("--methods", default=",".join(METHODS))
+    c.add_argument("--seeds", default="0,1,2")
+    c.add_argument("--jobs", type=int, default=2, help="runs at a time (each with trainer.threads=1 by default)")
+    c.add_argument("--skip-runs", action="store_true", help="only summarise existing run directories")
+    c.add_argument("overrides", nargs="*", help="dotted overrides for every run (the shared budget)")
+    args = p.parse_args(argv)
+    if args.command == "data":
+        meta = write_lab_data(args.out, args.n, args.n_val, args.seed)
+        print(f"wrote {meta['counts']} records to {args.out}")
+        return 0
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        print(f"error: unknown method(s) {unknown}; known: {', '.join(METHODS)}", file=sys.stderr)
+        return 2
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    res = compare(args.out, args.runs, methods, seeds, args.overrides, args.jobs, skip_runs=args.skip_runs)
+    print(table_markdown(res))
+    print(f"wrote {args.out}/results.json, curves.png, table.md in {res['wall_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
