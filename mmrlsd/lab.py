@@ -2,7 +2,8 @@
 
     python -m mmrlsd.lab data --out data/tiny/lab                          # the committed RL data
     python -m mmrlsd.lab data --out data/synth_sft --n 24000 --n-val 0 --seed 1    # the SFT data
-    python -m mmrlsd.lab compare                                           # the comparison (about an hour)
+    python -m mmrlsd.lab check                                             # time + judge the default run
+    python -m mmrlsd.lab compare trainer.threads=1                         # the comparison (2 runs at a time)
 
 The lab trains a ~1M-parameter Qwen2-VL (`data/tiny/sft-qwen2vl/`, made by `mmrlsd sft configs/tiny_sft.yaml`)
 on four synthetic families (`mmrlsd.data.synth`) at difficulty levels 1-2. Three of them are multi-step
@@ -89,7 +90,9 @@ def run_dir_of(runs: Path, method: str, seed: int) -> Path:
     return runs / f"{method}-seed{seed}"
 
 
-def train_command(method: str, seed: int, runs: Path, overrides: Sequence[str], config: str | None = None) -> list[str]:
+def train_command(
+    method: str, seed: int, runs: Path, overrides: Sequence[str], config: str | None = None
+) -> list[str]:
     """The `mmrlsd train` command line of one run."""
     cfg = config or METHODS[method]
     return [sys.executable, "-m", "mmrlsd", "train", cfg, "--output-dir", str(run_dir_of(runs, method, seed)),
@@ -113,7 +116,9 @@ def run_all(
         log = run_dir_of(runs, m, s).with_suffix(".log")
         t0 = time.perf_counter()
         with open(log, "w") as f:
-            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+            rc = subprocess.call(
+                cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"}
+            )
         walls[f"{m}-seed{s}"] = time.perf_counter() - t0
         print(f"{m} seed {s}: rc={rc} in {walls[f'{m}-seed{s}']:.0f}s ({log})", flush=True)
         if rc != 0:
@@ -142,7 +147,10 @@ def read_run(run_dir: Path) -> dict:
 
 
 def _mean_sd(xs: list[float]) -> dict[str, float]:
-    return {"mean": round(statistics.fmean(xs), 4), "sd": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0}
+    return {
+        "mean": round(statistics.fmean(xs), 4),
+        "sd": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
+    }
 
 
 def summarize_method(runs: dict[int, dict]) -> dict:
@@ -167,7 +175,10 @@ def summarize(runs_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> d
     methods_out = {}
     for m in methods:
         per_seed = {s: read_run(run_dir_of(runs_dir, m, s)) for s in seeds}
-        methods_out[m] = {"summary": summarize_method(per_seed), "runs": {str(s): r for s, r in per_seed.items()}}
+        methods_out[m] = {
+            "summary": summarize_method(per_seed),
+            "runs": {str(s): r for s, r in per_seed.items()},
+        }
     return methods_out
 
 
@@ -254,7 +265,9 @@ def compare(
     t0 = time.perf_counter()
     walls = {} if skip_runs else run_all(methods, seeds, runs, overrides, jobs, configs)
     results = {
-        "command": " ".join(["python -m mmrlsd.lab compare", *sys.argv[2:]]) if sys.argv[1:2] == ["compare"] else "",
+        "command": " ".join(["python -m mmrlsd.lab compare", *sys.argv[2:]])
+        if sys.argv[1:2] == ["compare"]
+        else "",
         "methods_configs": {m: (configs or {}).get(m, METHODS[m]) for m in methods},
         "seeds": list(seeds),
         "overrides": list(overrides),
@@ -272,11 +285,59 @@ def compare(
     return results
 
 
+# --- the default run's acceptance check ---
+
+FLOORS = {"wall_s": 600.0, "sample_accuracy_gain": 0.10, "accuracy_gain": 0.05, "val_items": 500}
+"""Issue #4's bar for `mmrlsd train configs/tiny_cpu.yaml`: at most 10 minutes, val/sample_accuracy +0.10 and
+val/accuracy +0.05 from the first validation to the last, on at least 500 validation items."""
+
+
+def check_default(run_dir: Path, out: Path | None, config: str = "configs/tiny_cpu.yaml",
+                  overrides: Sequence[str] = ()) -> dict:  # fmt: skip
+    """Run `mmrlsd train CONFIG --output-dir RUN_DIR` in a fresh process, time it end to end (imports included),
+    and judge it against `FLOORS`; writes the verdict as JSON to `out` when given."""
+    load_before = list(os.getloadavg())
+    cmd = [sys.executable, "-m", "mmrlsd", "train", config, "--output-dir", str(run_dir), "--no-progress",
+           *overrides]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    wall = time.perf_counter() - t0
+    run = read_run(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    n_val = int(next(r["val/n"] for r in rows if "val/n" in r))
+    acc, sacc = run["val/accuracy"], run["val/sample_accuracy"]
+    res = {
+        "command": " ".join(["mmrlsd train", config, "--output-dir", str(run_dir), *overrides]),
+        "wall_s": round(wall, 1),
+        "load_avg_before": load_before,
+        "load_avg_after": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
+        "step_s_median": round(run["time/step_s_median"], 3),
+        "steps": len(run["steps"]),
+        "val_items": n_val,
+        "val_steps": run["val_steps"],
+        "val_accuracy": [round(x, 4) for x in acc],
+        "val_sample_accuracy": [round(x, 4) for x in sacc],
+        "accuracy_gain": round(acc[-1] - acc[0], 4),
+        "sample_accuracy_gain": round(sacc[-1] - sacc[0], 4),
+        "floors": FLOORS,
+    }
+    res["passed"] = (wall <= FLOORS["wall_s"] and res["sample_accuracy_gain"] >= FLOORS["sample_accuracy_gain"]
+                     and res["accuracy_gain"] >= FLOORS["accuracy_gain"] and n_val >= FLOORS["val_items"])  # fmt: skip
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+    return res
+
+
 # --- CLI ---
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m mmrlsd.lab", description=__doc__.split("\n\n")[0],
+    examples = "examples:\n" + "\n".join(
+        line for line in __doc__.splitlines() if "python -m mmrlsd.lab" in line
+    )
+    p = argparse.ArgumentParser(prog="python -m mmrlsd.lab", description=__doc__.split("\n\n")[0], epilog=examples,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("data", help="write the lab's data (train + val)")
@@ -289,10 +350,21 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--runs", type=Path, default=Path("runs/tiny_lab"), help="run directories go here")
     c.add_argument("--methods", default=",".join(METHODS))
     c.add_argument("--seeds", default="0,1,2")
-    c.add_argument("--jobs", type=int, default=2, help="runs at a time (each with trainer.threads=1 by default)")
+    c.add_argument(
+        "--jobs", type=int, default=2, help="runs at a time (on 2 cores: 2, with trainer.threads=1)"
+    )
     c.add_argument("--skip-runs", action="store_true", help="only summarise existing run directories")
     c.add_argument("overrides", nargs="*", help="dotted overrides for every run (the shared budget)")
+    k = sub.add_parser("check", help="time the default run and judge it against the issue's bar")
+    k.add_argument("--run-dir", type=Path, default=Path("runs/tiny_default"))
+    k.add_argument("--out", type=Path, default=Path("eval/results/tiny_lab/default_run.json"))
+    k.add_argument("--config", default="configs/tiny_cpu.yaml")
+    k.add_argument("overrides", nargs="*", help="dotted overrides passed to mmrlsd train")
     args = p.parse_args(argv)
+    if args.command == "check":
+        res = check_default(args.run_dir, args.out, args.config, args.overrides)
+        print(json.dumps({k: v for k, v in res.items() if k not in ("floors",)}, indent=1))
+        return 0 if res["passed"] else 1
     if args.command == "data":
         meta = write_lab_data(args.out, args.n, args.n_val, args.seed)
         print(f"wrote {meta['counts']} records to {args.out}")

@@ -12,7 +12,17 @@ import pytest
 
 from mmrlsd.config import load_config, to_dict
 from mmrlsd.data import synth
-from mmrlsd.lab import LAB_FAMILIES, LAB_LEVELS, METHODS, compare, lab_records, table_markdown, write_lab_data
+from mmrlsd.lab import (
+    FLOORS,
+    LAB_FAMILIES,
+    LAB_LEVELS,
+    METHODS,
+    check_default,
+    compare,
+    lab_records,
+    table_markdown,
+    write_lab_data,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_DATA = REPO / "data" / "tiny" / "lab"
@@ -57,6 +67,7 @@ def test_committed_lab_data_matches_the_generator(tmp_path):
         for line in fresh:
             rel = json.loads(line)["images"][0]
             assert (LAB_DATA / rel).read_bytes() == (tmp_path / rel).read_bytes()
+
     # val never shares an item (question + image) with train: synth splits by content hash
     def items(split: str) -> set:
         rows = map(json.loads, (LAB_DATA / f"{split}.jsonl").read_text().splitlines())
@@ -124,15 +135,29 @@ def test_compare_on_a_trivial_budget(tmp_path, tiny_budget):
     for m in METHODS:
         s = res["methods"][m]["summary"]
         assert 0 <= s["accuracy_last"]["mean"] <= 1
-        assert s["accuracy_gain"]["mean"] == pytest.approx(s["accuracy_last"]["mean"] - s["accuracy_first"]["mean"], abs=2e-4)
+        assert s["accuracy_gain"]["mean"] == pytest.approx(
+            s["accuracy_last"]["mean"] - s["accuracy_first"]["mean"], abs=2e-4
+        )
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["methods"].keys() == set(METHODS)
     assert (tmp_path / "out" / "curves.png").stat().st_size > 10_000
     assert (tmp_path / "out" / "table.md").read_text() == table_markdown(saved)
 
 
-@pytest.mark.skipif(not (RESULTS / "results.json").is_file(),
-                    reason="the GRPO/RLSD/OPSD comparison has not been run yet (python -m mmrlsd.lab compare)")
+def test_check_judges_the_default_run_against_the_floors(tmp_path, tiny_budget):
+    res = check_default(tmp_path / "run", tmp_path / "check.json", overrides=tiny_budget)
+    saved = json.loads((tmp_path / "check.json").read_text())
+    assert saved == res
+    assert res["val_items"] == 8 and res["val_steps"] == [0, 2] and res["steps"] == 2
+    assert res["accuracy_gain"] == pytest.approx(res["val_accuracy"][-1] - res["val_accuracy"][0], abs=2e-4)
+    assert 0 < res["wall_s"] < FLOORS["wall_s"]
+    assert res["passed"] is False  # 8 validation items are below the 500-item floor, whatever the gains
+
+
+@pytest.mark.skipif(
+    not (RESULTS / "results.json").is_file(),
+    reason="the GRPO/RLSD/OPSD comparison has not been run yet (python -m mmrlsd.lab compare)",
+)
 def test_write_up_numbers_are_those_in_results_json():
     results = json.loads((RESULTS / "results.json").read_text())
     readme = (RESULTS / "README.md").read_text()

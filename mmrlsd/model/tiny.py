@@ -105,7 +105,9 @@ def build_tokenizer(
     )
     tok.train_from_iterator(list(_BASE_CORPUS) + list(extra_corpus or []), trainer=trainer)
     if added_tokens:
-        tok.add_tokens([AddedToken(t, single_word=False, normalized=False, special=False) for t in added_tokens])
+        tok.add_tokens(
+            [AddedToken(t, single_word=False, normalized=False, special=False) for t in added_tokens]
+        )
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",

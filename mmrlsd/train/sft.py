@@ -98,7 +98,9 @@ class InitConfig:
     """Vision attention heads."""
     vocab_size: int = 384
     """BPE vocabulary (special and added tokens included in the count the trainer aims for)."""
-    added_tokens: list[str] = field(default_factory=lambda: ["<thought>", "</thought>", "<answer>", "</answer>"])
+    added_tokens: list[str] = field(
+        default_factory=lambda: ["<thought>", "</thought>", "<answer>", "</answer>"]
+    )
     """Single tokens added to the tokenizer (the response tags)."""
     corpus_records: int = 4000
     """Training records whose question and solution texts train the tokenizer."""
@@ -142,7 +144,9 @@ def load_sft_config(path: str | Path | None, overrides: list[str] | None = None)
         raise ConfigError(f"{src}: 'sft.teacher_frac' must be in [0, 1], got {cfg.sft.teacher_frac}")
     bad = [i for i in cfg.sft.teacher_infos if i not in ("answer", "solution")]
     if bad or not cfg.sft.teacher_infos:
-        raise ConfigError(f"{src}: 'sft.teacher_infos' must be a non-empty list of answer | solution, got {bad}")
+        raise ConfigError(
+            f"{src}: 'sft.teacher_infos' must be a non-empty list of answer | solution, got {bad}"
+        )
     if not 0 <= cfg.sft.min_lr_ratio <= 1:
         raise ConfigError(f"{src}: 'sft.min_lr_ratio' must be in [0, 1], got {cfg.sft.min_lr_ratio}")
     return cfg
@@ -179,8 +183,13 @@ def solution_batch(processor, samples: list[Sample], texts: list[str]) -> SeqBat
     return build_sequences(enc, Rollouts(response_ids=ids, response_mask=mask, texts=[], group_size=1))
 
 
-def prompt_texts(builders: dict[str, PromptBuilder], samples: list[Sample], teacher_frac: float,
-                 infos: list[str], rng: random.Random) -> list[str]:
+def prompt_texts(
+    builders: dict[str, PromptBuilder],
+    samples: list[Sample],
+    teacher_frac: float,
+    infos: list[str],
+    rng: random.Random,
+) -> list[str]:
     """The chat prompt of each sample: the student prompt, or with probability `teacher_frac` the teacher prompt
     with privileged information drawn from `infos` (`builders` maps an info name to its prompt builder)."""
     texts = []
@@ -250,8 +259,14 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
         raise DataError(f"{cfg.data.train_files}: no records with a '{cfg.data.solution_key}' field")
     val: list[Sample] = []
     if cfg.data.val_files and cfg.trainer.val_every:
-        val_data = load_dataset_files(cfg.data.val_files, _fields(cfg), cfg.data.val_split, shuffle=False,
-                                      max_pixels=max_pixels, max_items=cfg.sft.val_items or cfg.data.max_val_items)
+        val_data = load_dataset_files(
+            cfg.data.val_files,
+            _fields(cfg),
+            cfg.data.val_split,
+            shuffle=False,
+            max_pixels=max_pixels,
+            max_items=cfg.sft.val_items or cfg.data.max_val_items,
+        )
         val = val_data.next_batch(len(val_data.samples))
     model_path = cfg.model.path
     if not model_path:
@@ -289,8 +304,15 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         opt.step()
-        m = {"step": step, "sft/loss": loss, "sft/tokens": tokens, "actor/grad_norm": grad_norm, "optim/lr": lr,
-             "data/epoch": float(train.pos // len(train.samples)), "time/step_s": time.perf_counter() - t0}
+        m = {
+            "step": step,
+            "sft/loss": loss,
+            "sft/tokens": tokens,
+            "actor/grad_norm": grad_norm,
+            "optim/lr": lr,
+            "data/epoch": float(train.pos // len(train.samples)),
+            "time/step_s": time.perf_counter() - t0,
+        }
         if val and (step == total or step % cfg.trainer.val_every == 0):
             t1 = time.perf_counter()
             m.update(validate(policy, processor, prompts, val, cfg, cfg.trainer.seed))
@@ -313,7 +335,9 @@ def save_model(policy, processor, out: Path) -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of `mmrlsd sft`."""
     parser.add_argument("config", help="YAML config (e.g. configs/tiny_sft.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=50 optim.lr=1e-4")
+    parser.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=50 optim.lr=1e-4"
+    )
     parser.add_argument("--output-dir", help="run directory (default: trainer.output_dir)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

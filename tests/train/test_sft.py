@@ -133,7 +133,8 @@ def test_sft_from_scratch_loss_drops(tmp_path):
     losses = [r["sft/loss"] for r in rows if "sft/loss" in r]
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert last < 0.5 * first, (first, last)  # random init starts near log(vocab) ~ 6; the template is learnt fast
+    # a random init starts near log(vocab) ~ 6 nats per token; the chat tags and template are learnt first
+    assert last < 0.5 * first, (first, last)
     assert rows[0]["step"] == 0 and "val/accuracy" in rows[0] and "val/accuracy" in rows[-1]
     assert (tmp_path / "run" / "checkpoint-20" / "config.json").is_file()
     policy, processor = load_model(str(out))  # the final model loads as an RL starting point
