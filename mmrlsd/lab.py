@@ -40,7 +40,7 @@ METHODS = {
 }
 """Method -> its config; the three differ only where the method does (see the configs' headers)."""
 CURVE_KEYS = ("reward/mean", "actor/entropy", "response/length_mean", "rlsd/w_clip_frac", "leakage/rate",
-              "adv/all_equal_frac")  # fmt: skip
+              "adv/all_equal_frac", "rlsd/delta_mean")  # fmt: skip
 """Per-step metrics kept for the curves (besides the validation ones)."""
 VAL_KEYS = ("val/accuracy", "val/sample_accuracy")
 
@@ -146,6 +146,44 @@ def read_run(run_dir: Path) -> dict:
     return out
 
 
+def token_kind(token: str, in_answer: bool) -> str:
+    """`answer` inside <answer>...</answer>, `number` for other tokens with a digit (the readings and results in
+    the thought), `other` for the rest (tags, words, punctuation, end of turn)."""
+    if in_answer:
+        return "answer"
+    return "number" if any(c.isdigit() for c in token) else "other"
+
+
+def token_credit(run_dirs: Sequence[Path], eps_w: float = 0.2) -> dict:
+    """Where the teacher's evidence lands, from the rollout dumps (the Δ_t and w_t the update used): for responses
+    with A > 0 and A < 0, per token kind (`token_kind`), the token count, the mean Δ_t and the share of tokens
+    whose w_t = exp(sign(A)·Δ_t) falls outside [1-ε_w, 1+ε_w] (clipped in RLSD's Â_t)."""
+    acc: dict[tuple[str, str], list[tuple[float, bool]]] = {}
+    for run_dir in run_dirs:
+        for path in sorted((run_dir / "rollouts").glob("step_*.jsonl")):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if row["adv"] == 0:
+                    continue
+                sign = "A>0" if row["adv"] > 0 else "A<0"
+                in_answer = False
+                for tok, d, w in zip(row["tokens"], row["delta"], row["w"]):
+                    if tok == "</answer>":
+                        in_answer = False
+                    kind = token_kind(tok, in_answer)
+                    acc.setdefault((sign, kind), []).append((d, not 1 - eps_w <= w <= 1 + eps_w))
+                    if tok == "<answer>":
+                        in_answer = True
+    out: dict = {}
+    for (sign, kind), vals in sorted(acc.items()):
+        out.setdefault(sign, {})[kind] = {
+            "tokens": len(vals),
+            "delta_mean": round(statistics.fmean(d for d, _ in vals), 4),
+            "clipped_frac": round(sum(c for _, c in vals) / len(vals), 4),
+        }
+    return out
+
+
 def _mean_sd(xs: list[float]) -> dict[str, float]:
     return {
         "mean": round(statistics.fmean(xs), 4),
@@ -154,20 +192,35 @@ def _mean_sd(xs: list[float]) -> dict[str, float]:
 
 
 def summarize_method(runs: dict[int, dict]) -> dict:
-    """Across seeds: first, last, best and last-minus-first validation accuracy (greedy and sampled), and the
-    mean reward of the last 10 steps. Each entry gives the mean and sample standard deviation over seeds."""
-    out: dict[str, dict] = {}
+    """Across seeds: first, last, best and last-minus-first validation accuracy (greedy and sampled, with each
+    seed's gain), and per-step diagnostics over the first and last 10 steps or the whole run. Each entry gives
+    the mean and sample standard deviation over seeds."""
+    out: dict = {}
+    rs = list(runs.values())
     for k in VAL_KEYS:
         name = k.split("/")[1]
-        firsts = [r[k][0] for r in runs.values()]
-        lasts = [r[k][-1] for r in runs.values()]
+        firsts = [r[k][0] for r in rs]
+        lasts = [r[k][-1] for r in rs]
         out[f"{name}_first"] = _mean_sd(firsts)
         out[f"{name}_last"] = _mean_sd(lasts)
-        out[f"{name}_best"] = _mean_sd([max(r[k]) for r in runs.values()])
+        out[f"{name}_best"] = _mean_sd([max(r[k]) for r in rs])
         out[f"{name}_gain"] = _mean_sd([b - a for a, b in zip(firsts, lasts)])
-    out["reward_last10"] = _mean_sd([statistics.fmean(r["reward/mean"][-10:]) for r in runs.values()])
-    out["entropy_last10"] = _mean_sd([statistics.fmean(r["actor/entropy"][-10:]) for r in runs.values()])
-    out["step_s_median"] = _mean_sd([r["time/step_s_median"] for r in runs.values()])
+        out[f"{name}_gain_per_seed"] = [round(b - a, 4) for a, b in zip(firsts, lasts)]
+
+    def window(key: str, sl: slice) -> dict[str, float]:
+        return _mean_sd([statistics.fmean(v for v in r[key][sl] if v is not None) for r in rs])
+
+    for key, name in (
+        ("reward/mean", "reward"),
+        ("actor/entropy", "entropy"),
+        ("adv/all_equal_frac", "all_equal"),
+    ):
+        out[f"{name}_first10"] = window(key, slice(0, 10))
+        out[f"{name}_last10"] = window(key, slice(-10, None))
+    out["w_clip_frac_run"] = window("rlsd/w_clip_frac", slice(None))
+    out["delta_mean_run"] = window("rlsd/delta_mean", slice(None))
+    out["leakage_max"] = max(max(v or 0.0 for v in r["leakage/rate"]) for r in rs)
+    out["step_s_median"] = _mean_sd([r["time/step_s_median"] for r in rs])
     return out
 
 
@@ -177,6 +230,7 @@ def summarize(runs_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> d
         per_seed = {s: read_run(run_dir_of(runs_dir, m, s)) for s in seeds}
         methods_out[m] = {
             "summary": summarize_method(per_seed),
+            "token_credit": token_credit([run_dir_of(runs_dir, m, s) for s in seeds]),
             "runs": {str(s): r for s, r in per_seed.items()},
         }
     return methods_out
@@ -231,8 +285,8 @@ def plot(results: dict, path: Path, smooth: int = 5) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
-    fig.suptitle(f"tiny lab: {results['budget_text']} (mean of seeds {results['seeds']}; per-step curves "
-                 f"smoothed over {smooth} steps)", fontsize=11)  # fmt: skip
+    fig.suptitle(f"tiny lab, {results['budget_text']}: mean of seeds {results['seeds']} (thin: each seed; "
+                 f"per-step curves smoothed over {smooth} steps; GRPO has no teacher pass, so no w)", fontsize=11)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -254,7 +308,43 @@ def table_markdown(results: dict) -> str:
             f"{s['sample_accuracy_last']['mean']:.3f} ({f(s['sample_accuracy_gain'])}) | {f(s['sample_accuracy_best'])} "
             f"| {f(s['reward_last10'])} | {f(s['entropy_last10'])} |"
         )
+    rows += ["", "| method | reward, first → last 10 steps | entropy, first → last 10 | all-equal groups, first → "
+             "last 10 | clipped w (run mean) | Δ mean (run mean) | leakage (max) | step s (median) |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m, res in results["methods"].items():
+        s = res["summary"]
+        rows.append(
+            f"| {m} | {s['reward_first10']['mean']:.3f} → {s['reward_last10']['mean']:.3f} "
+            f"| {s['entropy_first10']['mean']:.3f} → {s['entropy_last10']['mean']:.3f} "
+            f"| {s['all_equal_first10']['mean']:.3f} → {s['all_equal_last10']['mean']:.3f} "
+            f"| {s['w_clip_frac_run']['mean']:.3f} | {s['delta_mean_run']['mean']:.3f} | {s['leakage_max']:.3f} "
+            f"| {s['step_s_median']['mean']:.2f} |"
+        )
+    credit = {m: r["token_credit"] for m, r in results["methods"].items() if r.get("token_credit")}
+    if any(any(c["delta_mean"] for kinds in tc.values() for c in kinds.values()) for tc in credit.values()):
+        rows += ["", "| method | response | token kind | tokens | mean Δ_t | w_t outside [0.8, 1.2] |",
+                 "|---|---|---|---|---|---|"]  # fmt: skip
+        for m, tc in credit.items():
+            if not any(c["delta_mean"] for kinds in tc.values() for c in kinds.values()):
+                continue  # GRPO: no teacher pass, Δ = 0
+            for sign in ("A>0", "A<0"):
+                for kind in ("number", "answer", "other"):
+                    c = tc.get(sign, {}).get(kind)
+                    if c:
+                        d = f"{c['delta_mean']:.3f}".replace("-0.000", "0.000")
+                        rows.append(
+                            f"| {m} | {sign} | {kind} | {c['tokens']} | {d} | {c['clipped_frac']:.3f} |"
+                        )
     return "\n".join(rows) + "\n"
+
+
+def budget_text(config: str, overrides: Sequence[str]) -> str:
+    """`100 steps x 16 prompts x 8 samples, lr 0.0001, val every 20 steps` from a method's config + overrides."""
+    from mmrlsd.config import load_config
+
+    c = load_config(config, list(overrides))
+    return (f"{c.trainer.total_steps} steps x {c.rollout.batch_size} prompts x {c.rollout.n} samples, "
+            f"lr {c.optim.lr:g}, val every {c.trainer.val_every} steps")  # fmt: skip
 
 
 def compare(
@@ -264,6 +354,11 @@ def compare(
     """Run (unless `skip_runs`) and summarise the comparison; writes results.json, curves.png, table.md."""
     t0 = time.perf_counter()
     walls = {} if skip_runs else run_all(methods, seeds, runs, overrides, jobs, configs)
+    previous = (
+        json.loads((out / "results.json").read_text())
+        if skip_runs and (out / "results.json").is_file()
+        else {}
+    )
     results = {
         "command": " ".join(["python -m mmrlsd.lab compare", *sys.argv[2:]])
         if sys.argv[1:2] == ["compare"]
@@ -271,13 +366,17 @@ def compare(
         "methods_configs": {m: (configs or {}).get(m, METHODS[m]) for m in methods},
         "seeds": list(seeds),
         "overrides": list(overrides),
-        "budget_text": " ".join(overrides) or "the configs' budget",
+        "budget_text": budget_text(configs.get(methods[0]) if configs else METHODS[methods[0]], overrides),
         "jobs": jobs,
         "wall_s": round(time.perf_counter() - t0, 1),
         "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
         "load_avg_at_end": list(os.getloadavg()),
         "methods": summarize(runs, methods, seeds),
     }
+    if previous:  # re-summarising existing runs: keep how and how long they ran
+        results.update(
+            {k: previous[k] for k in ("command", "jobs", "wall_s", "run_wall_s", "load_avg_at_end")}
+        )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table_markdown(results))

@@ -161,14 +161,14 @@ def test_check_judges_the_default_run_against_the_floors(tmp_path, tiny_budget):
 def test_write_up_numbers_are_those_in_results_json():
     results = json.loads((RESULTS / "results.json").read_text())
     readme = (RESULTS / "README.md").read_text()
-    assert table_markdown(results) in readme  # the results table, verbatim
-    # every decimal number quoted in the prose appears in results.json (rounded as printed)
+    assert table_markdown(results) in readme  # the results tables, verbatim
+    # every 3-decimal number in the prose is in results.json, default_run.json or the probe (as printed)
     numbers = set(re.findall(r"(?<![\d.])\d\.\d{3}(?!\d)", readme))
-    in_json = set()
+    in_json: set[str] = set()
 
-    def walk(x):
+    def walk(x) -> None:
         if isinstance(x, float):
-            in_json.add(f"{x:.3f}")
+            in_json.update({f"{x:.3f}", f"{abs(x):.3f}"})
         elif isinstance(x, dict):
             for v in x.values():
                 walk(v)
@@ -176,6 +176,14 @@ def test_write_up_numbers_are_those_in_results_json():
             for v in x:
                 walk(v)
 
-    walk(results)
+    for m in results["methods"].values():  # summaries and validation points, not the ~10,000 per-step values
+        walk(
+            [m["summary"], m["token_credit"]]
+            + [[r["val/accuracy"], r["val/sample_accuracy"]] for r in m["runs"].values()]
+        )
+    for name in ("default_run.json", "probe_opsd_lr1e-3.json"):
+        walk(json.loads((RESULTS / name).read_text()))
     missing = sorted(numbers - in_json)
-    assert not missing, f"numbers in README.md not in results.json: {missing}"
+    assert not missing, f"numbers in README.md not in the JSON files: {missing}"
+    check = json.loads((RESULTS / "default_run.json").read_text())
+    assert check["passed"] and check["val_items"] >= FLOORS["val_items"]
