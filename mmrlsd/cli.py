@@ -38,10 +38,13 @@ def _validate(args) -> int:
 
 def _ls(args) -> int:
     from mmrlsd.algo import ADVANTAGES, TOKEN_ADVANTAGES
+    from mmrlsd.config import CHOICES
     from mmrlsd.model.tiny import ARCHS
     from mmrlsd.reward.rewards import REWARDS
 
     rows = {"token advantages (algo.token_adv)": sorted(TOKEN_ADVANTAGES) + ["grpo_opsd"],
+            "teacher information (algo.teacher_info; sibling = SDPO)": list(CHOICES["algo.teacher_info"]),
+            "distillation (algo.distill)": list(CHOICES["algo.distill"]),
             "group advantages (algo.adv)": sorted(ADVANTAGES), "rewards (reward.name)": sorted(REWARDS),
             "tiny architectures (make-tiny --arch)": list(ARCHS)}  # fmt: skip
     try:
@@ -125,8 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example:\n  mmrlsd ls", formatter_class=fmt)  # fmt: skip
     ls.set_defaults(fn=_ls)
 
-    mt = sub.add_parser("make-tiny", help="write a tiny random Qwen-VL checkpoint (no download)",
-                        epilog="example:\n  mmrlsd make-tiny --arch qwen3_vl --out /tmp/tiny3", formatter_class=fmt)
+    mt = sub.add_parser(
+        "make-tiny",
+        help="write a tiny random Qwen-VL checkpoint (no download)",
+        epilog="example:\n  mmrlsd make-tiny --arch qwen3_vl --out /tmp/tiny3",
+        formatter_class=fmt,
+    )
     mt.add_argument("--arch", required=True, choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
     mt.add_argument("--out", required=True)
     mt.add_argument("--seed", type=int, default=0)
@@ -141,16 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
         add_eval(e)
     e.set_defaults(fn=_eval)
 
-    ft = sub.add_parser("sft", help="supervised fine-tuning on reference solutions (builds the tiny-lab model)",
-                        formatter_class=fmt, epilog="example:\n  mmrlsd sft configs/tiny_sft.yaml --output-dir runs/sft")
+    ft = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on reference solutions (builds the tiny-lab model)",
+        formatter_class=fmt,
+        epilog="example:\n  mmrlsd sft configs/tiny_sft.yaml --output-dir runs/sft",
+    )
     ft.add_argument("config", help="YAML config (e.g. configs/tiny_sft.yaml)")
-    ft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=50 optim.lr=1e-4")
+    ft.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=50 optim.lr=1e-4"
+    )
     ft.add_argument("--output-dir", help="run directory (default: trainer.output_dir)")
     ft.add_argument("--no-progress", action="store_true", help="no progress bar")
     ft.set_defaults(fn=_sft)
 
-    x = sub.add_parser("export", help="write a plain Hugging Face model folder from a training checkpoint",
-                       formatter_class=fmt, epilog="example:\n  mmrlsd export runs/tiny/checkpoint-100 --out models/tiny")
+    x = sub.add_parser(
+        "export",
+        help="write a plain Hugging Face model folder from a training checkpoint",
+        formatter_class=fmt,
+        epilog="example:\n  mmrlsd export runs/tiny/checkpoint-100 --out models/tiny",
+    )
     x.add_argument("checkpoint", help="RUN_DIR/checkpoint-N")
     x.add_argument("--out", required=True, help="output folder (loadable by from_pretrained and vLLM)")
     x.set_defaults(fn=_export)
@@ -171,8 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synth", help="write the synthetic visual-reasoning data set", formatter_class=fmt,
-                        epilog="example:\n  mmrlsd data synth --out data/tiny --n 4000 --seed 0")
+    s = dsub.add_parser(
+        "synth",
+        help="write the synthetic visual-reasoning data set",
+        formatter_class=fmt,
+        epilog="example:\n  mmrlsd data synth --out data/tiny --n 4000 --seed 0",
+    )
     try:
         from mmrlsd.data.synth import add_arguments as add_synth
     except ImportError:  # pragma: no cover
@@ -191,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     from mmrlsd.config import ConfigError
     from mmrlsd.errors import MmrlsdError
 

@@ -131,7 +131,8 @@ class RewardConfig:
 @dataclass
 class AlgoConfig:
     token_adv: str = "rlsd"
-    """Token advantage: rlsd | grpo | opsd | grpo_opsd (registry in mmrlsd.algo)."""
+    """Token advantage: rlsd | grpo | opsd | grpo_opsd (registry in mmrlsd.algo). SDPO is opsd with
+    teacher_info sibling."""
     adv: str = "grpo"
     """Group advantage estimator (registry in mmrlsd.algo.advantage)."""
     norm_std: bool = True
@@ -155,7 +156,14 @@ class AlgoConfig:
     opsd_coef: float = 1.0
     """Coefficient of the distillation term in grpo_opsd (Â_t = A + coef·Δ_t)."""
     teacher_info: str = "answer"
-    """Privileged information in the teacher prompt: answer | solution (OPSD uses the solution)."""
+    """Privileged information in the teacher prompt: answer | solution (OPSD uses the solution) | sibling
+    (SDPO: a correct response of the same group, another row than the one scored; rows whose group has none
+    get Δ_t = 0)."""
+    distill: str = "sampled"
+    """How opsd and grpo_opsd distil: sampled (reverse KL on the sampled tokens, Â_t = Δ_t) | jsd (the
+    full-vocabulary generalised JSD_β between teacher and student, added to the loss; plain update path only)."""
+    jsd_beta: float = 0.5
+    """β of the generalised JSD (0: forward KL(T||S), 1: reverse KL(S||T)); with algo.distill jsd."""
     teacher_diagnostics: bool = False
     """Run the teacher pass even when it cannot change the update (GRPO), to log Δ and w for comparison."""
     dynamic_sampling: bool = False
@@ -239,7 +247,8 @@ CHOICES = {
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
     "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
-    "algo.teacher_info": ("answer", "solution"),
+    "algo.teacher_info": ("answer", "solution", "sibling"),
+    "algo.distill": ("sampled", "jsd"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
     "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
@@ -316,8 +325,11 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: 'model.path' is required (a hub id or a local checkpoint directory)")
     if not cfg.data.train_files:
         raise ConfigError(f"{src}: 'data.train_files' is required (a JSONL/parquet path or hub:org/name)")
-    if cfg.rollout.n < 2 and cfg.algo.token_adv != "opsd":
-        raise ConfigError(f"{src}: 'rollout.n' must be >= 2 for group advantages, got {cfg.rollout.n}")
+    if cfg.rollout.n < 2 and (cfg.algo.token_adv != "opsd" or cfg.algo.teacher_info == "sibling"):
+        what = "sibling demonstrations" if cfg.algo.teacher_info == "sibling" else "group advantages"
+        raise ConfigError(f"{src}: 'rollout.n' must be >= 2 for {what}, got {cfg.rollout.n}")
+    if not 0 <= cfg.algo.jsd_beta <= 1:
+        raise ConfigError(f"{src}: 'algo.jsd_beta' must be in [0, 1], got {cfg.algo.jsd_beta}")
     if not 0 <= cfg.algo.lam0 <= 1:
         raise ConfigError(f"{src}: 'algo.lam0' must be in [0, 1], got {cfg.algo.lam0}")
     if cfg.algo.eps_w >= 1:
@@ -327,7 +339,9 @@ def _validate(cfg: Config, src: str) -> None:
     if cfg.reward.acc_weight + cfg.reward.format_weight <= 0:
         raise ConfigError(f"{src}: 'reward.acc_weight' + 'reward.format_weight' must be > 0")
     if cfg.optim.mini_batches > cfg.rollout.batch_size * cfg.rollout.n:
-        raise ConfigError(f"{src}: 'optim.mini_batches' ({cfg.optim.mini_batches}) exceeds the B*G responses per step")
+        raise ConfigError(
+            f"{src}: 'optim.mini_batches' ({cfg.optim.mini_batches}) exceeds the B*G responses per step"
+        )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"{src}: 'optim.betas' must have 2 values, got {cfg.optim.betas}")
     _validate_conflicts(cfg, src)
@@ -340,6 +354,20 @@ def _validate_conflicts(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: 'model.min_pixels' ({m.min_pixels}) > 'model.max_pixels' ({m.max_pixels})")
     if m.attn_implementation == "flash_attention_2" and cfg.trainer.device == "cpu":
         raise ConfigError(f"{src}: 'model.attn_implementation' flash_attention_2 needs 'trainer.device' cuda")
+    a = cfg.algo
+    if a.distill == "jsd" and a.token_adv not in ("opsd", "grpo_opsd"):
+        raise ConfigError(
+            f"{src}: 'algo.distill' jsd needs 'algo.token_adv' opsd or grpo_opsd, got {a.token_adv!r}"
+        )
+    fast = [
+        k
+        for k in ("model.packing", "model.share_vision", "model.share_prefix", "model.logprob_chunk")
+        if get_key(cfg, k)
+    ]
+    if a.distill == "jsd" and fast:
+        raise ConfigError(
+            f"{src}: 'algo.distill' jsd runs on the plain update path; set {', '.join(fast)} to false/0"
+        )
     if cfg.trainer.val_every and not cfg.data.val_files:
         raise ConfigError(f"{src}: 'trainer.val_every' needs 'data.val_files' (it is empty)")
 
@@ -378,7 +406,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, val
         except yaml.YAMLError as e:
             raise ConfigError(f"{src}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
-            raise ConfigError(f"{src}: the top level must be a mapping of sections, got {type(data).__name__}")
+            raise ConfigError(
+                f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"
+            )
         _merge(cfg, data, "", src)
     if overrides:
         _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")

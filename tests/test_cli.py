@@ -7,7 +7,17 @@ import pytest
 
 from mmrlsd.cli import build_parser
 
-COMMANDS = [["train"], ["validate"], ["ls"], ["make-tiny"], ["eval"], ["sft"], ["export"], ["viz"], ["data", "synth"]]
+COMMANDS = [
+    ["train"],
+    ["validate"],
+    ["ls"],
+    ["make-tiny"],
+    ["eval"],
+    ["sft"],
+    ["export"],
+    ["viz"],
+    ["data", "synth"],
+]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
@@ -20,7 +30,9 @@ def test_help(cmd, capsys):
 
 
 def test_top_level_help_is_fast_and_has_examples():
-    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "mmrlsd", "--help"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "mmrlsd", "--help"], capture_output=True, text=True
+    )
     assert r.returncode == 0 and "mmrlsd train configs/tiny_cpu.yaml" in r.stdout
     imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line]
     assert "torch" not in imported and "transformers" not in imported, "--help must not import torch"
@@ -32,7 +44,7 @@ def test_ls(capsys):
     assert main(["ls"]) == 0
     out = capsys.readouterr().out
     assert "rlsd" in out and "grpo" in out and "math" in out and "qwen3_vl" in out
-
+    assert "answer, solution, sibling" in out and "sampled, jsd" in out
 
 
 def test_overrides_may_follow_options(monkeypatch, tmp_path):
@@ -42,7 +54,12 @@ def test_overrides_may_follow_options(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(loop, "train", lambda cfg, out, **kw: seen.update(cfg=cfg, out=out) or tmp_path)
-    assert main(["train", "configs/qwen2vl_7b.yaml", "algo.lam0=0", "--output-dir", "d", "trainer.total_steps=2"]) == 0
+    assert (
+        main(
+            ["train", "configs/qwen2vl_7b.yaml", "algo.lam0=0", "--output-dir", "d", "trainer.total_steps=2"]
+        )
+        == 0
+    )
     assert seen["out"] == "d" and seen["cfg"].trainer.total_steps == 2 and seen["cfg"].algo.lam0 == 0.0
     with pytest.raises(SystemExit):
         main(["train", "configs/qwen2vl_7b.yaml", "--output-dir", "d", "--bogus"])

@@ -1,4 +1,4 @@
-"""Pure tensor functions: group advantages, RLSD token advantages, the PPO clipped loss, OPSD terms.
+"""Pure tensor functions: group advantages, RLSD token advantages, the PPO clipped loss, OPSD/SDPO terms.
 
 No model, config object, file or `self` in here: every scalar is an explicit argument, every shape is documented.
 """
@@ -13,16 +13,19 @@ from mmrlsd.algo.rlsd import (
     lam_at,
     rlsd_token_advantages,
 )
+from mmrlsd.algo.sdpo import demonstration_mask, pick_demonstrations
 
 __all__ = [
     "ADVANTAGES",
     "TOKEN_ADVANTAGES",
+    "demonstration_mask",
     "evidence_weights",
     "generalized_jsd",
     "get_advantage",
     "get_token_advantage",
     "grpo_advantages",
     "lam_at",
+    "pick_demonstrations",
     "ppo_clip_loss",
     "rlsd_token_advantages",
 ]

@@ -16,8 +16,9 @@ from mmrlsd.config import ConfigError
 from mmrlsd.types import Sample
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
-VARIABLES = ("problem", "reference", "answer", "solution")
-"""The variables a template may use: `problem` (student and teacher) and the privileged information."""
+VARIABLES = ("problem", "reference", "answer", "solution", "demonstration")
+"""The variables a template may use: `problem` (student and teacher) and the privileged information
+(`reference` is the one `teacher_info` selects: the answer, the solution, or for SDPO the `demonstration`)."""
 
 
 def load_template(path: str | Path):
@@ -49,13 +50,17 @@ def user_messages(text: str, n_images: int) -> list[dict]:
 
 
 def chat_text(processor, text: str, n_images: int) -> str:
-    return processor.apply_chat_template(user_messages(text, n_images), add_generation_prompt=True, tokenize=False)
+    return processor.apply_chat_template(
+        user_messages(text, n_images), add_generation_prompt=True, tokenize=False
+    )
 
 
 class PromptBuilder:
     """Renders the student prompt x and the teacher prompt (x, r) of a sample as chat-formatted text."""
 
-    def __init__(self, processor, student_template: str | Path, teacher_template: str | Path, teacher_info: str):
+    def __init__(
+        self, processor, student_template: str | Path, teacher_template: str | Path, teacher_info: str
+    ):
         self.processor = processor
         self.student_tpl = load_template(student_template)
         self.teacher_tpl = load_template(teacher_template)
@@ -66,11 +71,18 @@ class PromptBuilder:
     def student(self, s: Sample) -> str:
         return chat_text(self.processor, self.student_tpl.render(problem=s.problem), len(s.images))
 
-    def teacher(self, s: Sample) -> str:
+    def teacher(self, s: Sample, demonstration: str | None = None) -> str:
+        """The teacher prompt; `demonstration` is the correct sibling response SDPO conditions on
+        (`teacher_info: sibling`, where it is required)."""
         reference = s.answer
         if self.teacher_info == "solution":
             reference = s.solution or s.answer  # OPSD: the full reference solution when the record has one
-        text = self.teacher_tpl.render(problem=s.problem, reference=reference, answer=s.answer, solution=s.solution)
+        elif self.teacher_info == "sibling":
+            if demonstration is None:
+                raise ValueError(f"sample {s.id!r}: teacher_info 'sibling' needs a demonstration")
+            reference = demonstration
+        text = self.teacher_tpl.render(problem=s.problem, reference=reference, answer=s.answer,
+                                       solution=s.solution, demonstration=demonstration or "")  # fmt: skip
         return chat_text(self.processor, text, len(s.images))
 
 

@@ -26,6 +26,7 @@ import torch
 from mmrlsd.model.packing import FastOptions, Layout, make_layout, packed_attention, plan, rope_positions
 from mmrlsd.model.vision import VisionFeatures, vision_features
 from mmrlsd.rollout.generate import images_per_row
+from mmrlsd.train.fsdp import tower_on_every_rank
 from mmrlsd.types import Rollouts, SeqBatch
 
 
@@ -68,6 +69,11 @@ def forward_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`(logp, entropy)`, each `(n, T)`: log π(y_t | prompt, y_<t) of the sampled tokens, and the entropy of
     π(· | prompt, y_<t) (detached). Gradients flow through `logp` when enabled by the caller."""
+    return logprobs_from_logits(response_logits(model, seq), seq, with_entropy)
+
+
+def response_logits(model, seq: SeqBatch) -> torch.Tensor:
+    """`(n, T, V)` fp32 logits that predict the response tokens: position P+t-1 predicts response token t."""
     device = next(model.parameters()).device
     T = seq.response_len
     inputs = {"input_ids": seq.input_ids, "attention_mask": seq.attention_mask}
@@ -77,9 +83,16 @@ def forward_logprobs(
         inputs["pixel_values"] = seq.pixel_values.to(model.dtype)
         inputs["image_grid_thw"] = seq.image_grid_thw
     inputs = {k: v.to(device) for k, v in inputs.items()}
-    out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
-    logits = out.logits[:, :-1].float()  # (n, T, V): position P+t-1 predicts response token t
-    targets = seq.input_ids[:, seq.prompt_len :].to(device)  # (n, T)
+    with tower_on_every_rank(model, has_images=seq.pixel_values is not None):  # FSDP: a dummy image if none
+        out = model(**inputs, use_cache=False, logits_to_keep=T + 1)
+    return out.logits[:, :-1].float()  # (n, T, V)
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor, seq: SeqBatch, with_entropy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`(logp, entropy)` of `seq`'s response tokens from `response_logits` `(n, T, V)`; entropy detached."""
+    targets = seq.input_ids[:, seq.prompt_len :].to(logits.device)  # (n, T)
     logz = torch.logsumexp(logits, dim=-1)  # (n, T)
     logp = logits.gather(-1, targets[..., None]).squeeze(-1) - logz  # (n, T)
     entropy = None

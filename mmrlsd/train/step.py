@@ -14,6 +14,7 @@ behaviour log-probs and Δ is formed inside it, from the same numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,10 +23,12 @@ from functools import partial
 import torch
 
 from mmrlsd.algo.advantage import all_equal_groups, get_advantage
-from mmrlsd.algo.rlsd import get_token_advantage, grpo_opsd_token_advantages, lam_at
+from mmrlsd.algo.opsd import generalized_jsd
+from mmrlsd.algo.rlsd import get_token_advantage, grpo_opsd_token_advantages, grpo_token_advantages, lam_at
+from mmrlsd.algo.sdpo import demonstration_mask, pick_demonstrations
 from mmrlsd.config import Config
 from mmrlsd.data.prompts import PromptBuilder, encode
-from mmrlsd.model.logprobs import build_sequences, token_logprobs
+from mmrlsd.model.logprobs import build_sequences, response_logits, slice_seq, token_logprobs
 from mmrlsd.model.packing import FastOptions, fast_options
 from mmrlsd.model.vision import repeat_encoding
 from mmrlsd.reward.rewards import score_responses
@@ -63,6 +66,21 @@ def encode_group(ctx: StepContext, samples: list[Sample], render, G: int):
     return repeat_encoding(enc, G)
 
 
+def teacher_encoding(ctx: StepContext, samples: list[Sample], rollouts, results, G: int):
+    """`(encoding, demos)`: the teacher prompts of all B*G rows, and for `teacher_info: sibling` (SDPO) each row's
+    demonstration (None otherwise).
+
+    SDPO: each row's prompt carries the first other correct response of its group (`demos[i]`, its row index);
+    rows without one get the student prompt and no Δ. Otherwise one prompt per sample, repeated G times."""
+    if ctx.cfg.algo.teacher_info != "sibling":
+        return encode_group(ctx, samples, ctx.prompts.teacher, G), None
+    demos = pick_demonstrations([r.accuracy >= 1.0 for r in results], G)
+    texts = [ctx.prompts.teacher(samples[i // G], demonstration=rollouts.texts[d]) if d is not None
+             else ctx.prompts.student(samples[i // G]) for i, d in enumerate(demos)]  # fmt: skip
+    enc = encode(ctx.processor, texts, [samples[i // G].pil_images for i in range(len(texts))])
+    return enc, demos
+
+
 def needs_teacher(cfg: Config, lam: float) -> bool:
     if cfg.algo.token_adv in ("opsd", "grpo_opsd"):
         return True
@@ -70,6 +88,8 @@ def needs_teacher(cfg: Config, lam: float) -> bool:
 
 
 def token_advantages(cfg: Config, adv, delta, mask, lam: float) -> torch.Tensor:
+    if cfg.algo.distill == "jsd":  # the distillation is a loss term (`jsd_term`), not part of Â_t
+        return grpo_token_advantages(adv, delta, mask) * float(cfg.algo.token_adv == "grpo_opsd")
     if cfg.algo.token_adv == "grpo_opsd":
         return grpo_opsd_token_advantages(adv, delta, mask, coef=cfg.algo.opsd_coef)
     return get_token_advantage(cfg.algo.token_adv)(adv, delta, mask, lam=lam, eps_w=cfg.algo.eps_w)
@@ -85,7 +105,27 @@ def shape_rows(
     return token_advantages(cfg, adv[rows], delta, mask[rows], lam)
 
 
-def update(ctx: StepContext, seq: SeqBatch, old_logp, shaped, mask, fast: FastOptions, step: int):
+def jsd_term(ctx: StepContext, teacher_seq: SeqBatch, teacher_mask: torch.Tensor):
+    """`algo.distill: jsd`: the loss term `coef · Σ_t JSD_β(P_T,t || P_S,t) / num_tokens` of rows start..stop
+    over the full vocabulary (spec section 7, OPSD), the teacher's logits recomputed without gradient per
+    micro-batch. coef is 1 for opsd and `algo.opsd_coef` for grpo_opsd."""
+    a = ctx.cfg.algo
+    coef = a.opsd_coef if a.token_adv == "grpo_opsd" else 1.0
+
+    def term(
+        start: int, stop: int, logits: torch.Tensor, mask: torch.Tensor, num_tokens: float
+    ) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = response_logits(ctx.teacher, slice_seq(teacher_seq, start, stop))  # (n, T, V)
+        m = mask * teacher_mask[start:stop].to(mask.device)  # (n, T)
+        return coef * generalized_jsd(logits, t_logits, m, a.jsd_beta, num_tokens)
+
+    return term
+
+
+def update(
+    ctx: StepContext, seq: SeqBatch, old_logp, shaped, mask, fast: FastOptions, step: int, distill=None
+):
     """`ppo_update`, or on the fast path `fused_update` (Δ inside the update when `old_logp` is None).
     Returns the update stats and the student log-probs Δ used."""
     o, a = ctx.cfg.optim, ctx.cfg.algo
@@ -95,7 +135,7 @@ def update(ctx: StepContext, seq: SeqBatch, old_logp, shaped, mask, fast: FastOp
     if not fast.enabled:
         all_rows = list(range(seq.input_ids.shape[0]))
         return ppo_update(
-            ctx.policy, ctx.optimizer, seq, old_logp, shaped(all_rows, old_logp), mask, **kw
+            ctx.policy, ctx.optimizer, seq, old_logp, shaped(all_rows, old_logp), mask, distill=distill, **kw
         ), old_logp
     stats, seen = fused_update(ctx.policy, ctx.optimizer, seq, old_logp, shaped, mask, fast=fast, **kw)
     return stats, (seen if old_logp is None else old_logp)
@@ -135,26 +175,34 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
         mask = mask * (~all_equal_groups(rewards, G)).repeat_interleave(G)[:, None].float()
     student = build_sequences(student_enc, rollouts)  # (B*G, P+T)
     lam = lam_at(step - 1, cfg.algo.lam0, cfg.algo.lam_decay_steps, cfg.algo.lam_warmup_steps)
-    teacher_logp = None
+    teacher_logp, distill = None, None
+    teacher_mask, demos = rollouts.response_mask, None  # (B*G, T): where Δ_t counts
     if needs_teacher(cfg, lam):
         with timed(t, "teacher"):
-            teacher_enc = encode_group(ctx, samples, ctx.prompts.teacher, G)  # (B*G, P'), prompt includes r
+            teacher_enc, demos = teacher_encoding(ctx, samples, rollouts, results, G)  # (B*G, P'), includes r
             teacher_seq = build_sequences(teacher_enc, rollouts)  # (B*G, P'+T)
-            teacher_logp, _ = token_logprobs(ctx.teacher, teacher_seq, mb, fast=fast)  # (B*G, T)
-    shaped = partial(
-        shape_rows, cfg, adv, teacher_logp, rollouts.response_mask, mask, lam
-    )  # Â_t of some rows
+            teacher_fast = dataclasses.replace(
+                fast, share_prefix=fast.share_prefix and cfg.algo.teacher_info != "sibling"
+            )
+            teacher_logp, _ = token_logprobs(ctx.teacher, teacher_seq, mb, fast=teacher_fast)  # (B*G, T)
+            if demos is not None:  # SDPO: no Δ on rows without a demonstration
+                teacher_mask = rollouts.response_mask * demonstration_mask(demos)[:, None].to(
+                    teacher_mask.dtype
+                )
+        if cfg.algo.distill == "jsd":
+            distill = jsd_term(ctx, teacher_seq, teacher_mask)
+    shaped = partial(shape_rows, cfg, adv, teacher_logp, teacher_mask, mask, lam)  # Â_t of some rows
     student_logp = None  # fast path, one optimizer step: π_old = π_θ, the update's forward gives it
     if not (fast.enabled and cfg.optim.mini_batches == 1):
         with timed(t, "old_logp"):
             student_logp, _ = token_logprobs(ctx.policy, student, mb, fast=fast)  # (B*G, T), behaviour policy
     with timed(t, "update"):
-        stats, student_logp = update(ctx, student, student_logp, shaped, mask, fast, step)
+        stats, student_logp = update(ctx, student, student_logp, shaped, mask, fast, step, distill)
     rows = list(range(len(rollouts.texts)))
     token_adv = shaped(rows, student_logp)  # (B*G, T), Â_t: what the update used
     delta = torch.zeros_like(student_logp)  # (B*G, T), Δ_t
     if teacher_logp is not None:
-        delta = (teacher_logp - student_logp) * rollouts.response_mask
+        delta = (teacher_logp - student_logp) * teacher_mask
     metrics = step_metrics(
         rollouts,
         rewards,
@@ -168,6 +216,10 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
         all_equal_groups(rewards, G),
     )
     metrics["rlsd/teacher_pass"] = float(teacher_logp is not None)
+    if demos is not None:
+        metrics["sdpo/demo_frac"] = float(demonstration_mask(demos).mean())  # rows with a demonstration
     dump = dump_rows(step, samples, rollouts, ctx.processor, results, adv, delta, token_adv, student_logp,
                      teacher_logp, lam, cfg.trainer.dump_max) if cfg.trainer.dump_every else []  # fmt: skip
+    for row in dump if demos is not None else []:
+        row["demo"] = demos[row["sample"]]  # SDPO: the row whose response the teacher saw (None: no Δ)
     return StepResult(metrics={**stats, **metrics, **t}, dump=dump)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from mmrlsd.algo.loss import ppo_clip_loss
-from mmrlsd.model.logprobs import forward_logprobs, slice_seq
+from mmrlsd.model.logprobs import forward_logprobs, logprobs_from_logits, response_logits, slice_seq
 from mmrlsd.train import dist
 from mmrlsd.types import SeqBatch
 
@@ -46,7 +46,8 @@ def update_stats(sums: dict[str, float], grad_norms: list[float], skipped: int, 
                  tokens_seen: float) -> dict[str, float]:  # fmt: skip
     """Token means over the mini-batches that were applied."""
     denom, ok = max(tokens_seen, 1.0), mini_batches - skipped
-    return {
+    extra = {"actor/distill_loss": sums["distill"] / max(ok, 1)} if "distill" in sums else {}
+    return extra | {
         "loss": sums["loss"] / max(ok, 1),
         "actor/pg_clip_frac": sums["clip_frac"] / denom,
         "actor/dual_clip_frac": sums["dual_clip_frac"] / denom,
@@ -60,15 +61,20 @@ def update_stats(sums: dict[str, float], grad_norms: list[float], skipped: int, 
 def ppo_update(
     policy, optimizer, seq: SeqBatch, old_logp: torch.Tensor, token_adv: torch.Tensor, mask: torch.Tensor, *,
     mini_batches: int, micro_batch_size: int, clip_low: float, clip_high: float, clip_c: float, grad_clip: float,
-    on_backward=None,
+    on_backward=None, distill=None,
 ) -> dict[str, float]:  # fmt: skip
-    """One or more optimizer steps on N sequences; returns scalar stats (token means over the whole batch)."""
+    """One or more optimizer steps on N sequences; returns scalar stats (token means over the whole batch).
+
+    `distill(start, stop, logits, mask, num_tokens) -> loss`: an extra loss term of rows start..stop given the
+    student's `(n, T, V)` response logits (OPSD's full-vocabulary JSD), normalised like the PPO term."""
     n = seq.input_ids.shape[0]
     # the optimizer's own list: under FSDP2 `policy.parameters()` can return the root's temporary unsharded
     # tensors right after a no-grad forward, which never receive gradients
     params = [p for group in optimizer.param_groups for p in group["params"]]
     bounds = [round(i * n / mini_batches) for i in range(mini_batches + 1)]
     sums = {"loss": 0.0, "clip_frac": 0.0, "dual_clip_frac": 0.0, "ratio": 0.0, "entropy": 0.0}
+    if distill is not None:
+        sums["distill"] = 0.0
     grad_norms, skipped, tokens_seen = [], 0, 0.0
     device = next(policy.parameters()).device
     policy.train()
@@ -79,12 +85,21 @@ def ppo_update(
         mb_sums = dict.fromkeys(sums, 0.0)
         for start in range(lo, hi, micro_batch_size):
             stop = min(hi, start + micro_batch_size)
-            logp, ent = forward_logprobs(policy, slice_seq(seq, start, stop), with_entropy=True)
+            sub = slice_seq(seq, start, stop)
+            if distill is None:
+                logp, ent = forward_logprobs(policy, sub, with_entropy=True)
+            else:
+                logits = response_logits(policy, sub)  # (n, T, V)
+                logp, ent = logprobs_from_logits(logits, sub, with_entropy=True)
             m = mask[start:stop].to(device)
             loss, st = ppo_clip_loss(
                 logp, old_logp[start:stop].to(device), token_adv[start:stop].to(device), m,
                 clip_low=clip_low, clip_high=clip_high, clip_c=clip_c, num_tokens=max(num_tokens, 1.0),
             )  # fmt: skip
+            if distill is not None:
+                term = distill(start, stop, logits, m, max(num_tokens, 1.0))
+                loss = loss + term
+                mb_sums["distill"] += float(term.detach())
             if not torch.isfinite(loss):
                 finite = False
             # FSDP averages gradients over ranks; the loss is already normalised by the global token count,
