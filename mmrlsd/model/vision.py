@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from mmrlsd.rollout.generate import images_per_row
+from mmrlsd.train.fsdp import dummy_vision, tower_is_collective
 from mmrlsd.types import SeqBatch
 
 
@@ -74,10 +75,11 @@ def _image_slices(seq: SeqBatch) -> tuple[list[int], list[int]]:
 
 def vision_features(model, seq: SeqBatch, rows: list[int], group_size: int) -> VisionFeatures | None:
     """Run the vision tower once on the images of each group that `rows` touch (group g is represented by
-    its first row g*G). `group_size=1`: once per row, as the naive forward does. None without images."""
+    its first row g*G). `group_size=1`: once per row, as the naive forward does. None without images, except
+    under FSDP, where every rank must call the tower here: then features of no image tied to a dummy call."""
     groups = sorted({r // group_size for r in rows if seq.images_per_seq[r] > 0})
     if seq.pixel_values is None or not groups:
-        return None
+        return _no_image_features(model, group_size) if tower_is_collective(model) else None
     img_start, pix_start = _image_slices(seq)
     pix, thw = [], []
     for g in groups:
@@ -102,6 +104,15 @@ def vision_features(model, seq: SeqBatch, rows: list[int], group_size: int) -> V
         spans[g] = (start, start + n)
         k, start = k + t.shape[0], start + n
     return VisionFeatures(merged, deepstack, spans, group_size)
+
+
+def _no_image_features(model, group_size: int) -> VisionFeatures:
+    """`(0, H)` features tied to `dummy_vision` (0): the tower's forward runs now, and its backward runs with
+    zero gradients once the rows' (absent) image features get theirs, as on the ranks with images."""
+    zero = dummy_vision(model)
+    H = model.get_input_embeddings().embedding_dim
+    embeds = torch.zeros(0, H, device=zero.device) + zero  # (0, H)
+    return VisionFeatures(embeds, None, {}, group_size)
 
 
 def repeat_encoding(enc, group_size: int) -> dict:

@@ -10,7 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mmrlsd.data.prompts import chat_text, encode
-from mmrlsd.train import dist
+from mmrlsd.train import dist, fsdp
 from mmrlsd.types import Rollouts
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -106,6 +106,9 @@ def generate(
     `temperature == 0` means greedy decoding. Sampling is seeded per row (`RowSeededSampler`): row i of this
     call uses the stream (seed, row_offset + i), `row_offset` defaulting to rank * N. Returns right-padded response ids with a mask that covers the
     tokens up to and including the first EOS.
+
+    Under FSDP every rank must pass as many rows (so as many `generate` calls): the decode steps are kept in
+    step by `synced_gpus`, and a call without images runs the vision tower on a dummy image.
     """
     from transformers import LogitsProcessorList
 
@@ -127,6 +130,8 @@ def generate(
     for start in tqdm(range(0, n, chunk), desc="generate", disable=not progress, leave=False):
         stop = min(n, start + chunk)
         inputs = {k: v.to(device) for k, v in _slice_enc(enc, start, stop).items()}
+        if "pixel_values" not in inputs and fsdp.tower_is_collective(model):
+            fsdp.dummy_vision(model)  # the other ranks' `generate` may encode images now, before its prefill
         procs = LogitsProcessorList()
         if sample:
             base = 0 if seed is None else seed

@@ -5,11 +5,18 @@ teacher are optional. Launch with torchrun; a single process runs without FSDP:
     torchrun --nproc_per_node 8 -m mmrlsd train configs/qwen3vl_8b.yaml                      # one node
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         -m mmrlsd train configs/qwen3vl_8b.yaml                                              # four nodes
+
+Text-only micro-batches: the vision tower's parameters are all-gathered in its forward and its gradients
+reduce-scattered in its backward, collectively, so wherever one rank may call the tower every rank must, in the
+same order. A rank with no image there runs it on a dummy image instead (`dummy_vision`, output x 0) at the
+same point: inside the root forward (`tower_on_every_rank`, for `forward_logprobs`), before `generate` (which
+encodes images before its prefill) and in `vision_features` (the fast path).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as td
@@ -39,7 +46,9 @@ def layer_modules(model) -> list[torch.nn.Module]:
     return list(inner.visual.blocks) + list(inner.language_model.layers)
 
 
-def shard_model(model: torch.nn.Module, mixed_precision: bool = False, offload: bool = False) -> torch.nn.Module:
+def shard_model(
+    model: torch.nn.Module, mixed_precision: bool = False, offload: bool = False
+) -> torch.nn.Module:
     """Apply FSDP2 in place: each block/layer, then the root."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -86,3 +95,54 @@ def reshard(model: torch.nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def tower_is_collective(model: torch.nn.Module) -> bool:
+    """Whether a vision-tower call is a collective: the model is FSDP-sharded under torch.distributed."""
+    return td.is_available() and td.is_initialized() and is_sharded(model)
+
+
+def _tensors(x):
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, dict):  # a ModelOutput
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def dummy_vision(model: torch.nn.Module) -> torch.Tensor:
+    """Run the vision tower on one all-zero image of the smallest grid (1 x m x m patches, m the spatial merge
+    size: one merged token) and return all its outputs (deepstack features included) summed x 0: a scalar 0 which,
+    added to an activation, gives every tower parameter a zero gradient, so the tower's backward (its
+    reduce-scatter) runs too."""
+    inner = model.model
+    embed, m = inner.visual.patch_embed, inner.visual.spatial_merge_size
+    device = next(model.parameters()).device
+    dim = embed.in_channels * embed.temporal_patch_size * embed.patch_size**2
+    out = inner.get_image_features(
+        torch.zeros(m * m, dim, device=device), torch.tensor([[1, m, m]], device=device)
+    )
+    return sum(t.float().sum() for t in _tensors(out) if t.is_floating_point()) * 0
+
+
+@contextmanager
+def tower_on_every_rank(model: torch.nn.Module, has_images: bool):
+    """Around a `model(...)` forward: under FSDP and without images, the language model's input embeddings get
+    `dummy_vision(model)` (0) added, i.e. the tower runs where the forward of a rank with images runs it (after
+    the embeddings, before the decoder layers). A no-op with images or without FSDP."""
+    if has_images or not tower_is_collective(model):
+        yield
+        return
+
+    def add_zero(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        return args, {**kwargs, "inputs_embeds": embeds + dummy_vision(model).to(embeds.dtype)}
+
+    handle = model.model.language_model.register_forward_pre_hook(add_zero, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
