@@ -1,9 +1,10 @@
-"""The tiny lab (issue #4): its task mix and data, and the GRPO / RLSD / OPSD comparison at toy scale.
+"""The tiny lab (issue #4): its task mix and data, and the GRPO / RLSD / OPSD / SDPO comparison at toy scale.
 
     python -m mmrlsd.lab data --out data/tiny/lab                          # the committed RL data
     python -m mmrlsd.lab data --out data/synth_sft --n 24000 --n-val 0 --seed 1    # the SFT data
     python -m mmrlsd.lab check                                             # time + judge the default run
     python -m mmrlsd.lab compare trainer.threads=1                         # the comparison (2 runs at a time)
+    python -m mmrlsd.lab compare --add --methods sdpo trainer.threads=1    # one more method, same budget
 
 The lab trains a ~1M-parameter Qwen2-VL (`data/tiny/sft-qwen2vl/`, made by `mmrlsd sft configs/tiny_sft.yaml`)
 on four synthetic families (`mmrlsd.data.synth`) at difficulty levels 1-2. Three of them are multi-step
@@ -37,8 +38,9 @@ METHODS = {
     "grpo": "configs/grpo_tiny_cpu.yaml",
     "rlsd": "configs/tiny_cpu.yaml",
     "opsd": "configs/opsd_tiny_cpu.yaml",
+    "sdpo": "configs/sdpo_tiny_cpu.yaml",
 }
-"""Method -> its config; the three differ only where the method does (see the configs' headers)."""
+"""Method -> its config; they differ only where the method does (see the configs' headers)."""
 CURVE_KEYS = ("reward/mean", "actor/entropy", "response/length_mean", "rlsd/w_clip_frac", "leakage/rate",
               "adv/all_equal_frac", "rlsd/delta_mean")  # fmt: skip
 """Per-step metrics kept for the curves (besides the validation ones)."""
@@ -184,6 +186,38 @@ def token_credit(run_dirs: Sequence[Path], eps_w: float = 0.2) -> dict:
     return out
 
 
+def demo_credit(run_dirs: Sequence[Path]) -> dict:
+    """SDPO (`teacher_info: sibling`) only, from the rollout dumps: how the teacher, shown a correct sibling,
+    judges a whole response (Δ_t summed over it), by kind of row: correct with the same text as its
+    demonstration, correct with another text, wrong. Rows whose demonstration is not among the dumped rows are
+    left out; `no_demo_frac` is the share of dumped rows without a demonstration (no signal). Empty for runs
+    without demonstrations."""
+    acc: dict[str, list[float]] = {"correct_same_text": [], "correct_other_text": [], "wrong": []}
+    rows_seen = no_demo = 0
+    for run_dir in run_dirs:
+        for path in sorted((run_dir / "rollouts").glob("step_*.jsonl")):
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            if not rows or "demo" not in rows[0]:
+                continue
+            by_sample = {r["sample"]: r for r in rows}
+            for r in rows:
+                rows_seen += 1
+                demo = by_sample.get(r["demo"]) if r["demo"] is not None else None
+                no_demo += r["demo"] is None
+                if demo is None:
+                    continue
+                kind = "wrong" if r["accuracy"] < 1 else (
+                    "correct_same_text" if r["response"] == demo["response"] else "correct_other_text")  # fmt: skip
+                acc[kind].append(sum(r["delta"]))
+    if not rows_seen:
+        return {}
+    out: dict = {"rows": rows_seen, "no_demo_frac": round(no_demo / rows_seen, 4)}
+    for kind, sums in acc.items():
+        out[kind] = {"rows": len(sums), "delta_sum_mean": round(statistics.fmean(sums), 4) if sums else 0.0,
+                     "negative_frac": round(sum(x < -0.01 for x in sums) / len(sums), 4) if sums else 0.0}  # fmt: skip
+    return out
+
+
 def _mean_sd(xs: list[float]) -> dict[str, float]:
     return {
         "mean": round(statistics.fmean(xs), 4),
@@ -228,11 +262,14 @@ def summarize(runs_dir: Path, methods: Sequence[str], seeds: Sequence[int]) -> d
     methods_out = {}
     for m in methods:
         per_seed = {s: read_run(run_dir_of(runs_dir, m, s)) for s in seeds}
+        dirs = [run_dir_of(runs_dir, m, s) for s in seeds]
         methods_out[m] = {
             "summary": summarize_method(per_seed),
-            "token_credit": token_credit([run_dir_of(runs_dir, m, s) for s in seeds]),
+            "token_credit": token_credit(dirs),
             "runs": {str(s): r for s, r in per_seed.items()},
         }
+        if credit := demo_credit(dirs):
+            methods_out[m]["demo_credit"] = credit
     return methods_out
 
 
@@ -266,7 +303,7 @@ def plot(results: dict, path: Path, smooth: int = 5) -> None:
               ("response/length_mean", "response/length_mean (tokens)"), ("rlsd/w_clip_frac", "rlsd/w_clip_frac"),
               ("leakage/rate", "leakage/rate"), ("adv/all_equal_frac", "adv/all_equal_frac")]  # fmt: skip
     fig, axes = plt.subplots(2, 4, figsize=(18, 7.5))
-    colors = {"grpo": "tab:blue", "rlsd": "tab:red", "opsd": "tab:green"}
+    colors = {"grpo": "tab:blue", "rlsd": "tab:red", "opsd": "tab:green", "sdpo": "tab:purple"}
     for ax, (key, title) in zip(axes.flat, panels):
         for m, res in results["methods"].items():
             c = colors.get(m)
@@ -335,6 +372,15 @@ def table_markdown(results: dict) -> str:
                         rows.append(
                             f"| {m} | {sign} | {kind} | {c['tokens']} | {d} | {c['clipped_frac']:.3f} |"
                         )
+    demos = {m: r["demo_credit"] for m, r in results["methods"].items() if r.get("demo_credit")}
+    if demos:
+        rows += ["", "| method | dumped rows | without a demonstration | row | rows | mean Σ_t Δ_t | Σ_t Δ_t < 0 |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for m, dc in demos.items():
+            for kind in ("correct_same_text", "correct_other_text", "wrong"):
+                c = dc[kind]
+                rows.append(f"| {m} | {dc['rows']} | {dc['no_demo_frac']:.3f} | {kind.replace('_', ' ')} | "
+                            f"{c['rows']} | {c['delta_sum_mean']:.3f} | {c['negative_frac']:.3f} |")  # fmt: skip
     return "\n".join(rows) + "\n"
 
 
@@ -349,9 +395,14 @@ def budget_text(config: str, overrides: Sequence[str]) -> str:
 
 def compare(
     out: Path, runs: Path, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str], jobs: int,
-    configs: dict[str, str] | None = None, skip_runs: bool = False,
+    configs: dict[str, str] | None = None, skip_runs: bool = False, add: bool = False,
 ) -> dict:  # fmt: skip
-    """Run (unless `skip_runs`) and summarise the comparison; writes results.json, curves.png, table.md."""
+    """Run (unless `skip_runs`) and summarise the comparison; writes results.json, curves.png, table.md.
+
+    `add`: run only `methods` and add them to the existing `out/results.json` (same seeds and overrides, the
+    earlier methods' run directories still under `runs`); how each batch of runs was launched and timed is kept."""
+    if add:
+        return add_methods(out, runs, methods, seeds, overrides, jobs, configs)
     t0 = time.perf_counter()
     walls = {} if skip_runs else run_all(methods, seeds, runs, overrides, jobs, configs)
     previous = (
@@ -374,14 +425,47 @@ def compare(
         "methods": summarize(runs, methods, seeds),
     }
     if previous:  # re-summarising existing runs: keep how and how long they ran
-        results.update(
-            {k: previous[k] for k in ("command", "jobs", "wall_s", "run_wall_s", "load_avg_at_end")}
-        )
+        keep = ("command", "jobs", "wall_s", "run_wall_s", "load_avg_at_end", "added")
+        results.update({k: previous[k] for k in keep if k in previous})
+    return write_results(out, results)
+
+
+def write_results(out: Path, results: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(table_markdown(results))
     plot(results, out / "curves.png")
     return results
+
+
+def add_methods(
+    out: Path, runs: Path, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str], jobs: int,
+    configs: dict[str, str] | None = None,
+) -> dict:  # fmt: skip
+    """`compare(..., add=True)`: see there."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: --add needs an earlier comparison to add to")
+    prev = json.loads(path.read_text())
+    if list(seeds) != prev["seeds"] or list(overrides) != prev["overrides"]:
+        raise ValueError(f"{path}: --add must use the earlier seeds {prev['seeds']} and overrides "
+                         f"{prev['overrides']} (the same budget), got {list(seeds)} and {list(overrides)}")  # fmt: skip
+    t0 = time.perf_counter()
+    walls = run_all(methods, seeds, runs, overrides, jobs, configs)
+    every = list(prev["methods"]) + [m for m in methods if m not in prev["methods"]]
+    added = {"command": " ".join(["python -m mmrlsd.lab compare", *sys.argv[2:]]), "methods": list(methods),
+             "jobs": jobs, "wall_s": round(time.perf_counter() - t0, 1), "load_avg_at_end": list(os.getloadavg())}  # fmt: skip
+    results = {
+        **prev,
+        "methods_configs": {
+            **prev["methods_configs"],
+            **{m: (configs or {}).get(m, METHODS[m]) for m in methods},
+        },
+        "run_wall_s": {**prev["run_wall_s"], **{k: round(v, 1) for k, v in walls.items()}},
+        "added": [*prev.get("added", []), added],
+        "methods": summarize(runs, every, seeds),
+    }
+    return write_results(out, results)
 
 
 # --- the default run's acceptance check ---
@@ -453,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         "--jobs", type=int, default=2, help="runs at a time (on 2 cores: 2, with trainer.threads=1)"
     )
     c.add_argument("--skip-runs", action="store_true", help="only summarise existing run directories")
+    c.add_argument("--add", action="store_true",
+                   help="run only --methods and add them to the existing results.json (same seeds and overrides)")  # fmt: skip
     c.add_argument("overrides", nargs="*", help="dotted overrides for every run (the shared budget)")
     k = sub.add_parser("check", help="time the default run and judge it against the issue's bar")
     k.add_argument("--run-dir", type=Path, default=Path("runs/tiny_default"))
@@ -474,9 +560,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown method(s) {unknown}; known: {', '.join(METHODS)}", file=sys.stderr)
         return 2
     seeds = [int(s) for s in args.seeds.split(",") if s]
-    res = compare(args.out, args.runs, methods, seeds, args.overrides, args.jobs, skip_runs=args.skip_runs)
+    res = compare(args.out, args.runs, methods, seeds, args.overrides, args.jobs, skip_runs=args.skip_runs,
+                  add=args.add)  # fmt: skip
     print(table_markdown(res))
-    print(f"wrote {args.out}/results.json, curves.png, table.md in {res['wall_s']:.0f}s")
+    wall = res["added"][-1]["wall_s"] if args.add else res["wall_s"]
+    print(f"wrote {args.out}/results.json, curves.png, table.md in {wall:.0f}s")
     return 0
 
 

@@ -19,6 +19,7 @@ from mmrlsd.lab import (
     METHODS,
     check_default,
     compare,
+    demo_credit,
     lab_records,
     table_markdown,
     write_lab_data,
@@ -87,7 +88,11 @@ def test_baseline_configs_differ_only_where_the_method_does():
     assert diff <= {"algo.token_adv", "algo.teacher_info", "optim.lr"}
     assert opsd["algo.token_adv"] == "opsd" and opsd["algo.teacher_info"] == "solution"
     assert rlsd["data.max_val_items"] == 0 or rlsd["data.max_val_items"] >= 500
-    assert set(METHODS) == {"grpo", "rlsd", "opsd"}
+    sdpo = _flat(to_dict(load_config(REPO / "configs" / "sdpo_tiny_cpu.yaml")))
+    assert {k for k in opsd if opsd[k] != sdpo[k]} == {"algo.teacher_info"} and sdpo[
+        "algo.teacher_info"
+    ] == "sibling"
+    assert set(METHODS) == {"grpo", "rlsd", "opsd", "sdpo"}
 
 
 def test_shipped_checkpoint_is_small_and_does_not_resize_images():
@@ -144,6 +149,48 @@ def test_compare_on_a_trivial_budget(tmp_path, tiny_budget):
     assert (tmp_path / "out" / "table.md").read_text() == table_markdown(saved)
 
 
+def test_add_puts_one_more_method_beside_the_earlier_ones(tmp_path, tiny_budget):
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    first = compare(out, runs, ["grpo"], [0], tiny_budget, jobs=1)
+    with pytest.raises(ValueError, match="--add must use the earlier seeds"):
+        compare(out, runs, ["sdpo"], [0, 1], tiny_budget, jobs=1, add=True)
+    res = compare(out, runs, ["sdpo"], [0], tiny_budget, jobs=1, add=True)
+    assert list(res["methods"]) == ["grpo", "sdpo"]
+    assert res["methods"]["grpo"] == first["methods"]["grpo"]  # re-read from the same run directories
+    assert set(res["run_wall_s"]) == {"grpo-seed0", "sdpo-seed0"} and res["wall_s"] == first["wall_s"]
+    assert res["added"][0]["methods"] == ["sdpo"] and res["methods_configs"]["sdpo"] == METHODS["sdpo"]
+    assert json.loads((out / "results.json").read_text()) == res
+    assert "| sdpo |" in (out / "table.md").read_text()
+    with pytest.raises(FileNotFoundError, match="--add needs an earlier comparison"):
+        compare(tmp_path / "none", runs, ["sdpo"], [0], tiny_budget, jobs=1, add=True)
+
+
+def test_demo_credit_sorts_sdpo_rows_by_how_they_relate_to_their_demonstration(tmp_path):
+    def row(sample, demo, acc, text, delta):
+        return {"sample": sample, "demo": demo, "accuracy": acc, "response": text, "delta": delta}
+
+    rows = [row(0, 1, 1.0, "a", [0.5, 0.25]), row(1, 0, 1.0, "a", [0.0, 0.25]), row(2, 0, 1.0, "b", [-3.0, 1.0]),
+            row(3, 0, 0.0, "c", [-4.0]), row(4, None, 1.0, "d", [0.0]), row(5, 9, 0.0, "e", [-1.0])]  # fmt: skip
+    (tmp_path / "r" / "rollouts").mkdir(parents=True)
+    (tmp_path / "r" / "rollouts" / "step_000010.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows)
+    )
+    out = demo_credit([tmp_path / "r"])
+    assert out["rows"] == 6 and out["no_demo_frac"] == pytest.approx(1 / 6, abs=1e-4)
+    assert out["correct_same_text"] == {"rows": 2, "delta_sum_mean": 0.5, "negative_frac": 0.0}
+    assert out["correct_other_text"] == {"rows": 1, "delta_sum_mean": -2.0, "negative_frac": 1.0}
+    assert out["wrong"] == {
+        "rows": 1,
+        "delta_sum_mean": -4.0,
+        "negative_frac": 1.0,
+    }  # row 5's demo was not dumped
+    (tmp_path / "g" / "rollouts").mkdir(parents=True)
+    (tmp_path / "g" / "rollouts" / "step_000010.jsonl").write_text(
+        json.dumps({"sample": 0, "delta": [0.0]}) + "\n"
+    )
+    assert demo_credit([tmp_path / "g"]) == {}  # not an SDPO run
+
+
 def test_check_judges_the_default_run_against_the_floors(tmp_path, tiny_budget):
     res = check_default(tmp_path / "run", tmp_path / "check.json", overrides=tiny_budget)
     saved = json.loads((tmp_path / "check.json").read_text())
@@ -178,7 +225,7 @@ def test_write_up_numbers_are_those_in_results_json():
 
     for m in results["methods"].values():  # summaries and validation points, not the ~10,000 per-step values
         walk(
-            [m["summary"], m["token_credit"]]
+            [m["summary"], m["token_credit"], m.get("demo_credit", {})]
             + [[r["val/accuracy"], r["val/sample_accuracy"]] for r in m["runs"].values()]
         )
     for name in ("default_run.json", "probe_opsd_lr1e-3.json"):
