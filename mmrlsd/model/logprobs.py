@@ -23,7 +23,14 @@ from types import MethodType
 
 import torch
 
-from mmrlsd.model.packing import FastOptions, Layout, make_layout, packed_attention, plan, rope_positions
+from mmrlsd.model.packing import (
+    FastOptions,
+    Layout,
+    make_layout,
+    packed_attention,
+    plan_micro_batches,
+    rope_positions,
+)
 from mmrlsd.model.vision import VisionFeatures, vision_features
 from mmrlsd.rollout.generate import images_per_row
 from mmrlsd.train.fsdp import tower_on_every_rank
@@ -261,8 +268,10 @@ def token_logprobs(
     vision = vision_features(model, seq, list(range(n)), fast.group_size) if fast.share_vision else None
     logp = torch.zeros(n, seq.response_len)
     ent = torch.zeros(n, seq.response_len) if with_entropy else None
-    for rows in plan(model, seq, list(range(n)), fast, micro_batch_size):
-        lp, e = fast_forward_logprobs(model, seq, rows, fast, positions, vision, with_entropy)
+    for rows in plan_micro_batches(model, seq, list(range(n)), fast, micro_batch_size):
+        lp, e = fast_forward_logprobs(model, seq, rows or [0], fast, positions, vision, with_entropy)
+        if not rows:  # under FSDP: another rank has more micro-batches, and each forward is collective
+            continue
         logp[rows] = lp.float().cpu()
         if ent is not None:
             ent[rows] = e.float().cpu()

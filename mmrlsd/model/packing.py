@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+import torch.distributed as td
 import torch.nn.functional as F
 
+from mmrlsd.train import dist
 from mmrlsd.types import SeqBatch
 
 VARLEN_SDPA = "mmrlsd_varlen_sdpa"
@@ -311,6 +313,20 @@ def plan(model, seq: SeqBatch, rows: list[int], fast: FastOptions, max_rows: int
     """The micro-batches (lists of rows) the fast path runs `rows` in."""
     units, sizes = plan_units(seq, rows, fast.group_size, prefix_shared(model, fast))
     return micro_batches(units, sizes, fast.token_budget if fast.packing else 0, max_rows)
+
+
+def plan_micro_batches(
+    model, seq: SeqBatch, rows: list[int], fast: FastOptions, max_rows: int
+) -> list[list[int]]:
+    """`plan`, and under torch.distributed as many micro-batches on every rank (a token budget can give the ranks
+    different numbers): the extra ones are empty lists, for a forward whose result is dropped (or a zero-weight
+    backward) that keeps the ranks' FSDP collectives in step."""
+    micro = plan(model, seq, rows, fast, max_rows)
+    if dist.enabled():
+        k = torch.tensor([len(micro)])
+        td.all_reduce(k, op=td.ReduceOp.MAX)
+        micro += [[] for _ in range(int(k) - len(micro))]
+    return micro
 
 
 def make_layout(model, seq: SeqBatch, rows: list[int], fast: FastOptions, positions: torch.Tensor) -> Layout:

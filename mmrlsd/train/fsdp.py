@@ -9,8 +9,10 @@ teacher are optional. Launch with torchrun; a single process runs without FSDP:
 Text-only micro-batches: the vision tower's parameters are all-gathered in its forward and its gradients
 reduce-scattered in its backward, collectively, so wherever one rank may call the tower every rank must, in the
 same order. A rank with no image there runs it on a dummy image instead (`dummy_vision`, output x 0) at the
-same point: inside the root forward (`tower_on_every_rank`, for `forward_logprobs`), before `generate` (which
-encodes images before its prefill) and in `vision_features` (the fast path).
+same point: inside the root forward (`tower_on_every_rank`: `response_logits`, the shared prefill), before
+`generate` (which encodes images before its prefill) and in `vision_features` (the fast path). The cost is one
+all-gather of the tower per text-only forward. Likewise every rank runs as many forwards: the fast path pads its
+token-budget micro-batches to the ranks' maximum (`packing.plan_micro_batches`).
 """
 
 from __future__ import annotations

@@ -16,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.distributed as td
 
 from mmrlsd.algo.loss import ppo_clip_loss
 from mmrlsd.model.logprobs import fast_forward_logprobs
-from mmrlsd.model.packing import FastOptions, plan, rope_positions
+from mmrlsd.model.packing import FastOptions, plan_micro_batches, rope_positions
 from mmrlsd.model.vision import vision_features
 from mmrlsd.train import dist
 from mmrlsd.train.update import step_if_finite, update_stats
@@ -28,19 +27,6 @@ from mmrlsd.types import SeqBatch
 
 TokenAdv = Callable[[list[int], torch.Tensor], torch.Tensor]
 """`(rows, student_logp (n, T)) -> Â (n, T)`: token advantages of `rows` given the student's log-probs."""
-
-
-def plan_micro_batches(
-    policy, seq: SeqBatch, rows: list[int], fast: FastOptions, max_rows: int
-) -> list[list[int]]:
-    """Micro-batches of one mini-batch; under torch.distributed every rank gets as many (the extra ones are
-    empty lists: a zero-weight forward/backward that keeps the ranks' collectives in step)."""
-    micro = plan(policy, seq, rows, fast, max_rows)
-    if dist.enabled():
-        k = torch.tensor([len(micro)])
-        td.all_reduce(k, op=td.ReduceOp.MAX)
-        micro += [[] for _ in range(int(k) - len(micro))]
-    return micro
 
 
 def fused_update(

@@ -8,11 +8,13 @@ validation (plain). The run must finish within a timeout and match a single-proc
 dummy adds exactly 0 to the activations and its gradients are 0.
 """
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -58,23 +60,53 @@ def write_pattern(root: Path, pattern: str) -> Path:
     return path
 
 
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively (Linux /proc): torchrun starts each rank in a session of its own."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def torchrun(argv: list[str], env: dict, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 ARGV...`; after `timeout` seconds torchrun and its ranks are
+    killed and the test fails instead of hanging. Output goes through files: a rank left running would hold a
+    pipe open."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *argv]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in [*_descendants(p.pid), p.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            p.wait()
+            err.seek(0)
+            pytest.fail(
+                f"2-rank run did not finish within {timeout} s (collectives out of step?)\n{err.read()[-3000:]}"
+            )
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
+
+
 def run_two_ranks(args: list[str], out: Path, env: dict) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m mmrlsd train`, killed (with its ranks) after TIMEOUT_S."""
+    """`mmrlsd train` on 2 ranks with `args` (overrides) into `out`."""
     cfg_file = out.parent / "cfg.yaml"
     cfg_file.write_text("{}\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmrlsd",
-           "train", str(cfg_file), *args, "--output-dir", str(out), "--no-progress"]  # fmt: skip
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # fmt: skip
-    try:
-        stdout, stderr = p.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)  # torchrun and the two ranks it started
-        _, stderr = p.communicate()
-        pytest.fail(
-            f"2-rank run did not finish within {TIMEOUT_S} s (collectives out of step?)\n{stderr[-3000:]}"
-        )
-    return subprocess.CompletedProcess(cmd, p.returncode, stdout, stderr)
+    return torchrun(
+        ["-m", "mmrlsd", "train", str(cfg_file), *args, "--output-dir", str(out), "--no-progress"], env
+    )
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
