@@ -18,6 +18,7 @@ token-budget micro-batches to the ranks' maximum (`packing.plan_micro_batches`).
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -74,11 +75,26 @@ def is_sharded(model: torch.nn.Module) -> bool:
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full (unsharded) state dict on CPU, on every rank."""
+    """The full (unsharded) state dict on CPU, on rank 0 only (the other ranks get an empty dict): for saving.
+    For every rank's full weights (the rollout engine's sync), see `gathered_weights`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts)
+
+
+def gathered_weights(
+    model: torch.nn.Module, device: str | None = "cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`(name, full tensor)` for every entry of the state dict, on every rank, gathered one tensor at a time and
+    moved to `device` (None: left where the gather put it): what each rank's colocated vLLM engine loads. Every
+    rank must iterate it to the end in step (each sharded tensor is one all-gather). Unsharded models yield
+    their own tensors."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in model.state_dict().items():
+        full = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        yield name, (full.to(device) if device is not None else full)
 
 
 def copy_weights(dst: torch.nn.Module, src: torch.nn.Module) -> None:

@@ -99,18 +99,22 @@ def build(cfg: Config):
                 p.requires_grad_(False)
     teacher = policy
     if cfg.algo.teacher_refresh > 0:
-        teacher = (load_model(cfg.model.path, **load_kw)[0] if use_fsdp else copy.deepcopy(policy))
+        teacher = load_model(cfg.model.path, **load_kw)[0] if use_fsdp else copy.deepcopy(policy)
         teacher.eval().requires_grad_(False)
         if not use_fsdp:
             fsdp.copy_weights(teacher, policy)
     if use_fsdp:
         fsdp.shard_model(policy, mixed_precision=cfg.dist.mixed_precision)
         if teacher is not policy:
-            fsdp.shard_model(teacher, mixed_precision=cfg.dist.mixed_precision, offload=cfg.dist.teacher_offload)
+            fsdp.shard_model(
+                teacher, mixed_precision=cfg.dist.mixed_precision, offload=cfg.dist.teacher_offload
+            )
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))  # fmt: skip
-    prompts = PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info)
+    prompts = PromptBuilder(
+        processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info
+    )
     engine = None
     if cfg.rollout.engine == "vllm":
         from mmrlsd.rollout.vllm_engine import VLLMEngine
@@ -123,18 +127,24 @@ def build(cfg: Config):
 def shard(items: list, rank: int, world: int) -> list:
     """This rank's contiguous share of a global batch (the batch must divide evenly)."""
     if len(items) % world:
-        raise ConfigError(f"rollout.batch_size ({len(items)}) must be divisible by the number of ranks ({world})")
+        raise ConfigError(
+            f"rollout.batch_size ({len(items)}) must be divisible by the number of ranks ({world})"
+        )
     k = len(items) // world
     return items[rank * k : (rank + 1) * k]
 
 
-def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> Path:
+def train(
+    cfg: Config, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True
+) -> Path:
     """Run training; returns the run directory."""
     run_dir = Path(output_dir or cfg.trainer.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = build(cfg)
     pix = ctx.processor.image_processor
-    max_pixels = cfg.model.max_pixels or getattr(pix, "max_pixels", None) or (pix.size or {}).get("longest_edge")
+    max_pixels = (
+        cfg.model.max_pixels or getattr(pix, "max_pixels", None) or (pix.size or {}).get("longest_edge")
+    )
     load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28))
     train_data = load_dataset_files(cfg.data.train_files, _fields(cfg), cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
@@ -145,7 +155,9 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
         val = val_data.next_batch(len(val_data.samples)) if val_data.samples else []
         train_data.skipped += [Skip(s.id, f"[val] {s.reason}") for s in val_data.skipped]
     if not train_data.samples:
-        raise DataError(f"{cfg.data.train_files}: no usable training records ({len(train_data.skipped)} skipped)")
+        raise DataError(
+            f"{cfg.data.train_files}: no usable training records ({len(train_data.skipped)} skipped)"
+        )
 
     start, state = 0, {}
     latest = ckpt.latest_checkpoint(run_dir) if resume else None
@@ -156,7 +168,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
         train_data.skipped = [Skip(i, r) for i, r in state.get("skipped", [])]
         log.info("resumed from %s (step %d)", latest, start)
         if ctx.engine is not None:
-            ctx.engine.sync_weights(fsdp.full_state_dict(ctx.policy).items())
+            ctx.engine.sync_weights(fsdp.gathered_weights(ctx.policy))
     elif resume:
         log.warning("--resume: no complete checkpoint in %s; starting from scratch", run_dir)
     main = dist.is_main()
@@ -184,7 +196,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
             if bad_in_a_row >= cfg.trainer.max_bad_steps:
                 raise RuntimeError(f"{bad_in_a_row} consecutive steps skipped (non-finite loss or gradient)")
             if ctx.engine is not None:  # push the new weights into the rollout engine, in memory
-                ctx.engine.sync_weights(fsdp.full_state_dict(ctx.policy).items())
+                ctx.engine.sync_weights(fsdp.gathered_weights(ctx.policy))
             if cfg.algo.teacher_refresh > 0 and step % cfg.algo.teacher_refresh == 0:
                 fsdp.copy_weights(ctx.teacher, ctx.policy)
             m["data/skipped_total"] = float(len(train_data.skipped))
@@ -219,7 +231,9 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
         _write_skips(run_dir, train_data.skipped)
         if train_data.skipped:
             log.warning("%d records skipped (see %s)", len(train_data.skipped), run_dir / "skipped.jsonl")
-            log.warning("skip reasons: %s", ", ".join(f"{k}: {v}" for k, v in train_data.skip_counts().items()))
+            log.warning(
+                "skip reasons: %s", ", ".join(f"{k}: {v}" for k, v in train_data.skip_counts().items())
+            )
     fsdp.destroy_distributed()
     return run_dir
 

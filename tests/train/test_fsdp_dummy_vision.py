@@ -88,10 +88,17 @@ def _sync_step(ref, before: dict[str, torch.Tensor]) -> None:
 def _check_weights(model, ref, what: str) -> None:
     import torch.distributed as td
 
-    from mmrlsd.train.fsdp import full_state_dict
+    from mmrlsd.train.fsdp import full_state_dict, gathered_weights
 
+    every = dict(gathered_weights(model))  # on every rank: what each rank's rollout engine loads
+    assert every.keys() == ref.state_dict().keys()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(
+            every[k], v, rtol=0, atol=1e-5, msg=f"{what} (gathered, rank {td.get_rank()}): {k}"
+        )
     full, want = full_state_dict(model), ref.state_dict()  # full: on rank 0 only (cpu_offload)
     if td.get_rank() != 0:
+        assert full == {}
         return
     assert full.keys() == want.keys(), (sorted(full)[:5], sorted(want)[:5])
     for k in want:
