@@ -107,6 +107,9 @@ class RolloutConfig:
     """Longest response."""
     gen_batch_size: int = 0
     """Sequences per `generate` call (0: all B*G at once)."""
+    share_prefill: bool = True
+    """HF rollout: each prompt's prefill (images included) runs once and its KV cache is copied to its G samples;
+    `gen_batch_size` then counts whole groups."""
     val_temperature: float = 0.7
     """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
     val_n: int = 1

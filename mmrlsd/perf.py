@@ -85,6 +85,8 @@ class PerfConfig:
     """Fast-path switches of the `grpo`/`rlsd` variants (`naive` has them all off)."""
     share_vision: bool = True
     share_prefix: bool = True
+    share_prefill: bool = True
+    """Rollout: each prompt's prefill once for its G samples (`rollout.share_prefill`)."""
     token_budget: int = 2048
     logprob_chunk: int = 1024
     packed_attention: str = "auto"
@@ -219,6 +221,7 @@ def mmrlsd_config(pc: PerfConfig, variant: str):
     cfg.model.packing, cfg.model.share_vision = fast and pc.packing, fast and pc.share_vision
     cfg.model.share_prefix = fast and pc.share_prefix
     cfg.model.logprob_chunk = pc.logprob_chunk if fast else 0
+    cfg.rollout.share_prefill = fast and pc.share_prefill
     cfg.model.packed_attention = pc.packed_attention
     cfg.optim.token_budget = pc.token_budget if fast else 0
     return cfg

@@ -2,9 +2,19 @@
 
 Sampled responses could otherwise contain the image placeholder token, which breaks the next forward pass (the
 processor counts placeholders against the image grid), so every vision special token is suppressed.
+
+Shared prefill (`rollout.share_prefill`): the G rows of a prompt are identical, so the prompt's prefix (every token
+but the last, images through the vision tower included) runs once per prompt into a KV cache, which is then copied
+to the prompt's G rows; `generate` runs only the last prompt token and the decode steps per row. The sampled
+tokens are those of the full prefill up to float rounding (a different batch shape can move a logit by ~1e-6).
 """
 
 from __future__ import annotations
+
+import inspect
+import warnings
+from contextlib import contextmanager
+from itertools import accumulate
 
 import torch
 from tqdm.auto import tqdm
@@ -95,11 +105,107 @@ def images_per_row(enc) -> list[int]:
     return _images_per_row(enc, enc["mm_token_type_ids"])
 
 
+def _select_rows(enc, rows: list[int]) -> dict:
+    """Rows `rows` (in that order) of a left-padded prompt encoding, with their images' pixel rows."""
+    parts = [_slice_enc(enc, r, r + 1) for r in rows]
+    keys = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+            if any(k in p for p in parts)]  # fmt: skip
+    return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys}
+
+
+def groups_repeat(enc, group_size: int) -> bool:
+    """Whether rows b*G .. b*G+G-1 of `enc` are one prompt repeated (tokens, mask, image pixels and grids):
+    the structure `repeat_encoding` makes, which shared prefill relies on. Cheap tensor compares."""
+    G, n = group_size, enc["input_ids"].shape[0]
+    if G <= 1 or n % G:
+        return False
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if k in enc:
+            x = enc[k].view(n // G, G, -1)  # (B, G, L)
+            if not torch.equal(x, x[:, :1].expand_as(x)):
+                return False
+    if enc.get("pixel_values") is None:
+        return True
+    thw, pixels = enc["image_grid_thw"], enc["pixel_values"]
+    img = [0, *accumulate(images_per_row(enc))]  # row r owns images img[r] .. img[r+1]-1
+    pix = [0, *accumulate(thw.prod(dim=1).tolist())]  # image i owns pixel rows pix[i] .. pix[i+1]-1
+    for r in range(n):
+        f = r - r % G  # the group's first row
+        if r != f and not (
+            torch.equal(thw[img[r] : img[r + 1]], thw[img[f] : img[f + 1]])
+            and torch.equal(pixels[pix[img[r]] : pix[img[r + 1]]], pixels[pix[img[f]] : pix[img[f + 1]]])
+        ):
+            return False
+    return True
+
+
+def _can_share(enc, group_size: int) -> bool:
+    """Groups repeat one prompt, and each prompt ends in a text token after at least one other token."""
+    ids = enc["input_ids"]
+    last_is_text = "mm_token_type_ids" not in enc or not bool(enc["mm_token_type_ids"][:, -1].any())
+    return ids.shape[1] >= 2 and last_is_text and groups_repeat(enc, group_size)
+
+
+def _cache_kwarg(model) -> str:
+    """The name of the KV-cache argument: `cache` (transformers >= 5.2x) or `past_key_values` (5.17)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@contextmanager
+def _eval_mode(model):
+    """Eval mode for the rollout: transformers 5.17 drops the KV cache of gradient-checkpointed layers in training
+    mode even without gradients (5.24 does not), which would leave the shared prefill's cache empty."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
+    """Run every token but the last of each distinct prompt of `chunk` (images included) once, and copy the KV cache
+    to the rows: the `generate` kwargs under which it computes only the last prompt token and the decode steps.
+
+    `prompt_of_row[i]` (0..P-1, non-decreasing) is the distinct prompt row i repeats; prompt p is taken from its
+    first row. Positions are the ones `generate` gives the full prompt (text positions from the attention mask,
+    mRoPE from `get_rope_index`); the mRoPE offset of each row (`model.model.rope_deltas`, which `generate` reads
+    when it continues from a cache) is repeated to the N rows."""
+    from transformers import DynamicCache
+
+    firsts = [prompt_of_row.index(p) for p in range(prompt_of_row[-1] + 1)]
+    pre = _select_rows(chunk, firsts)
+    ids, mask = pre["input_ids"][:, :-1], pre["attention_mask"][:, :-1]  # (P, L-1)
+    text_pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (P, L-1)
+    extra = {}
+    if "mm_token_type_ids" in pre:
+        extra["mm_token_type_ids"] = pre["mm_token_type_ids"][:, :-1]
+    if "pixel_values" in pre:
+        extra.update(pixel_values=pre["pixel_values"], image_grid_thw=pre["image_grid_thw"])
+        mrope, deltas = model.model.get_rope_index(ids, mm_token_type_ids=extra["mm_token_type_ids"],
+                                                   image_grid_thw=pre["image_grid_thw"], attention_mask=mask)  # fmt: skip
+    else:
+        mrope, deltas = text_pos.expand(3, -1, -1), torch.zeros(len(firsts), 1, dtype=torch.long)
+    cache, name = DynamicCache(config=model.config), _cache_kwarg(model)
+    with fsdp.tower_on_every_rank(model, "pixel_values" in pre):  # the other ranks' prefill may run the tower
+        model(input_ids=ids, attention_mask=mask, position_ids=torch.cat([text_pos[None], mrope]),  # (4, P, L-1)
+              use_cache=True, logits_to_keep=1, **{name: cache}, **extra)  # fmt: skip
+    if cache.get_seq_length() != ids.shape[1]:  # a layer that dropped the cache (see `_eval_mode`)
+        raise RuntimeError(
+            f"shared prefill: the KV cache holds {cache.get_seq_length()} of {ids.shape[1]} tokens"
+        )
+    rows = torch.tensor(prompt_of_row, device=ids.device)  # (N,)
+    # (P, ...) -> (N, ...): row i gets the keys and values of prompt prompt_of_row[i]
+    cache.batch_select_indices(rows)
+    model.model.rope_deltas = deltas.to(ids.device)[rows]  # (N, 1)
+    return {name: cache}
+
+
 @torch.no_grad()
 def generate(
     model, processor, enc, *, group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
     top_k: int = 0, gen_batch_size: int = 0, seed: int | None = None, progress: bool = False,
-    row_offset: int | None = None,
+    row_offset: int | None = None, share_prefill: bool = True,
 ) -> Rollouts:  # fmt: skip
     """Sample responses for the N prompt rows of `enc` (already repeated G times per prompt).
 
@@ -107,13 +213,18 @@ def generate(
     call uses the stream (seed, row_offset + i), `row_offset` defaulting to rank * N. Returns right-padded response ids with a mask that covers the
     tokens up to and including the first EOS.
 
+    `share_prefill` (with G > 1): each prompt's prefix is computed once for its G rows (`shared_prefill`), and
+    `gen_batch_size` is rounded down to whole groups (when it is at least G). Used only where rows b*G .. b*G+G-1
+    are checked to be one prompt (on every rank); otherwise, with a warning, every row runs its full prefill.
+
     Under FSDP every rank must pass as many rows (so as many `generate` calls): the decode steps are kept in
-    step by `synced_gpus`, and a call without images runs the vision tower on a dummy image.
+    step by `synced_gpus`, and a call without images runs the vision tower on a dummy image (in the shared
+    prefill's forward, or before `generate`).
     """
     from transformers import LogitsProcessorList
 
     tok = processor.tokenizer
-    n = enc["input_ids"].shape[0]
+    n, G = enc["input_ids"].shape[0], group_size
     eos = eos_token_ids(model, processor)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     sample = temperature > 0
@@ -124,21 +235,36 @@ def generate(
     )  # fmt: skip
     if row_offset is None:
         row_offset = dist.rank() * n  # every rank holds the same number of rows
+    share = share_prefill and G > 1
+    if share:
+        # every rank takes the same path, so that their collectives pair up
+        share = not dist.any_rank(not _can_share(enc, G))
+        if not share:
+            warnings.warn("share_prefill: the rows of a group are not one prompt (or the prompt ends in an image "
+                          "token); running the full prefill for every row", stacklevel=2)  # fmt: skip
     chunk = gen_batch_size or n
+    if share and chunk >= G:
+        chunk -= chunk % G  # whole groups: each prompt's prefix is computed once
     device = next(model.parameters()).device
     pieces = []
-    for start in tqdm(range(0, n, chunk), desc="generate", disable=not progress, leave=False):
-        stop = min(n, start + chunk)
-        inputs = {k: v.to(device) for k, v in _slice_enc(enc, start, stop).items()}
-        if "pixel_values" not in inputs and fsdp.tower_is_collective(model):
-            fsdp.dummy_vision(model)  # the other ranks' `generate` may encode images now, before its prefill
-        procs = LogitsProcessorList()
-        if sample:
-            base = 0 if seed is None else seed
-            rows = list(range(row_offset + start, row_offset + stop))
-            procs.extend(_warpers(temperature, top_p, top_k) + [RowSeededSampler(base, rows)])
-        out = model.generate(**inputs, logits_processor=procs, **kwargs)
-        pieces.append(out[:, inputs["input_ids"].shape[1] :].cpu())
+    with _eval_mode(model):
+        for start in tqdm(range(0, n, chunk), desc="generate", disable=not progress, leave=False):
+            stop = min(n, start + chunk)
+            inputs = {k: v.to(device) for k, v in _slice_enc(enc, start, stop).items()}
+            if share:
+                prompt_of_row = [r // G - start // G for r in range(start, stop)]
+                prefill = shared_prefill(model, inputs, prompt_of_row)
+                inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")} | prefill  # no pixels
+            elif "pixel_values" not in inputs and fsdp.tower_is_collective(model):
+                # the other ranks' `generate` may encode images now, before its prefill
+                fsdp.dummy_vision(model)
+            procs = LogitsProcessorList()
+            if sample:
+                base = 0 if seed is None else seed
+                rows = list(range(row_offset + start, row_offset + stop))
+                procs.extend(_warpers(temperature, top_p, top_k) + [RowSeededSampler(base, rows)])
+            out = model.generate(**inputs, logits_processor=procs, **kwargs)
+            pieces.append(out[:, inputs["input_ids"].shape[1] :].cpu())
     width = max(p.shape[1] for p in pieces)
     ids = torch.full((n, max(width, 1)), pad, dtype=torch.long)
     row = 0
