@@ -60,18 +60,22 @@ def load_model(
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{path}: cannot load as a vision-language model ({type(e).__name__}: {e})") from None
+        raise ModelError(
+            f"{path}: cannot load as a vision-language model ({type(e).__name__}: {e})"
+        ) from None
     if model.config.model_type not in SUPPORTED:
-        raise ModelError(f"{path}: model_type {model.config.model_type!r} unsupported; supported: {SUPPORTED}")
+        raise ModelError(
+            f"{path}: model_type {model.config.model_type!r} unsupported; supported: {SUPPORTED}"
+        )
     ip = processor.image_processor
-    if min_pixels or max_pixels:
+    if (
+        min_pixels or max_pixels
+    ):  # the pixel budget lives in `size` (min_pixels/max_pixels call kwargs are deprecated)
         size = dict(getattr(ip, "size", None) or {})
         if min_pixels:
             size["shortest_edge"] = min_pixels
-            ip.min_pixels = min_pixels
         if max_pixels:
             size["longest_edge"] = max_pixels
-            ip.max_pixels = max_pixels
         ip.size = size
     processor.tokenizer.padding_side = "left"
     return model.to(device), processor

@@ -24,7 +24,14 @@ def test_auto_classes_load_and_run(arch, tiny_model):
     proc = AutoProcessor.from_pretrained(path)
     assert type(model).__name__ == CLASSES[arch]
     tok = proc.tokenizer
-    for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|endoftext|>"):
+    for t in (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|vision_start|>",
+        "<|image_pad|>",
+        "<|vision_end|>",
+        "<|endoftext|>",
+    ):
         assert tok.convert_tokens_to_ids(t) != tok.unk_token_id and len(tok.tokenize(t)) == 1
     assert model.config.image_token_id == tok.convert_tokens_to_ids("<|image_pad|>")
     text = chat_text(proc, "how many red shapes?", 1)
@@ -53,7 +60,21 @@ def test_load_model_errors(tmp_path, tiny_model):
     with pytest.raises(ModelError, match="'llama' is not a supported vision-language model"):
         load_model(str(tmp_path / "llm"))
     model, proc = load_model(str(tiny_model("qwen2_5_vl")), max_pixels=56 * 56)
-    assert proc.tokenizer.padding_side == "left" and proc.image_processor.max_pixels == 56 * 56
+    assert proc.tokenizer.padding_side == "left" and proc.image_processor.size["longest_edge"] == 56 * 56
+    import warnings
+
+    from PIL import Image
+
+    from mmrlsd.data.prompts import chat_text, encode
+
+    with (
+        warnings.catch_warnings()
+    ):  # the budget is set through `size`, not the deprecated min/max_pixels kwargs
+        warnings.simplefilter("error", FutureWarning)
+        enc = encode(proc, [chat_text(proc, "hi", 1)], [[Image.new("RGB", (300, 200))]])
+    assert (
+        int(enc["image_grid_thw"].prod()) * 14 * 14 <= 56 * 56
+    )  # the 300x200 image was shrunk to the budget
 
 
 def test_make_tiny_cli(tmp_path):
