@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mmrlsd.config import load_config
+from mmrlsd.config import ConfigError, _merge, load_config, parse_overrides
 from mmrlsd.model.tiny import ARCHS, TinySize
 from mmrlsd.reward.rewards import REWARDS, RewardResult, register_reward
 from mmrlsd.types import Sample
@@ -102,16 +102,15 @@ class PerfConfig:
 
 
 def load_perf_config(path: str | Path, overrides: list[str] | None = None) -> PerfConfig:
-    """`PerfConfig` from YAML (`yaml.safe_load`) plus `key=value` overrides; unknown keys and variants fail."""
+    """`PerfConfig` from YAML (`yaml.safe_load`) plus `key=value` overrides, type-checked by the training
+    config's rules (`mmrlsd.config`: unknown keys fail with a suggestion); unknown variants, archs, shapes fail."""
+    cfg = PerfConfig()
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    for item in overrides or []:
-        key, _, value = item.partition("=")
-        data[key.strip()] = yaml.safe_load(value)
-    known = {f.name for f in dataclasses.fields(PerfConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; known: {', '.join(sorted(known))}")
-    cfg = PerfConfig(**data)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings")
+    _merge(cfg, data, "", str(path))
+    if overrides:
+        _merge(cfg, parse_overrides(overrides), "", f"{path} (command-line override)")
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or cfg.arch not in ARCHS or cfg.shape not in ("tiny", "qwen2_5_vl_3b"):
         raise ValueError(f"{path}: variants {bad} / arch {cfg.arch!r} / shape {cfg.shape!r} not known")
