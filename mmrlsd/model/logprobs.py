@@ -32,7 +32,7 @@ from mmrlsd.model.packing import (
     rope_positions,
 )
 from mmrlsd.model.vision import VisionFeatures, vision_features
-from mmrlsd.rollout.generate import images_per_row
+from mmrlsd.rollout.generate import image_offsets, images_per_row
 from mmrlsd.train.fsdp import tower_on_every_rank
 from mmrlsd.types import Rollouts, SeqBatch
 
@@ -58,11 +58,11 @@ def build_sequences(enc, rollouts: Rollouts) -> SeqBatch:
 def slice_seq(seq: SeqBatch, start: int, stop: int) -> SeqBatch:
     """Rows start..stop with exactly their images' pixel rows."""
     pv, thw = None, None
-    first, last = sum(seq.images_per_seq[:start]), sum(seq.images_per_seq[:stop])
-    if seq.pixel_values is not None and last > first:
-        patches = seq.image_grid_thw.prod(dim=1).tolist()
-        pv = seq.pixel_values[sum(patches[:first]) : sum(patches[:last])]
-        thw = seq.image_grid_thw[first:last]
+    if seq.pixel_values is not None:
+        img, pix = image_offsets(seq.images_per_seq, seq.image_grid_thw)
+        first, last = img[start], img[stop]
+        if last > first:
+            pv, thw = seq.pixel_values[pix[first] : pix[last]], seq.image_grid_thw[first:last]
     mm = seq.mm_token_type_ids[start:stop] if seq.mm_token_type_ids is not None else None
     return SeqBatch(
         input_ids=seq.input_ids[start:stop], attention_mask=seq.attention_mask[start:stop], mm_token_type_ids=mm,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmrlsd.rollout.generate import images_per_row
+from mmrlsd.rollout.generate import image_offsets, images_per_row
 from mmrlsd.train.fsdp import dummy_vision, tower_is_collective
 from mmrlsd.types import SeqBatch
 
@@ -62,17 +62,6 @@ def _leaf(t: torch.Tensor) -> torch.Tensor:
     return t.detach().requires_grad_(t.requires_grad)
 
 
-def _image_slices(seq: SeqBatch) -> tuple[list[int], list[int]]:
-    """First image index of each row, and first pixel row of each image (both with a final total)."""
-    img_start = [0]
-    for n in seq.images_per_seq:
-        img_start.append(img_start[-1] + n)
-    pix_start = [0]
-    for p in seq.image_grid_thw.prod(dim=1).tolist():
-        pix_start.append(pix_start[-1] + p)
-    return img_start, pix_start
-
-
 def vision_features(model, seq: SeqBatch, rows: list[int], group_size: int) -> VisionFeatures | None:
     """Run the vision tower once on the images of each group that `rows` touch (group g is represented by
     its first row g*G). `group_size=1`: once per row, as the naive forward does. None without images, except
@@ -80,7 +69,7 @@ def vision_features(model, seq: SeqBatch, rows: list[int], group_size: int) -> V
     groups = sorted({r // group_size for r in rows if seq.images_per_seq[r] > 0})
     if seq.pixel_values is None or not groups:
         return _no_image_features(model, group_size) if tower_is_collective(model) else None
-    img_start, pix_start = _image_slices(seq)
+    img_start, pix_start = image_offsets(seq.images_per_seq, seq.image_grid_thw)
     pix, thw = [], []
     for g in groups:
         r0 = g * group_size
@@ -126,9 +115,7 @@ def repeat_encoding(enc, group_size: int) -> dict:
         if k in enc
     }
     if enc.get("pixel_values") is not None:
-        seq = SeqBatch(enc["input_ids"], enc["attention_mask"], enc["mm_token_type_ids"], enc["pixel_values"],
-                       enc["image_grid_thw"], images_per_row(enc), 0)  # fmt: skip
-        img_start, pix_start = _image_slices(seq)
+        img_start, pix_start = image_offsets(images_per_row(enc), enc["image_grid_thw"])
         pix, thw = [], []
         for b in range(enc["input_ids"].shape[0]):
             a, z = img_start[b], img_start[b + 1]

@@ -74,19 +74,22 @@ def _warpers(temperature: float, top_p: float, top_k: int) -> list:
     return out
 
 
+def image_offsets(images_per_row: list[int], image_grid_thw: torch.Tensor) -> tuple[list[int], list[int]]:
+    """`(img, pix)`: row r owns images img[r] .. img[r+1]-1, image i owns pixel rows pix[i] .. pix[i+1]-1 (each
+    list ends with the total)."""
+    return [0, *accumulate(images_per_row)], [0, *accumulate(image_grid_thw.prod(dim=1).tolist())]
+
+
 def _slice_enc(enc, start: int, stop: int) -> dict:
     """Rows start..stop of a left-padded prompt encoding, with their images' pixel rows."""
     out = {k: enc[k][start:stop] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
     if enc.get("pixel_values") is not None:
         image_token = enc["mm_token_type_ids"] if "mm_token_type_ids" in enc else None
-        n_img = _images_per_row(enc, image_token)
-        first, last = sum(n_img[:start]), sum(n_img[:stop])
-        thw = enc["image_grid_thw"]
-        patches = thw.prod(dim=1).tolist()
-        p0, p1 = sum(patches[:first]), sum(patches[:last])
+        img, pix = image_offsets(_images_per_row(enc, image_token), enc["image_grid_thw"])
+        first, last = img[start], img[stop]
         if last > first:
-            out["pixel_values"] = enc["pixel_values"][p0:p1]
-            out["image_grid_thw"] = thw[first:last]
+            out["pixel_values"] = enc["pixel_values"][pix[first] : pix[last]]
+            out["image_grid_thw"] = enc["image_grid_thw"][first:last]
     return out
 
 
@@ -127,8 +130,7 @@ def groups_repeat(enc, group_size: int) -> bool:
     if enc.get("pixel_values") is None:
         return True
     thw, pixels = enc["image_grid_thw"], enc["pixel_values"]
-    img = [0, *accumulate(images_per_row(enc))]  # row r owns images img[r] .. img[r+1]-1
-    pix = [0, *accumulate(thw.prod(dim=1).tolist())]  # image i owns pixel rows pix[i] .. pix[i+1]-1
+    img, pix = image_offsets(images_per_row(enc), thw)
     for r in range(n):
         f = r - r % G  # the group's first row
         if r != f and not (
