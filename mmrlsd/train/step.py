@@ -95,13 +95,19 @@ def token_advantages(cfg: Config, adv, delta, mask, lam: float) -> torch.Tensor:
     return get_token_advantage(cfg.algo.token_adv)(adv, delta, mask, lam=lam, eps_w=cfg.algo.eps_w)
 
 
+def privileged_gain(teacher_logp, student_logp, teacher_mask) -> torch.Tensor:
+    """Δ_t = log P_T(y_t) - log P_S(y_t) where `teacher_mask` is 1, else 0; all 0 without a teacher pass."""
+    if teacher_logp is None:
+        return torch.zeros_like(student_logp)
+    return (teacher_logp - student_logp) * teacher_mask  # no grad
+
+
 def shape_rows(
-    cfg: Config, adv, teacher_logp, response_mask, mask, lam: float, rows, student_logp
+    cfg: Config, adv, teacher_logp, teacher_mask, mask, lam: float, rows, student_logp
 ) -> torch.Tensor:
-    """Â_t of `rows` `(n, T)` given the student's log-probs there: Δ_t = teacher - student (0 without a teacher)."""
-    delta = torch.zeros_like(student_logp)
-    if teacher_logp is not None:
-        delta = (teacher_logp[rows] - student_logp) * response_mask[rows]  # (n, T), Δ_t, no grad
+    """Â_t of `rows` `(n, T)` given the student's log-probs there."""
+    t_rows = teacher_logp[rows] if teacher_logp is not None else None
+    delta = privileged_gain(t_rows, student_logp, teacher_mask[rows])  # (n, T)
     return token_advantages(cfg, adv[rows], delta, mask[rows], lam)
 
 
@@ -187,9 +193,8 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
             )
             teacher_logp, _ = token_logprobs(ctx.teacher, teacher_seq, mb, fast=teacher_fast)  # (B*G, T)
             if demos is not None:  # SDPO: no Δ on rows without a demonstration
-                teacher_mask = rollouts.response_mask * demonstration_mask(demos)[:, None].to(
-                    teacher_mask.dtype
-                )
+                has_demo = demonstration_mask(demos)  # (B*G,)
+                teacher_mask = rollouts.response_mask * has_demo[:, None].to(teacher_mask.dtype)
         if cfg.algo.distill == "jsd":
             distill = jsd_term(ctx, teacher_seq, teacher_mask)
     shaped = partial(shape_rows, cfg, adv, teacher_logp, teacher_mask, mask, lam)  # Â_t of some rows
@@ -201,9 +206,7 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
         stats, student_logp = update(ctx, student, student_logp, shaped, mask, fast, step, distill)
     rows = list(range(len(rollouts.texts)))
     token_adv = shaped(rows, student_logp)  # (B*G, T), Â_t: what the update used
-    delta = torch.zeros_like(student_logp)  # (B*G, T), Δ_t
-    if teacher_logp is not None:
-        delta = (teacher_logp - student_logp) * teacher_mask
+    delta = privileged_gain(teacher_logp, student_logp, teacher_mask)  # (B*G, T), Δ_t
     metrics = step_metrics(
         rollouts,
         rewards,
@@ -218,7 +221,7 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     )
     metrics["rlsd/teacher_pass"] = float(teacher_logp is not None)
     if demos is not None:
-        metrics["sdpo/demo_frac"] = float(demonstration_mask(demos).mean())  # rows with a demonstration
+        metrics["sdpo/demo_frac"] = float(has_demo.mean())  # rows with a demonstration
     dump = dump_rows(step, samples, rollouts, ctx.processor, results, adv, delta, token_adv, student_logp,
                      teacher_logp, lam, cfg.trainer.dump_max) if cfg.trainer.dump_every else []  # fmt: skip
     for row in dump if demos is not None else []:
