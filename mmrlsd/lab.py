@@ -29,6 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mmrlsd.data import synth
+from mmrlsd.log import read_metrics
 
 LAB_FAMILIES = ("count_color", "count_two_colors", "add_digits", "bar_diff")
 """The lab's task families (see `mmrlsd.data.synth.FAMILIES`)."""
@@ -96,9 +97,15 @@ def train_command(
     method: str, seed: int, runs: Path, overrides: Sequence[str], config: str | None = None
 ) -> list[str]:
     """The `mmrlsd train` command line of one run."""
-    cfg = config or METHODS[method]
-    return [sys.executable, "-m", "mmrlsd", "train", cfg, "--output-dir", str(run_dir_of(runs, method, seed)),
-            "--no-progress", f"trainer.seed={seed}", *overrides]  # fmt: skip
+    return mmrlsd_train(
+        config or METHODS[method], run_dir_of(runs, method, seed), [f"trainer.seed={seed}", *overrides]
+    )
+
+
+def mmrlsd_train(config: str, run_dir: Path, overrides: Sequence[str]) -> list[str]:
+    """`python -m mmrlsd train CONFIG --output-dir RUN_DIR --no-progress OVERRIDES...` in this interpreter."""
+    return [sys.executable, "-m", "mmrlsd", "train", config, "--output-dir", str(run_dir), "--no-progress",
+            *overrides]  # fmt: skip
 
 
 def run_all(
@@ -135,7 +142,7 @@ def run_all(
 
 def read_run(run_dir: Path) -> dict:
     """Per-step curves and validation points of one run directory."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     steps = [r for r in rows if r.get("step", 0) > 0 and "reward/mean" in r]
     vals = [r for r in rows if "val/accuracy" in r]
     out = {"steps": [r["step"] for r in steps], "val_steps": [r["step"] for r in vals]}
@@ -480,13 +487,13 @@ def check_default(run_dir: Path, out: Path | None, config: str = "configs/tiny_c
     """Run `mmrlsd train CONFIG --output-dir RUN_DIR` in a fresh process, time it end to end (imports included),
     and judge it against `FLOORS`; writes the verdict as JSON to `out` when given."""
     load_before = list(os.getloadavg())
-    cmd = [sys.executable, "-m", "mmrlsd", "train", config, "--output-dir", str(run_dir), "--no-progress",
-           *overrides]  # fmt: skip
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    subprocess.run(
+        mmrlsd_train(config, run_dir, overrides), check=True, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
     wall = time.perf_counter() - t0
     run = read_run(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run_dir)
     n_val = int(next(r["val/n"] for r in rows if "val/n" in r))
     acc, sacc = run["val/accuracy"], run["val/sample_accuracy"]
     res = {
