@@ -207,23 +207,20 @@ if "perf_chars" not in REWARDS:
 
 def mmrlsd_config(pc: PerfConfig, variant: str):
     """The training config of an mmrlsd variant (`naive` = every fast-path switch off)."""
+    fast = variant != "naive"
     o = {
         "model.path": "<in memory>", "data.train_files": "[<in memory>]", "reward.name": "perf_chars",
         "rollout.n": pc.group_size, "rollout.batch_size": pc.batch_size, "rollout.max_new_tokens": pc.max_new_tokens,
         "optim.micro_batch_size": pc.micro_batch_size, "optim.lr": 1e-10, "trainer.dump_every": 0,
         "algo.teacher_refresh": pc.teacher_refresh, "algo.lam0": 0.0 if variant == "grpo" else 0.5,
         "model.gradient_checkpointing": pc.gradient_checkpointing, "trainer.seed": pc.seed,
+        # the fast path (`naive`: all off)
+        "model.packing": fast and pc.packing, "model.share_vision": fast and pc.share_vision,
+        "model.share_prefix": fast and pc.share_prefix, "model.logprob_chunk": pc.logprob_chunk if fast else 0,
+        "rollout.share_prefill": fast and pc.share_prefill, "model.packed_attention": pc.packed_attention,
+        "optim.token_budget": pc.token_budget if fast else 0,
     }  # fmt: skip
-    cfg = load_config(None, [f"{k}={v}" for k, v in o.items()])
-    fast = variant != "naive"
-    # the fast-path keys (read with getattr by mmrlsd.model.packing.fast_options until they are Config fields)
-    cfg.model.packing, cfg.model.share_vision = fast and pc.packing, fast and pc.share_vision
-    cfg.model.share_prefix = fast and pc.share_prefix
-    cfg.model.logprob_chunk = pc.logprob_chunk if fast else 0
-    cfg.rollout.share_prefill = fast and pc.share_prefill
-    cfg.model.packed_attention = pc.packed_attention
-    cfg.optim.token_budget = pc.token_budget if fast else 0
-    return cfg
+    return load_config(None, [f"{k}={v}" for k, v in o.items()])
 
 
 def make_context(cfg, model, processor):

@@ -61,16 +61,15 @@ class FastOptions:
 
 def fast_options(cfg, group_size: int) -> FastOptions:
     """`FastOptions` from a `Config` (keys `model.packing`, `model.share_vision`, `model.share_prefix`,
-    `model.logprob_chunk`, `model.packed_attention`, `optim.token_budget`); absent keys mean off."""
+    `model.logprob_chunk`, `model.packed_attention`, `optim.token_budget`)."""
     m, o = cfg.model, cfg.optim
-    attention = getattr(m, "packed_attention", "auto")
-    if attention not in ATTENTION_KERNELS:
-        raise ValueError(f"unknown packed attention {attention!r}; known: {', '.join(ATTENTION_KERNELS)}")
+    if m.packed_attention not in ATTENTION_KERNELS:
+        raise ValueError(
+            f"unknown packed attention {m.packed_attention!r}; known: {', '.join(ATTENTION_KERNELS)}"
+        )
     return FastOptions(
-        packing=bool(getattr(m, "packing", False)), token_budget=int(getattr(o, "token_budget", 0)),
-        share_vision=bool(getattr(m, "share_vision", False)), logprob_chunk=int(getattr(m, "logprob_chunk", 0)),
-        share_prefix=bool(getattr(m, "share_prefix", False)),
-        attention=attention, group_size=group_size,
+        packing=m.packing, token_budget=o.token_budget, share_vision=m.share_vision, logprob_chunk=m.logprob_chunk,
+        share_prefix=m.share_prefix, attention=m.packed_attention, group_size=group_size,
     )  # fmt: skip
 
 
