@@ -13,6 +13,7 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
 from mmrlsd.config import ConfigError
+from mmrlsd.data.sanitize import neutralize_special_tokens, special_tokens
 from mmrlsd.types import Sample
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
@@ -67,9 +68,15 @@ class PromptBuilder:
         check_template(self.student_tpl, student_template)
         check_template(self.teacher_tpl, teacher_template)
         self.teacher_info = teacher_info
+        self.special = special_tokens(processor.tokenizer) if processor is not None else None
+
+    def clean(self, text: str | None) -> str | None:
+        """Special-token text (`<|image_pad|>`, `<|im_end|>`, ...) in data or model output made harmless."""
+        return neutralize_special_tokens(text, self.special) if text else text
 
     def student(self, s: Sample) -> str:
-        return chat_text(self.processor, self.student_tpl.render(problem=s.problem), len(s.images))
+        text = self.student_tpl.render(problem=self.clean(s.problem))
+        return chat_text(self.processor, text, len(s.images))
 
     def teacher(self, s: Sample, demonstration: str | None = None) -> str:
         """The teacher prompt; `demonstration` is the correct sibling response SDPO conditions on
@@ -81,8 +88,9 @@ class PromptBuilder:
             if demonstration is None:
                 raise ValueError(f"sample {s.id!r}: teacher_info 'sibling' needs a demonstration")
             reference = demonstration
-        text = self.teacher_tpl.render(problem=s.problem, reference=reference, answer=s.answer,
-                                       solution=s.solution, demonstration=demonstration or "")  # fmt: skip
+        c = self.clean
+        text = self.teacher_tpl.render(problem=c(s.problem), reference=c(reference), answer=c(s.answer),
+                                       solution=c(s.solution), demonstration=c(demonstration) or "")  # fmt: skip
         return chat_text(self.processor, text, len(s.images))
 
 
