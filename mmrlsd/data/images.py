@@ -82,7 +82,10 @@ def _open(fp, name: str, max_pixels: int) -> Image.Image:
     # PIL warns above MAX_IMAGE_PIXELS (and raises above twice that); we refuse below, with our own message
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        img = Image.open(fp)  # reads the header only
+        try:
+            img = Image.open(fp)  # reads the header only
+        except Image.DecompressionBombError as e:  # above twice the limit PIL refuses in `open`
+            raise ImageError(f"{name}: exceeds the {MAX_DECODE_PIXELS:,}-pixel limit ({e})") from None
     return _decode(img, name, max_pixels)
 
 

@@ -90,6 +90,7 @@ class RemotePolicy:
             try:
                 path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
                 conn.request("GET", path, headers={"User-Agent": "mmrlsd", "Accept": "image/*"})
+                sock = conn.sock  # the connection lets go of it once the response says it will close
                 resp = conn.getresponse()
                 if resp.status in (301, 302, 303, 307, 308) and resp.getheader("Location"):
                     url = urljoin(url, resp.getheader("Location"))
@@ -99,7 +100,7 @@ class RemotePolicy:
                 size = resp.getheader("Content-Length")
                 if size and size.isdigit() and int(size) > self.max_bytes:
                     raise ImageError(f"{url}: {int(size):,} bytes exceeds the {self.max_bytes:,}-byte limit")
-                return self._read(conn, resp, url, deadline)
+                return self._read(sock, resp, url, deadline)
             except (OSError, http.client.HTTPException) as e:  # socket.timeout is an OSError
                 if isinstance(e, TimeoutError) or "timed out" in str(e):
                     raise ImageError(f"{url}: download timed out after {self.timeout:g} s") from None
@@ -108,14 +109,14 @@ class RemotePolicy:
                 conn.close()
         raise ImageError(f"{url}: more than {MAX_REDIRECTS} redirects")
 
-    def _read(self, conn, resp, url: str, deadline: float) -> bytes:
+    def _read(self, sock, resp, url: str, deadline: float) -> bytes:
         chunks, total = [], 0
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ImageError(f"{url}: download timed out after {self.timeout:g} s")
             # a server dripping bytes cannot stretch the download past the deadline
-            conn.sock.settimeout(left)
+            sock.settimeout(left)
             chunk = resp.read1(65536) if hasattr(resp, "read1") else resp.read(65536)
             if not chunk:
                 return b"".join(chunks)
