@@ -21,9 +21,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the file and the key."""
+from mmrlsd.errors import ConfigError
 
 
 @dataclass

@@ -25,7 +25,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from mmrlsd.train import dist, faults
+from mmrlsd import dist
+from mmrlsd.model.load import empty_model, load_policy_weights
+from mmrlsd.train import faults
 
 COMPLETE = "COMPLETE"
 
@@ -126,21 +128,6 @@ def load_checkpoint(ckpt: Path, policy, optimizer, teacher) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
-def load_policy_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The policy's full state dict from a checkpoint, in one process (for export and comparisons)."""
-    model = _empty_model(Path(ckpt))
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / "state"))
-    return state["model"]
-
-
-def _empty_model(ckpt: Path):
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(ckpt)
-    return AutoModelForImageTextToText.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
-
-
 def export(ckpt: str | Path, out: str | Path) -> Path:
     """Write a plain Hugging Face checkpoint (model + processor) from a training checkpoint."""
     from transformers import AutoProcessor
@@ -148,7 +135,7 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / COMPLETE).is_file():
         raise FileNotFoundError(f"{ckpt}: not a complete mmrlsd checkpoint (no {COMPLETE} marker)")
-    model = _empty_model(ckpt)
+    model = empty_model(ckpt)
     model.load_state_dict(load_policy_weights(ckpt))
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(ckpt).save_pretrained(out)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from mmrlsd import dist
 from mmrlsd.config import Config, ConfigError, dump_config
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
@@ -26,7 +27,7 @@ from mmrlsd.log import MetricsWriter, write_dump
 from mmrlsd.model.load import load_model, resolve_device
 from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
-from mmrlsd.train import dist, fsdp
+from mmrlsd.train import fsdp
 from mmrlsd.train.step import StepContext, rlsd_step
 from mmrlsd.train.validate import validate
 
@@ -77,7 +78,7 @@ def build(cfg: Config):
     for module in cfg.reward.plugins:
         importlib.import_module(module)
     get_reward(cfg.reward.name)  # fail now, listing the valid names, not after the first rollout
-    distributed = fsdp.init_distributed(cfg.dist.backend)
+    distributed = dist.init_distributed(cfg.dist.backend)
     use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
     if distributed and not use_fsdp:
         raise ConfigError("dist.fsdp=off under torchrun (WORLD_SIZE > 1) is not supported: use auto or on")
@@ -234,7 +235,7 @@ def train(
             log.warning(
                 "skip reasons: %s", ", ".join(f"{k}: {v}" for k, v in train_data.skip_counts().items())
             )
-    fsdp.destroy_distributed()
+    dist.destroy_distributed()
     return run_dir
 
 

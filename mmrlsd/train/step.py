@@ -27,10 +27,10 @@ from mmrlsd.algo.opsd import generalized_jsd
 from mmrlsd.algo.rlsd import get_token_advantage, grpo_opsd_token_advantages, grpo_token_advantages, lam_at
 from mmrlsd.algo.sdpo import demonstration_mask, pick_demonstrations
 from mmrlsd.config import Config
-from mmrlsd.data.prompts import PromptBuilder, encode
+from mmrlsd.data.encoding import encode, repeat_encoding
+from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.model.logprobs import build_sequences, response_logits, slice_seq, token_logprobs
 from mmrlsd.model.packing import FastOptions, fast_options
-from mmrlsd.model.vision import repeat_encoding
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.generate import generate
 from mmrlsd.train import faults

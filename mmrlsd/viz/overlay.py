@@ -82,8 +82,7 @@ def _load_sharded(path: Path, dtype: str, attn: str):
     """A checkpoint saved as `state/` (torch.distributed.checkpoint) with the config and processor beside it."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from mmrlsd.model.load import DTYPES
-    from mmrlsd.train.checkpoint import load_policy_weights
+    from mmrlsd.model.load import DTYPES, load_policy_weights
 
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForImageTextToText.from_config(config, dtype=DTYPES[dtype], attn_implementation=attn)
@@ -127,8 +126,9 @@ def _template(path: str, run: Run) -> Path:
 def build_inputs(run: Run, row: dict, processor):
     """`(inputs, images, P)`: model inputs for `[student prompt | response]`, the images, the prompt length."""
     from mmrlsd.config import load_config
+    from mmrlsd.data.encoding import encode
     from mmrlsd.data.images import load_image
-    from mmrlsd.data.prompts import PromptBuilder, encode
+    from mmrlsd.data.prompts import PromptBuilder
     from mmrlsd.types import Sample
 
     cfg = load_config(run.path / "config.yaml", validate=False)
