@@ -85,22 +85,3 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def load_policy_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
-    """The policy's full state dict from a training checkpoint (`checkpoint-N/`), in one process (for export and
-    comparisons)."""
-    import torch.distributed.checkpoint as dcp
-
-    model = empty_model(Path(ckpt))
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / "state"))
-    return state["model"]
-
-
-def empty_model(ckpt: Path):
-    """A model of the checkpoint's architecture and dtype with uninitialised weights."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    config = AutoConfig.from_pretrained(ckpt)
-    return AutoModelForImageTextToText.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)

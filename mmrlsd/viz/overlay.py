@@ -82,7 +82,8 @@ def _load_sharded(path: Path, dtype: str, attn: str):
     """A checkpoint saved as `state/` (torch.distributed.checkpoint) with the config and processor beside it."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from mmrlsd.model.load import DTYPES, load_policy_weights
+    from mmrlsd.model.load import DTYPES
+    from mmrlsd.train.checkpoint import load_policy_weights
 
     config = AutoConfig.from_pretrained(path)
     model = AutoModelForImageTextToText.from_config(config, dtype=DTYPES[dtype], attn_implementation=attn)

@@ -196,7 +196,7 @@ def test_fast_path_under_fsdp2_matches_one_process(tiny_model, tmp_path):
     from tinydata import write_records
 
     from mmrlsd.log import read_metrics
-    from mmrlsd.model.load import load_policy_weights
+    from mmrlsd.train.checkpoint import load_policy_weights
 
     repo = Path(__file__).resolve().parents[2]
     data = write_records(tmp_path / "data", n=8, text_only_every=0)

@@ -22,7 +22,7 @@ import torch
 
 from mmrlsd.config import load_config
 from mmrlsd.log import read_metrics
-from mmrlsd.model.load import load_policy_weights
+from mmrlsd.train.checkpoint import load_policy_weights
 from mmrlsd.train.loop import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
