@@ -31,7 +31,8 @@ class ModelConfig:
     path: str = ""
     """Hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint."""
     dtype: str = "float32"
-    """Parameter dtype: float32 | bfloat16 | float16 (bf16 is ~16x slower than fp32 on CPUs)."""
+    """Compute dtype of the forward and backward passes: float32 | bfloat16 | float16 (bf16 is ~16x slower than
+    fp32 on CPUs). Parameters, gradients and AdamW states stay float32 unless `dist.mixed_precision` is off."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa | eager | flash_attention_2."""
     trust_remote_code: bool = False
@@ -227,8 +228,10 @@ class DistConfig:
     """FSDP2 sharding: auto (on when launched by torchrun with WORLD_SIZE > 1) | on | off."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
-    mixed_precision: bool = False
-    """FSDP2 mixed precision: bf16 parameters and compute, fp32 gradient reduction."""
+    mixed_precision: bool = True
+    """Float32 master weights, gradient reduction and AdamW states, computing in `model.dtype` (FSDP2
+    `MixedPrecisionPolicy` when sharded, `torch.autocast` in one process). false: parameters and AdamW states in
+    `model.dtype` itself (half the memory, but at lr ~1e-6 most bf16 updates round away)."""
     teacher_offload: bool = False
     """Keep the frozen teacher snapshot's shards on CPU (FSDP2 CPU offload); saves GPU memory, costs transfers."""
 
