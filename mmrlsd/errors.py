@@ -15,3 +15,11 @@ class ModelError(MmrlsdError):
 
 class ImageError(MmrlsdError):
     """An image that cannot be used; the record is skipped and counted."""
+
+
+class CheckpointError(MmrlsdError):
+    """A training checkpoint that is damaged (truncated shard, empty state file, garbage RNG file)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that would run code when loaded (a pickle naming a forbidden global): never loaded."""

@@ -172,10 +172,9 @@ def train(
             f"{cfg.data.train_files}: no usable training records ({len(train_data.skipped)} skipped)"
         )
 
-    start, state = 0, {}
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    start = 0
+    latest, state = ckpt.resume_latest(run_dir, ctx.policy, ctx.optimizer, ctx.teacher) if resume else (None, {})
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, ctx.policy, ctx.optimizer, ctx.teacher)
         start = state["step"]
         train_data.pos = state["data_pos"]
         train_data.skipped = [Skip(i, r) for i, r in state.get("skipped", [])]
