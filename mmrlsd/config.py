@@ -144,9 +144,10 @@ class AlgoConfig:
     lam0: float = 0.5
     """λ_0 of Â_t = A·((1-λ) + λ·clip(w_t, 1-ε_w, 1+ε_w)); 0 gives exactly GRPO."""
     lam_decay_steps: int = 50
-    """D: λ decays linearly from λ_0 to 0 over D optimizer steps (paper 50; released script 60)."""
+    """D: λ decays linearly from λ_0 to 0 over D optimizer steps (paper 50; released script 60). Steps count from
+    1, as in the release: the first update uses λ_0·(1 - 1/D) and λ is 0 from step D on."""
     lam_warmup_steps: int = 0
-    """Linear warm-up of λ from 0 to λ_0 before the decay (0 in the release)."""
+    """W: linear warm-up of λ, λ_0·step/W before step W, then the decay from step W (0 in the release)."""
     eps_w: float = 0.2
     """ε_w: clip range of the evidence weight w_t = exp(sign(A)·Δ_t)."""
     clip_low: float = 0.2
