@@ -1,6 +1,7 @@
 """PyTorch FSDP2 (`fully_shard`) for Qwen-VL: every vision block and every decoder layer is its own shard group,
-then the vision tower, then the root. Mixed precision (bf16 parameters and compute, fp32 gradient reduction) and CPU offload of the frozen
-teacher are optional. Launch with torchrun; a single process runs without FSDP:
+then the vision tower, then the root. Mixed precision: float32 parameters (the master weights the optimizer
+updates) all-gathered in the compute dtype, gradients reduced in float32 (`MixedPrecisionPolicy`). CPU offload of
+the frozen teacher is optional. Launch with torchrun; a single process runs without FSDP:
 
     torchrun --nproc_per_node 8 -m mmrlsd train configs/qwen3vl_8b.yaml                      # one node
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
@@ -29,14 +30,20 @@ def layer_modules(model) -> list[torch.nn.Module]:
 
 
 def shard_model(
-    model: torch.nn.Module, mixed_precision: bool = False, offload: bool = False
+    model: torch.nn.Module, compute_dtype: torch.dtype | None = None, offload: bool = False
 ) -> torch.nn.Module:
-    """Apply FSDP2 in place: each block/layer, then the root."""
+    """Apply FSDP2 in place: each block/layer, then the root.
+
+    `compute_dtype` different from the parameters' dtype (bf16 compute over float32 master weights): each unit's
+    parameters are all-gathered in `compute_dtype` for its forward and backward, and gradients are reduced and
+    kept in float32 (`MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)`). None or the same
+    dtype: no mixed-precision policy (everything in the parameters' dtype)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     kw = {"offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
-    if mixed_precision:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    stored = next(model.parameters()).dtype
+    if compute_dtype is not None and compute_dtype != stored:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for module in layer_modules(model):
         fully_shard(module, **kw)
     # The vision tower (patch embedding, merger) is its own unit too: transformers' `generate` encodes images via

@@ -181,7 +181,7 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     if cfg.algo.dynamic_sampling:  # drop groups whose rewards are all equal: they carry no GRPO signal
         mask = mask * (~all_equal_groups(rewards, G)).repeat_interleave(G)[:, None].float()
     student = build_sequences(student_enc, rollouts)  # (B*G, P+T)
-    lam = lam_at(step - 1, cfg.algo.lam0, cfg.algo.lam_decay_steps, cfg.algo.lam_warmup_steps)
+    lam = lam_at(step, cfg.algo.lam0, cfg.algo.lam_decay_steps, cfg.algo.lam_warmup_steps)
     teacher_logp, distill = None, None
     teacher_mask, demos = rollouts.response_mask, None  # (B*G, T): where Δ_t counts
     if needs_teacher(cfg, lam):
