@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmrlsd.data.prompts import PromptBuilder, encode
+from mmrlsd.data.encoding import encode
+from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sanitize import (
     QWEN_SPECIAL_TOKENS,
     ZERO_WIDTH_SPACE,
