@@ -469,7 +469,7 @@ def test_site_is_installed_on_first_use_with_one_line(tmp_path, monkeypatch, cap
 
 def test_offline_setup_fails_before_reading_data_and_names_the_command(tmp_path, monkeypatch, capsys):
     from mmrlsd.bench.base import Bench
-    from mmrlsd.bench.cli import build_parser, main
+    from mmrlsd.cli import main
 
     def no_reads(*args, **kwargs):
         raise AssertionError("data was read before the setup check")
@@ -480,7 +480,7 @@ def test_offline_setup_fails_before_reading_data_and_names_the_command(tmp_path,
                        "PIP_TIMEOUT": "2", "PIP_FIND_LINKS": "", "PIP_NO_INDEX": ""}.items():  # fmt: skip
         monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
     argv = ["--bench", "mathvision", "--predictions", "p.jsonl", "--data", "test.jsonl"]
-    assert main(build_parser().parse_args(argv)) == 1
+    assert main(["eval", *argv]) == 1
     err = capsys.readouterr().err
     assert "installing them once into" in err and "error: mathvision: could not install" in err
     assert "python -m mmrlsd.bench.mathvision_setup" in err and not eq.site_ready(tmp_path / "site")

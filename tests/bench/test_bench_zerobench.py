@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmrlsd.bench.cli import build_parser, main
 from mmrlsd.bench.zerobench import INSTRUCTION, ZeroBench, build_prompt, is_correct, parse_answer
+from mmrlsd.cli import main
 
 BENCH = ZeroBench()
 SCHEMA = {"bench", "split", "mode", "n", "correct", "accuracy", "breakdown", "items"}
@@ -203,7 +203,7 @@ def test_score_only_cli_with_parquet_and_jsonl_gold(tmp_path, capsys):
     out = tmp_path / "out" / "zb.json"
     argv = ["--bench", "zerobench", "--predictions", str(pred), "--data", str(data), "--mode", "official",
             "--output", str(out)]  # fmt: skip
-    assert main(build_parser().parse_args(argv)) == 0
+    assert main(["eval", *argv]) == 0
     result = json.loads(out.read_text())
     assert SCHEMA <= set(result) and result["split"] == "zerobench" and set(result["items"]) == {"1", "2"}
     assert (result["correct"], result["pass_at_k"]) == (1, {"k": 2, "n": 2, "pass@2": 1.0, "2/2": 0.5})
@@ -212,7 +212,7 @@ def test_score_only_cli_with_parquet_and_jsonl_gold(tmp_path, capsys):
     gold_jsonl.write_text("".join(json.dumps({"question_id": q, "question_text": "t", "question_answer": a}) + "\n"
                                   for q, a in (("1", "red"), ("2", "2"))))  # fmt: skip
     argv[argv.index(str(data))] = str(gold_jsonl)
-    assert main(build_parser().parse_args(argv)) == 0
+    assert main(["eval", *argv]) == 0
     assert json.loads(out.read_text())["items"] == result["items"]
 
 
@@ -222,7 +222,7 @@ def test_generate_and_score_with_samples(tiny_model, tmp_path):
     argv = ["--bench", "zerobench", "--model", str(tiny_model("qwen2_5_vl")), "--data", str(data),
             "--output-dir", str(out), "--max-new-tokens", "3", "--batch-size", "2", "--samples", "2",
             "--engine", "hf", "--device", "cpu", "--no-progress"]  # fmt: skip
-    assert main(build_parser().parse_args(argv)) == 0
+    assert main(["eval", *argv]) == 0
     rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == ["1", "2"] and all(len(r["responses"]) == 2 for r in rows)
     assert rows[0]["prompt"] == f"What colour is the square?\n\n\n{INSTRUCTION}"
