@@ -55,7 +55,9 @@ def test_teacher_prompt_uses_the_solution_and_never_falls_back_to_the_answer(tmp
     assert prompts.teacher(with_trace) == "1+1? REF[one plus one is two]"
     for missing in (None, "", "  "):
         s = Sample(id="b", problem="2+2?", answer="4", images=[], solution=missing)
-        with pytest.raises(ValueError, match="record 'b': teacher_info 'solution' but the record has no solution"):
+        with pytest.raises(
+            ValueError, match="record 'b': teacher_info 'solution' but the record has no solution"
+        ):
             prompts.teacher(s)
     assert _builder(tmp_path, "answer").teacher(with_trace) == "1+1? REF[2]"
 
