@@ -50,6 +50,9 @@ class FieldMap:
     problem_type: str = "problem_type"
     solution: str = "solution"
     id: str = "id"
+    require_solution: bool = False
+    """Skip (and count) records without a non-empty `solution` text: it is the teacher's privileged information
+    (`algo.teacher_info: solution`, OPSD), and a silent fallback to the answer would change the method."""
 
 
 @dataclass
@@ -127,8 +130,8 @@ def _table_rows(table, label: str, fields: FieldMap) -> list[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    wanted = [f.name for f in dataclasses.fields(fields)]
-    keys = [getattr(fields, k) for k in wanted if k != "images" and getattr(fields, k) in table.column_names]
+    names = [getattr(fields, f.name) for f in dataclasses.fields(fields) if f.name != "images"]
+    keys = [k for k in names if isinstance(k, str) and k in table.column_names]
     rows = table.select(keys).to_pylist()
     if fields.images in table.column_names:
         col = table.column(fields.images)
@@ -325,6 +328,8 @@ def to_sample(row: dict, default_id: str, fields: FieldMap, base: Path | list[Pa
     problem = problem.replace("<image>", "").strip()
     ptype = row.get(fields.problem_type)
     solution = row.get(fields.solution)
+    if fields.require_solution and (not isinstance(solution, str) or not solution.strip()):
+        return Skip(rid, f"missing or empty solution field {fields.solution!r} (the teacher's privileged text)")
     return Sample(
         id=rid,
         problem=problem,
