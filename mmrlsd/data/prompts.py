@@ -57,7 +57,7 @@ class PromptBuilder:
         check_template(self.student_tpl, student_template)
         check_template(self.teacher_tpl, teacher_template)
         self.teacher_info = teacher_info
-        self.special = special_tokens(processor.tokenizer) if processor is not None else None
+        self.special = special_tokens(processor) if processor is not None else None
 
     def clean(self, text: str | None) -> str | None:
         """Special-token text (`<|image_pad|>`, `<|im_end|>`, ...) in data or model output made harmless."""
