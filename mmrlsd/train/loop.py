@@ -36,7 +36,8 @@ log = logging.getLogger("mmrlsd.train")
 def _fields(cfg: Config) -> FieldMap:
     d = cfg.data
     return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key)  # fmt: skip
+                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key,
+                    options=d.options_key)  # fmt: skip
 
 
 def _lr_at(step: int, cfg: Config) -> float:
