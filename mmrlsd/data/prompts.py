@@ -14,7 +14,8 @@ from pathlib import Path
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
-from mmrlsd.config import ConfigError
+from mmrlsd.data.encoding import chat_text
+from mmrlsd.errors import ConfigError
 from mmrlsd.types import Sample
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
@@ -23,7 +24,6 @@ VARIABLES = ("problem", "problem_type", "options", "reference", "answer", "solut
 `problem_type` (defined only when the record has one), `options` (a list of strings, maybe empty) and the
 privileged information (`reference` is the one `teacher_info` selects: the answer, the solution, or for SDPO the
 `demonstration`)."""
-IMAGE_MARKER = "<image>"
 _PLACEHOLDERS = {**dict.fromkeys(VARIABLES, "x"), "options": ["x"]}
 
 
@@ -47,35 +47,6 @@ def check_template(tpl, path: str | Path) -> None:
     except TemplateError as e:  # UndefinedError, SecurityError, ...
         known = ", ".join(VARIABLES)
         raise ConfigError(f"{path}: prompt template cannot render: {e} (variables: {known})") from None
-
-
-def user_messages(text: str, n_images: int) -> list[dict]:
-    """One user turn. With one ``<image>`` marker per image, each image replaces its marker and the text pieces
-    between them are kept exactly (empty pieces dropped); otherwise the images come first, then the text (Qwen's
-    convention).
-
-    >>> [c.get("text", "IMG") for c in user_messages("Look:<image>What?", 1)[0]["content"]]
-    ['Look:', 'IMG', 'What?']
-    >>> [c.get("text", "IMG") for c in user_messages("What?", 2)[0]["content"]]
-    ['IMG', 'IMG', 'What?']
-    """
-    pieces = text.split(IMAGE_MARKER)
-    if n_images and len(pieces) - 1 == n_images:
-        content = []
-        for i, piece in enumerate(pieces):
-            if i:
-                content.append({"type": "image"})
-            if piece:
-                content.append({"type": "text", "text": piece})
-    else:
-        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-    return [{"role": "user", "content": content}]
-
-
-def chat_text(processor, text: str, n_images: int) -> str:
-    return processor.apply_chat_template(
-        user_messages(text, n_images), add_generation_prompt=True, tokenize=False
-    )
 
 
 class PromptBuilder:
@@ -115,11 +86,3 @@ class PromptBuilder:
         text = self.teacher_tpl.render(**self.question_vars(s), reference=reference, answer=s.answer,
                                        solution=s.solution, demonstration=demonstration or "")  # fmt: skip
         return chat_text(self.processor, text, len(s.images))
-
-
-def encode(processor, texts: list[str], images: list[list]):
-    """Tokenise chat texts with their images, left-padded: a BatchFeature with input_ids, attention_mask,
-    mm_token_type_ids and (when any image is present) pixel_values and image_grid_thw."""
-    flat = [img for imgs in images for img in imgs]
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=flat or None, return_tensors="pt", padding=True)

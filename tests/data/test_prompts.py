@@ -1,4 +1,4 @@
-"""Tests for mmrlsd/data/prompts.py and the release's prompt templates (configs/prompts/unified_*.jinja):
+"""Tests for mmrlsd/data/prompts.py (and encoding.user_messages) and the release's prompt templates (configs/prompts/unified_*.jinja):
 exact rendered text, `<image>` placement, and the image pixel budget the paper configs set."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mmrlsd.data import prompts
-from mmrlsd.data.prompts import PromptBuilder, encode, load_template, user_messages
+from mmrlsd.data import encoding
+from mmrlsd.data.encoding import encode, user_messages
+from mmrlsd.data.prompts import PromptBuilder, load_template
 from mmrlsd.data.sources import FieldMap, to_sample
 from mmrlsd.types import Sample
 
@@ -35,7 +36,7 @@ def _render(path, **kw) -> str:
 
 
 def test_doctests():
-    failed, attempted = doctest.testmod(prompts)
+    failed, attempted = doctest.testmod(encoding)
     assert attempted >= 2 and failed == 0
 
 
