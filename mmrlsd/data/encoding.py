@@ -13,7 +13,6 @@ from itertools import accumulate
 
 import torch
 
-
 IMAGE_MARKER = "<image>"
 
 
