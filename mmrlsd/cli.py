@@ -23,7 +23,8 @@ def _train(args) -> int:
     from mmrlsd.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress)
+    run_dir = train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress,
+                    overwrite=args.overwrite, allow_config_change=args.allow_config_change)  # fmt: skip
     print(f"run directory: {run_dir}")
     return 0
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrlsd", description="RLSD training and evaluation for Qwen-VL models.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -115,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=3 algo.lam0=0")
     t.add_argument("--output-dir", help="run directory (default: trainer.output_dir)")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    t.add_argument(
+        "--overwrite", action="store_true", help="delete a previous run in the output directory first"
+    )
+    t.add_argument("--allow-config-change", action="store_true",
+                   help="--resume even if the config changes keys that make it a different experiment")  # fmt: skip
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=_train)
 
@@ -220,9 +227,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ConfigError, MmrlsdError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, MmrlsdError, OSError) as e:
+        # our own errors name the file/key/record; OSError carries the path (a missing, unwritable or full file)
+        if args.debug:
+            raise
+        print(f"error: {_os_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (the newest complete checkpoint, if any, is intact)", file=sys.stderr)
+        return 130
+
+
+def _os_message(e: OSError) -> str:
+    """`<path>: <reason>` for an OSError (a full disk, a read-only folder, a directory given as a file)."""
+    if e.filename is None:
+        return str(e)
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+    return f"{where}: {e.strerror or e}"
 
 
 if __name__ == "__main__":
