@@ -21,9 +21,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the file and the key."""
+from mmrlsd.errors import ConfigError
 
 
 @dataclass
@@ -31,7 +29,8 @@ class ModelConfig:
     path: str = ""
     """Hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint."""
     dtype: str = "float32"
-    """Parameter dtype: float32 | bfloat16 | float16 (bf16 is ~16x slower than fp32 on CPUs)."""
+    """Compute dtype of the forward and backward passes: float32 | bfloat16 | float16 (bf16 is ~16x slower than
+    fp32 on CPUs). Parameters, gradients and AdamW states stay float32 unless `dist.mixed_precision` is off."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa | eager | flash_attention_2."""
     trust_remote_code: bool = False
@@ -143,9 +142,10 @@ class AlgoConfig:
     lam0: float = 0.5
     """λ_0 of Â_t = A·((1-λ) + λ·clip(w_t, 1-ε_w, 1+ε_w)); 0 gives exactly GRPO."""
     lam_decay_steps: int = 50
-    """D: λ decays linearly from λ_0 to 0 over D optimizer steps (paper 50; released script 60)."""
+    """D: λ decays linearly from λ_0 to 0 over D optimizer steps (paper 50; released script 60). Steps count from
+    1, as in the release: the first update uses λ_0·(1 - 1/D) and λ is 0 from step D on."""
     lam_warmup_steps: int = 0
-    """Linear warm-up of λ from 0 to λ_0 before the decay (0 in the release)."""
+    """W: linear warm-up of λ, λ_0·step/W before step W, then the decay from step W (0 in the release)."""
     eps_w: float = 0.2
     """ε_w: clip range of the evidence weight w_t = exp(sign(A)·Δ_t)."""
     clip_low: float = 0.2
@@ -227,8 +227,10 @@ class DistConfig:
     """FSDP2 sharding: auto (on when launched by torchrun with WORLD_SIZE > 1) | on | off."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
-    mixed_precision: bool = False
-    """FSDP2 mixed precision: bf16 parameters and compute, fp32 gradient reduction."""
+    mixed_precision: bool = True
+    """Float32 master weights, gradient reduction and AdamW states, computing in `model.dtype` (FSDP2
+    `MixedPrecisionPolicy` when sharded, `torch.autocast` in one process). false: parameters and AdamW states in
+    `model.dtype` itself (half the memory, but at lr ~1e-6 most bf16 updates round away)."""
     teacher_offload: bool = False
     """Keep the frozen teacher snapshot's shards on CPU (FSDP2 CPU offload); saves GPU memory, costs transfers."""
 

@@ -5,6 +5,10 @@ class MmrlsdError(ValueError):
     """Base class: a problem with user input, reported as `error: <message>` by the CLI (exit code 2)."""
 
 
+class ConfigError(MmrlsdError):
+    """A config problem; the message names the file and the key."""
+
+
 class DataError(MmrlsdError):
     """A data source that cannot be read at all (missing file, unknown format, no usable record)."""
 

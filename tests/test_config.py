@@ -74,7 +74,7 @@ def test_shipped_configs_validate():
 
     import yaml
 
-    from mmrlsd.train.sft import load_sft_config
+    from mmrlsd.recipes.sft import load_sft_config
 
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
     assert configs, "no configs/*.yaml"

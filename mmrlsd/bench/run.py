@@ -90,7 +90,7 @@ def vllm_generate(model_path: str, prompts: list[tuple[str, list]], cfg: EvalCon
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from mmrlsd.data.prompts import chat_text
+    from mmrlsd.data.encoding import chat_text
 
     processor = AutoProcessor.from_pretrained(model_path)
     max_images = max((len(images) for _, images in prompts), default=1)

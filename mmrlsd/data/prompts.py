@@ -12,7 +12,8 @@ from pathlib import Path
 from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
-from mmrlsd.config import ConfigError
+from mmrlsd.data.encoding import chat_text
+from mmrlsd.errors import ConfigError
 from mmrlsd.types import Sample
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
@@ -41,18 +42,6 @@ def check_template(tpl, path: str | Path) -> None:
     except TemplateError as e:  # UndefinedError, SecurityError, ...
         known = ", ".join(VARIABLES)
         raise ConfigError(f"{path}: prompt template cannot render: {e} (variables: {known})") from None
-
-
-def user_messages(text: str, n_images: int) -> list[dict]:
-    """One user turn: the images first, then the text (Qwen's convention)."""
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
-    return [{"role": "user", "content": content}]
-
-
-def chat_text(processor, text: str, n_images: int) -> str:
-    return processor.apply_chat_template(
-        user_messages(text, n_images), add_generation_prompt=True, tokenize=False
-    )
 
 
 class PromptBuilder:
@@ -84,11 +73,3 @@ class PromptBuilder:
         text = self.teacher_tpl.render(problem=s.problem, reference=reference, answer=s.answer,
                                        solution=s.solution, demonstration=demonstration or "")  # fmt: skip
         return chat_text(self.processor, text, len(s.images))
-
-
-def encode(processor, texts: list[str], images: list[list]):
-    """Tokenise chat texts with their images, left-padded: a BatchFeature with input_ids, attention_mask,
-    mm_token_type_ids and (when any image is present) pixel_values and image_grid_thw."""
-    flat = [img for imgs in images for img in imgs]
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=flat or None, return_tensors="pt", padding=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -79,6 +80,26 @@ def load_model(
         ip.size = size
     processor.tokenizer.padding_side = "left"
     return model.to(device), processor
+
+
+def master_dtype(compute_dtype: str, mixed_precision: bool) -> str:
+    """The dtype parameters, gradients and AdamW states are kept in: float32 under mixed precision (the compute
+    dtype is then only the dtype of the forward and backward passes), else the compute dtype itself."""
+    return "float32" if mixed_precision else compute_dtype
+
+
+def compute_autocast(device: torch.device | str, compute_dtype: str, params_dtype: str):
+    """The context every forward (and its backward) of a training step runs in: `torch.autocast` to
+    `compute_dtype` when parameters are stored wider (float32 master weights under bf16 compute), else a no-op,
+    so a float32 run is exactly what it is without it.
+
+    The autocast weight cache is off: parameters change between the optimizer steps of one rollout batch, and a
+    cached low-precision copy would go stale. Each matmul casts its weight afresh (cheap next to the matmul).
+    """
+    if compute_dtype == params_dtype:
+        return nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=DTYPES[compute_dtype], cache_enabled=False)
 
 
 def resolve_device(name: str) -> torch.device:

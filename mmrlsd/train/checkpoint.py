@@ -38,8 +38,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from mmrlsd import dist
 from mmrlsd.errors import CheckpointError, UnsafeCheckpointError
-from mmrlsd.train import dist, faults
+from mmrlsd.train import faults
 
 COMPLETE = "COMPLETE"
 log = logging.getLogger("mmrlsd.train")

@@ -20,15 +20,16 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 
+from mmrlsd import dist
 from mmrlsd.config import Config, ConfigError, dump_config
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
 from mmrlsd.errors import CheckpointError, TrainingError
 from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
-from mmrlsd.model.load import load_model, resolve_device
+from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
 from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
-from mmrlsd.train import dist, fsdp, rundir
+from mmrlsd.train import fsdp, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
 from mmrlsd.train.validate import ValidationStopped, validate
 
@@ -92,7 +93,7 @@ def build(cfg: Config):
     for module in cfg.reward.plugins:
         importlib.import_module(module)
     get_reward(cfg.reward.name)  # fail now, listing the valid names, not after the first rollout
-    distributed = fsdp.init_distributed(cfg.dist.backend)
+    distributed = dist.init_distributed(cfg.dist.backend)
     use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
     if distributed and not use_fsdp:
         raise ConfigError("dist.fsdp=off under torchrun (WORLD_SIZE > 1) is not supported: use auto or on")
@@ -102,10 +103,14 @@ def build(cfg: Config):
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)
-    load_kw = dict(dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
+    params_dtype = master_dtype(cfg.model.dtype, cfg.dist.mixed_precision)  # float32 master weights
+    load_kw = dict(dtype=params_dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
                    attn_implementation=cfg.model.attn_implementation, min_pixels=cfg.model.min_pixels,
                    max_pixels=cfg.model.max_pixels)  # fmt: skip
     policy, processor = load_model(cfg.model.path, **load_kw)
+    if params_dtype != "float32":
+        log.warning("dist.mixed_precision is off: parameters and AdamW states in %s; at small learning rates "
+                    "most updates round away", params_dtype)  # fmt: skip
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.optim.freeze_vision:
@@ -113,17 +118,19 @@ def build(cfg: Config):
             if ".visual." in f".{name}":
                 p.requires_grad_(False)
     teacher = policy
-    if cfg.algo.teacher_refresh > 0:
-        teacher = load_model(cfg.model.path, **load_kw)[0] if use_fsdp else copy.deepcopy(policy)
+    compute = DTYPES[cfg.model.dtype]
+    if cfg.algo.teacher_refresh > 0:  # the frozen snapshot is kept in the compute dtype (it is never updated)
+        if use_fsdp:
+            teacher = load_model(cfg.model.path, **{**load_kw, "dtype": cfg.model.dtype})[0]
+        else:
+            teacher = copy.deepcopy(policy).to(compute)
         teacher.eval().requires_grad_(False)
         if not use_fsdp:
             fsdp.copy_weights(teacher, policy)
     if use_fsdp:
-        fsdp.shard_model(policy, mixed_precision=cfg.dist.mixed_precision)
+        fsdp.shard_model(policy, compute_dtype=compute)  # mixed precision when the parameters are float32
         if teacher is not policy:
-            fsdp.shard_model(
-                teacher, mixed_precision=cfg.dist.mixed_precision, offload=cfg.dist.teacher_offload
-            )
+            fsdp.shard_model(teacher, compute_dtype=compute, offload=cfg.dist.teacher_offload)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))  # fmt: skip
@@ -137,6 +144,13 @@ def build(cfg: Config):
         engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype,
                             seed=cfg.trainer.seed + dist.rank())  # fmt: skip
     return StepContext(cfg, policy, teacher, processor, optimizer, prompts, engine)
+
+
+def _compute(ctx: StepContext):
+    """Autocast to `model.dtype` around a step or a validation when the parameters are float32 master weights."""
+    cfg = ctx.cfg
+    device = next(ctx.policy.parameters()).device
+    return compute_autocast(device, cfg.model.dtype, master_dtype(cfg.model.dtype, cfg.dist.mixed_precision))
 
 
 def shard(items: list, rank: int, world: int) -> list:
@@ -215,9 +229,10 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     n_skipped_reported = state.get("skipped_total", 0)
     if latest is None and val and not flag.stop:
         try:
-            v = validate(
-                ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed, stop=lambda: flag.stop
-            )
+            with _compute(ctx):
+                v = validate(
+                    ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed, stop=lambda: flag.stop
+                )
             if main:
                 metrics.write({"step": 0, **v})
         except ValidationStopped:
@@ -237,7 +252,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             for group in ctx.optimizer.param_groups:
                 group["lr"] = _lr_at(step - 1, cfg)
             samples = shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
-            result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step))
+            with _compute(ctx):  # bf16 compute over float32 master weights (a no-op for float32 runs)
+                result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step))
             m = {"step": step, **dist.reduce_metrics(result.metrics), "optim/lr": _lr_at(step - 1, cfg)}
             bad_in_a_row = bad_in_a_row + 1 if m["actor/skipped_updates"] >= cfg.optim.mini_batches else 0
             if bad_in_a_row >= cfg.trainer.max_bad_steps:
@@ -257,8 +273,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             if val and (last or step % cfg.trainer.val_every == 0):  # collective under FSDP
                 t1 = time.perf_counter()
                 try:
-                    m.update(validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed,
-                                      stop=lambda: flag.stop))  # fmt: skip
+                    with _compute(ctx):
+                        m.update(validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed,
+                                          stop=lambda: flag.stop))  # fmt: skip
                     m["time/val_s"] = time.perf_counter() - t1
                 except ValidationStopped:
                     log.warning("validation of step %d cut short by the signal", step)
@@ -288,7 +305,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             log.warning(
                 "skip reasons: %s", ", ".join(f"{k}: {v}" for k, v in train_data.skip_counts().items())
             )
-    fsdp.destroy_distributed()
+    dist.destroy_distributed()
     return run_dir
 
 

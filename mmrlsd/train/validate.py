@@ -12,10 +12,10 @@ import math
 
 import torch
 
-from mmrlsd.data.prompts import encode
+from mmrlsd import dist
+from mmrlsd.data.encoding import encode
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.generate import generate
-from mmrlsd.train import dist
 from mmrlsd.types import Sample
 
 

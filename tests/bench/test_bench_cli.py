@@ -9,34 +9,30 @@ from pathlib import Path
 
 import pytest
 
-from mmrlsd.bench.cli import build_parser, main
+from mmrlsd.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = {"bench", "split", "mode", "n", "correct", "accuracy", "breakdown", "items"}
 
 
 def run(argv: list[str]) -> int:
-    return main(build_parser().parse_args(argv))
+    return main(["eval", *argv])
 
 
 def test_help_is_fast_and_ends_with_examples():
-    out = subprocess.run([sys.executable, "-m", "mmrlsd.bench.cli", "--help"], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "mmrlsd", "eval", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60, check=True).stdout  # fmt: skip
     assert "--predictions" in out and "examples:" in out and "mmrlsd eval --bench mmmu" in out
 
 
 def test_parsing_does_not_import_torch():
-    code = (
-        "import sys; from mmrlsd.bench.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    )
+    code = "import sys; from mmrlsd.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
 
 def test_lead_cli_wires_eval():
-    from mmrlsd.cli import build_parser as lead_parser
-
-    args = lead_parser().parse_args(["eval", "--bench", "mmmu", "--predictions", "p.json"])
+    args = build_parser().parse_args(["eval", "--bench", "mmmu", "--predictions", "p.json"])
     assert args.bench == "mmmu" and args.predictions == "p.json"
 
 
@@ -54,9 +50,9 @@ def test_usage_errors(capsys):
     )
     assert "are for mode llm (MathVista)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --model or --predictions is required
-        build_parser().parse_args(["--bench", "mmmu"])
+        build_parser().parse_args(["eval", "--bench", "mmmu"])
     with pytest.raises(SystemExit):  # not both
-        build_parser().parse_args(["--bench", "mmmu", "--model", "m", "--predictions", "p"])
+        build_parser().parse_args(["eval", "--bench", "mmmu", "--model", "m", "--predictions", "p"])
 
 
 def test_score_only_mathvista(benchdata, tmp_path, capsys):

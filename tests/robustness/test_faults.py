@@ -229,7 +229,7 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(ref):
 def update_setup(tiny_model):
     """A tiny policy, its AdamW after one real step (so there is optimizer state to protect), and 4 text-only
     sequences of 6 response tokens with their behaviour log-probs."""
-    from mmrlsd.data.prompts import chat_text, encode
+    from mmrlsd.data.encoding import chat_text, encode
     from mmrlsd.model.load import load_model
     from mmrlsd.model.logprobs import build_sequences, token_logprobs
     from mmrlsd.types import Rollouts

@@ -1,7 +1,6 @@
 """`mmrlsd eval`: generate and score a benchmark, or score an existing predictions file.
 
 Parses arguments and dispatches to `mmrlsd.bench.run`; nothing heavy is imported at parse time.
-Run it as `mmrlsd eval ...` or `python -m mmrlsd.bench.cli ...`.
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
+HELP = "generate and/or score a benchmark"
 EXAMPLES = """examples:
   # generate with a model and score (writes predictions.jsonl, scores.json, summary.md)
   mmrlsd eval --bench mathvista --model runs/tiny/checkpoint-100 --data ../shared/benchdata/mathvista/data/testmini.json
@@ -26,7 +26,7 @@ EXAMPLES = """examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the `eval` flags to `p` (the `mmrlsd eval` subparser or a standalone parser)."""
+    """Add the `eval` flags to `p`."""
     p.add_argument("--bench", required=True, help="benchmark name (see `mmrlsd ls`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory or hub id: generate answers, then score them")
@@ -60,9 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--judge-key-env", default="OPENAI_API_KEY", help="mode llm: env variable holding the API key"
     )
-    if p.epilog is None:
-        p.epilog = EXAMPLES
-        p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def _score_only(bench, args: argparse.Namespace) -> int:
@@ -118,7 +115,7 @@ def _generate(bench, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Run `mmrlsd eval` for parsed `args`; returns the exit status (2 for a usage error)."""
     from mmrlsd.bench import get_bench
 
@@ -154,13 +151,3 @@ def main(args: argparse.Namespace) -> int:
     if args.predictions:
         return _score_only(bench, args)
     return _generate(bench, args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmrlsd eval", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return p
-
-
-if __name__ == "__main__":
-    sys.exit(main(build_parser().parse_args()))

@@ -24,7 +24,6 @@ suggestion). Keys of the RL sections that SFT does not use are ignored (e.g. `ro
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
@@ -47,7 +46,8 @@ from mmrlsd.config import (
     dump_config,
     parse_overrides,
 )
-from mmrlsd.data.prompts import PromptBuilder, encode
+from mmrlsd.data.encoding import encode
+from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import FieldMap, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
@@ -330,21 +330,3 @@ def save_model(policy, processor, out: Path) -> Path:
     policy.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `mmrlsd sft`."""
-    parser.add_argument("config", help="YAML config (e.g. configs/tiny_sft.yaml)")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=50 optim.lr=1e-4"
-    )
-    parser.add_argument("--output-dir", help="run directory (default: trainer.output_dir)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `mmrlsd sft`; prints the final model directory."""
-    cfg = load_sft_config(args.config, args.overrides)
-    out = sft(cfg, args.output_dir or cfg.trainer.output_dir, progress=not args.no_progress)
-    print(f"model: {out}")
-    return 0
