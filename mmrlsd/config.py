@@ -75,7 +75,9 @@ class DataConfig:
     problem_type_key: str = "problem_type"
     """Optional field: numeric | multiple_choice | ... (chooses the reward's matcher)."""
     solution_key: str = "solution"
-    """Optional field: a reference solution (OPSD's privileged information)."""
+    """Field holding a reference solution or reasoning trace: the teacher's privileged text under
+    `algo.teacher_info: solution` (OPSD; the release reads its dataset's reasoning-trace column,
+    `qwen3vl_235b_thinking_response`). Required then: training records without it are skipped and counted."""
     id_key: str = "id"
     """Optional field: record id (default: `<file>:<line>`)."""
     student_template: str = "configs/prompts/student.jinja"

@@ -64,8 +64,10 @@ class PromptBuilder:
         """The teacher prompt; `demonstration` is the correct sibling response SDPO conditions on
         (`teacher_info: sibling`, where it is required)."""
         reference = s.answer
-        if self.teacher_info == "solution":
-            reference = s.solution or s.answer  # OPSD: the full reference solution when the record has one
+        if self.teacher_info == "solution":  # OPSD: the full reference solution, never the answer in its place
+            if not (s.solution or "").strip():
+                raise ValueError(f"record {s.id!r}: teacher_info 'solution' but the record has no solution text")
+            reference = s.solution
         elif self.teacher_info == "sibling":
             if demonstration is None:
                 raise ValueError(f"sample {s.id!r}: teacher_info 'sibling' needs a demonstration")

@@ -34,6 +34,9 @@ class FieldMap:
     problem_type: str = "problem_type"
     solution: str = "solution"
     id: str = "id"
+    require_solution: bool = False
+    """Skip (and count) records without a non-empty `solution` text: it is the teacher's privileged information
+    (`algo.teacher_info: solution`, OPSD), and a silent fallback to the answer would change the method."""
 
 
 @dataclass
@@ -127,6 +130,8 @@ def to_sample(row: dict, default_id: str, fields: FieldMap, base: Path) -> Sampl
     problem = problem.replace("<image>", "").strip()
     ptype = row.get(fields.problem_type)
     solution = row.get(fields.solution)
+    if fields.require_solution and (not isinstance(solution, str) or not solution.strip()):
+        return Skip(rid, f"missing or empty solution field {fields.solution!r} (the teacher's privileged text)")
     return Sample(
         id=rid,
         problem=problem,

@@ -9,6 +9,7 @@ The training step itself is `mmrlsd.train.step.rlsd_step`; this module only runs
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import logging
 import shutil
@@ -196,7 +197,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
         cfg.model.max_pixels or getattr(pix, "max_pixels", None) or (pix.size or {}).get("longest_edge")
     )
     load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28))
-    train_data = load_dataset_files(cfg.data.train_files, _fields(cfg), cfg.data.train_split,
+    train_fields = dataclasses.replace(_fields(cfg), require_solution=cfg.algo.teacher_info == "solution")
+    train_data = load_dataset_files(cfg.data.train_files, train_fields, cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
     val = []
     if cfg.data.val_files and cfg.trainer.val_every:
