@@ -49,6 +49,17 @@ def grpo_advantages(
     return centred.reshape(-1)  # (B*G,)
 
 
+def groups_in_band(scores: torch.Tensor, group_size: int, low: float, high: float) -> torch.Tensor:
+    """`(B,)` bool: groups whose mean score lies strictly inside (low, high), the release's online filter (a
+    group every response solves, or none does, carries no GRPO signal).
+
+    >>> groups_in_band(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2, low=0.01, high=0.99).tolist()
+    [False, True, False]
+    """
+    mean = scores.float().view(-1, group_size).mean(dim=1)  # (B,)
+    return (mean > low) & (mean < high)
+
+
 def all_equal_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """`(B,)` bool: groups whose G rewards are all equal (their advantages are all 0)."""
     grouped = rewards.view(-1, group_size)  # (B, G)

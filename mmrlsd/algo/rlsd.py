@@ -55,8 +55,9 @@ def lam_at(step: int, lam0: float, decay_steps: int, warmup_steps: int = 0) -> f
 
 @register_token_advantage("rlsd")
 def rlsd_token_advantages(
-    advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float, eps_w: float
-) -> torch.Tensor:
+    advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float, eps_w: float,
+    reweight_mask: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """`Â_t = A·((1-λ) + λ·clip(exp(sign(A)·Δ_t), 1-ε_w, 1+ε_w))`, zero on masked tokens.
 
     Args:
@@ -65,6 +66,7 @@ def rlsd_token_advantages(
         mask: `(B, T)` 1 for response tokens, 0 for padding.
         lam: λ in [0, 1]; 0 gives exactly GRPO (Â_t = A).
         eps_w: ε_w; 0 also gives exactly GRPO.
+        reweight_mask: `(B, T)` optional: the tokens the teacher reweights (`reweight_tokens`); elsewhere Â_t = A.
     Returns:
         `(B, T)` token advantages; sign(Â_t) = sign(A) on every unmasked token.
 
@@ -77,7 +79,59 @@ def rlsd_token_advantages(
     w = evidence_weights(advantages, delta.detach())  # (B, T)
     w = w.clamp(1.0 - eps_w, 1.0 + eps_w)  # (B, T)
     scale = (1.0 - lam) + lam * w  # (B, T)
+    if reweight_mask is not None:
+        scale = torch.where(reweight_mask > 0, scale, torch.ones_like(scale))  # (B, T)
     return advantages[:, None] * scale * mask  # (B, T)
+
+
+def reweight_tokens(
+    advantages: torch.Tensor, mask: torch.Tensor, thought_mask: torch.Tensor | None = None,
+    negative_only: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """`(B, T)` the tokens whose Â_t the teacher reweights, the release's `rlsd_negative_only` and
+    `rlsd_thought_only` switches: all response tokens (`mask`), only those of responses with A < 0
+    (`negative_only`), only those inside `<thought>` spans (`thought_mask`, see `thought_span_mask`), or both.
+    The other tokens keep Â_t = A (plain GRPO).
+
+    >>> reweight_tokens(torch.tensor([1.0, -1.0]), torch.ones(2, 3), torch.tensor([[0, 1, 1], [1, 1, 0]]),
+    ...                 negative_only=True).tolist()
+    [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
+    """
+    out = mask.float()  # (B, T)
+    if negative_only:
+        out = out * (advantages < 0).float()[:, None]  # (B, T)
+    if thought_mask is not None:
+        out = out * thought_mask.float()  # (B, T)
+    return out
+
+
+def thought_span_mask(
+    response_ids: torch.Tensor, mask: torch.Tensor, start_ids: list[int], end_ids: list[int]
+) -> torch.Tensor:
+    """`(B, T)` 1 on the response tokens strictly inside `<thought> ... </thought>`, as the release marks them:
+    a span opens where the token ids `start_ids` (the tokenizer's encoding of "<thought>") occur and closes where
+    `end_ids` ("</thought>") occur; the tag tokens themselves are 0, a span left open runs to the end, a
+    response may hold several spans. Matching is on token ids, so a tag the model spelt with other tokens
+    (merged with a neighbouring character) is not seen.
+
+    >>> thought_span_mask(torch.tensor([[7, 1, 5, 5, 2, 9, 1, 5]]), torch.ones(1, 8), [1], [2]).tolist()
+    [[0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]]
+    """
+    s, e = list(start_ids), list(end_ids)
+    if not s or not e:
+        raise ValueError("thought_span_mask: the <thought> and </thought> token ids must be non-empty")
+    ids, out = response_ids.tolist(), torch.zeros(response_ids.shape)
+    for i, row in enumerate(ids):
+        inside, t = False, 0
+        while t < len(row):
+            tag = e if inside else s
+            if row[t : t + len(tag)] == tag:
+                inside, t = not inside, t + len(tag)
+                continue
+            if inside:
+                out[i, t] = 1.0
+            t += 1
+    return out * mask.float().cpu()  # (B, T)
 
 
 @register_token_advantage("grpo")
