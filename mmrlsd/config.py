@@ -36,7 +36,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Off unless you trust the checkpoint's code."""
     min_pixels: int = 0
-    """Lower pixel budget per image (0: the processor's default)."""
+    """Lower pixel budget per image (0: the processor's default); smaller images are upscaled to it."""
     max_pixels: int = 0
     """Upper pixel budget per image (0: the processor's default); larger images are resized down."""
     gradient_checkpointing: bool = False
@@ -80,10 +80,14 @@ class DataConfig:
     `qwen3vl_235b_thinking_response`). Required then: training records without it are skipped and counted."""
     id_key: str = "id"
     """Optional field: record id (default: `<file>:<line>`)."""
+    options_key: str = "options"
+    """Optional field: a list of answer options, listed under the question by templates that use `options`."""
     student_template: str = "configs/prompts/student.jinja"
-    """Jinja template of the student's user turn (variables: problem)."""
+    """Jinja template of the student's user turn (variables: problem, problem_type, options); images go where
+    the rendered text has `<image>` markers, else first."""
     teacher_template: str = "configs/prompts/teacher.jinja"
-    """Jinja template of the teacher's user turn (variables: problem, answer, solution)."""
+    """Jinja template of the teacher's user turn (variables: problem, problem_type, options, reference, answer,
+    solution)."""
     max_val_items: int = 0
     """Cap on validation items (0: all)."""
     shuffle: bool = True

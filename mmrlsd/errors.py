@@ -27,3 +27,7 @@ class CheckpointError(MmrlsdError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file that would run code when loaded (a pickle naming a forbidden global): never loaded."""
+
+
+class TrainingError(MmrlsdError):
+    """A run that cannot go on (weights no longer finite, too many skipped steps); the newest checkpoint is intact."""

@@ -223,7 +223,8 @@ def sft_loss(policy, seq: SeqBatch, micro_batch_size: int, backward: bool = True
 def _fields(cfg: SFTConfig) -> FieldMap:
     d = cfg.data
     return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key)  # fmt: skip
+                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key,
+                    options=d.options_key)  # fmt: skip
 
 
 def init_model(cfg: SFTConfig, out_dir: Path, corpus: list[str]) -> str:
