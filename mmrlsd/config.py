@@ -177,6 +177,10 @@ class AlgoConfig:
     """Run the teacher pass even when it cannot change the update (GRPO), to log Δ and w for comparison."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal (A = 0) before the teacher pass and update."""
+    sdpo_pick: str = "first"
+    """SDPO (teacher_info sibling): which correct sibling the teacher sees: first (the first other correct
+    response of the group) | shortest (the release's form: the shortest other correct one, plus the shortest other
+    incorrect one as the template's `feedback`)."""
     rlsd_thought_only: bool = False
     """The teacher reweights only tokens inside <thought>...</thought> (the tags excluded); the answer and format
     tokens keep Â_t = A (the release's `rlsd_thought_only`; tags are matched on token ids, as there)."""
@@ -279,6 +283,7 @@ CHOICES = {
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
     "algo.filter_key": ("reward", "accuracy"),
+    "algo.sdpo_pick": ("first", "shortest"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
     "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
@@ -362,6 +367,11 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: 'algo.jsd_beta' must be in [0, 1], got {cfg.algo.jsd_beta}")
     if not 0 <= cfg.algo.lam0 <= 1:
         raise ConfigError(f"{src}: 'algo.lam0' must be in [0, 1], got {cfg.algo.lam0}")
+    if (cfg.algo.rlsd_thought_only or cfg.algo.rlsd_negative_only) and cfg.algo.token_adv != "rlsd":
+        raise ConfigError(
+            f"{src}: 'algo.rlsd_thought_only' / 'algo.rlsd_negative_only' need 'algo.token_adv' rlsd, "
+            f"got {cfg.algo.token_adv!r}"
+        )
     if cfg.algo.filter_low >= cfg.algo.filter_high:
         raise ConfigError(
             f"{src}: 'algo.filter_low' ({cfg.algo.filter_low}) must be < 'algo.filter_high' ({cfg.algo.filter_high})"

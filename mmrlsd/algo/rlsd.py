@@ -55,9 +55,8 @@ def lam_at(step: int, lam0: float, decay_steps: int, warmup_steps: int = 0) -> f
 
 @register_token_advantage("rlsd")
 def rlsd_token_advantages(
-    advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float, eps_w: float,
-    reweight_mask: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+    advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float, eps_w: float
+) -> torch.Tensor:
     """`Â_t = A·((1-λ) + λ·clip(exp(sign(A)·Δ_t), 1-ε_w, 1+ε_w))`, zero on masked tokens.
 
     Args:
@@ -66,7 +65,6 @@ def rlsd_token_advantages(
         mask: `(B, T)` 1 for response tokens, 0 for padding.
         lam: λ in [0, 1]; 0 gives exactly GRPO (Â_t = A).
         eps_w: ε_w; 0 also gives exactly GRPO.
-        reweight_mask: `(B, T)` optional: the tokens the teacher reweights (`reweight_tokens`); elsewhere Â_t = A.
     Returns:
         `(B, T)` token advantages; sign(Â_t) = sign(A) on every unmasked token.
 
@@ -79,8 +77,6 @@ def rlsd_token_advantages(
     w = evidence_weights(advantages, delta.detach())  # (B, T)
     w = w.clamp(1.0 - eps_w, 1.0 + eps_w)  # (B, T)
     scale = (1.0 - lam) + lam * w  # (B, T)
-    if reweight_mask is not None:
-        scale = torch.where(reweight_mask > 0, scale, torch.ones_like(scale))  # (B, T)
     return advantages[:, None] * scale * mask  # (B, T)
 
 
@@ -91,7 +87,8 @@ def reweight_tokens(
     """`(B, T)` the tokens whose Â_t the teacher reweights, the release's `rlsd_negative_only` and
     `rlsd_thought_only` switches: all response tokens (`mask`), only those of responses with A < 0
     (`negative_only`), only those inside `<thought>` spans (`thought_mask`, see `thought_span_mask`), or both.
-    The other tokens keep Â_t = A (plain GRPO).
+    The other tokens keep Â_t = A (plain GRPO): multiplying Δ_t by this mask does exactly that, since Δ_t = 0
+    gives w_t = 1 and Â_t = A·((1-λ) + λ·1) = A.
 
     >>> reweight_tokens(torch.tensor([1.0, -1.0]), torch.ones(2, 3), torch.tensor([[0, 1, 1], [1, 1, 0]]),
     ...                 negative_only=True).tolist()
@@ -157,3 +154,20 @@ def grpo_opsd_token_advantages(
     """GRPO + OPSD (additive): `Â_t = A + coef·Δ_t`. The sum of the two policy-gradient losses equals one loss
     with the summed advantages."""
     return (advantages[:, None] + coef * delta.detach()) * mask  # (B, T)
+
+
+def opsd_release_token_advantages(
+    advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, coef: float
+) -> torch.Tensor:
+    """The authors' release's OPSD loss in token-advantage form: `Â_t = coef` on every response token.
+
+    The release minimises `coef · token_mean(log P_T(y_t) - log P_S(y_t))` (its default `kl` estimator, α = 0.5)
+    with the teacher's log-probs detached, so its gradient is `-coef · ∇ token_mean log π_θ(y_t)`: the policy
+    gradient of this constant Â_t at ratio 1. Δ_t enters the logged loss value, not the gradient: the update
+    raises the likelihood of every sampled token alike (self-imitation). `advantages` and `delta` are unused.
+
+    >>> opsd_release_token_advantages(torch.zeros(2), torch.ones(2, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]]), 0.5)
+    tensor([[0.5000, 0.5000],
+            [0.5000, 0.0000]])
+    """
+    return coef * mask.float()  # (B, T)

@@ -19,11 +19,11 @@ from mmrlsd.errors import ConfigError
 from mmrlsd.types import Sample
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
-VARIABLES = ("problem", "problem_type", "options", "reference", "answer", "solution", "demonstration")
+VARIABLES = ("problem", "problem_type", "options", "reference", "answer", "solution", "demonstration", "feedback")
 """The variables a template may use: `problem` (student and teacher; it keeps the record's ``<image>`` markers),
 `problem_type` (defined only when the record has one), `options` (a list of strings, maybe empty) and the
 privileged information (`reference` is the one `teacher_info` selects: the answer, the solution, or for SDPO the
-`demonstration`)."""
+`demonstration`; SDPO's `feedback` is an incorrect sibling response, empty when there is none or unused)."""
 _PLACEHOLDERS = {**dict.fromkeys(VARIABLES, "x"), "options": ["x"]}
 
 
@@ -73,9 +73,9 @@ class PromptBuilder:
     def student(self, s: Sample) -> str:
         return chat_text(self.processor, self.student_tpl.render(**self.question_vars(s)), len(s.images))
 
-    def teacher(self, s: Sample, demonstration: str | None = None) -> str:
+    def teacher(self, s: Sample, demonstration: str | None = None, feedback: str | None = None) -> str:
         """The teacher prompt; `demonstration` is the correct sibling response SDPO conditions on
-        (`teacher_info: sibling`, where it is required)."""
+        (`teacher_info: sibling`, where it is required), `feedback` an incorrect one (`algo.sdpo_pick: shortest`)."""
         reference = s.answer
         if self.teacher_info == "solution":  # OPSD: the full reference solution, never the answer in its place
             if not (s.solution or "").strip():
@@ -86,5 +86,6 @@ class PromptBuilder:
                 raise ValueError(f"sample {s.id!r}: teacher_info 'sibling' needs a demonstration")
             reference = demonstration
         text = self.teacher_tpl.render(**self.question_vars(s), reference=reference, answer=s.answer,
-                                       solution=s.solution, demonstration=demonstration or "")  # fmt: skip
+                                       solution=s.solution, demonstration=demonstration or "",
+                                       feedback=feedback or "")  # fmt: skip
         return chat_text(self.processor, text, len(s.images))

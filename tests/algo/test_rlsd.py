@@ -135,10 +135,8 @@ def test_thought_only_and_negative_only_reweighting():
     mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
     thought = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
 
-    def run(**kw):
-        return rlsd_token_advantages(
-            adv, delta, mask, 0.5, 0.2, reweight_mask=reweight_tokens(adv, mask, **kw)
-        )
+    def run(**kw):  # the switches act through Δ_t: 0 outside the reweighted tokens
+        return rlsd_token_advantages(adv, delta * reweight_tokens(adv, mask, **kw), mask, 0.5, 0.2)
 
     full = torch.tensor([[1.1, 1.1, 1.1, 1.1], [-0.9, -0.9, -0.9, 0.0]])
     torch.testing.assert_close(run(), full, rtol=0, atol=1e-6)
@@ -162,10 +160,10 @@ def test_thought_only_and_negative_only_reweighting():
         atol=1e-6,
     )
     # A = 0 stays 0 under every switch
-    zero = rlsd_token_advantages(
-        torch.zeros(1), delta[:1], mask[:1], 0.5, 0.2, reweight_tokens(torch.zeros(1), mask[:1])
-    )
-    assert torch.equal(zero, torch.zeros(1, 4))
+    zero_adv = torch.zeros(2)
+    for kw in ({}, {"negative_only": True}, {"thought_mask": thought}):
+        out = rlsd_token_advantages(zero_adv, delta * reweight_tokens(zero_adv, mask, **kw), mask, 0.5, 0.2)
+        assert torch.equal(out, torch.zeros(2, 4))
 
 
 def test_thought_span_mask_multi_token_tags():
@@ -195,3 +193,13 @@ def test_groups_in_band_is_strict():
     scores = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.float32)
     assert groups_in_band(scores, 4, 0.25, 0.75).tolist() == [False, False, True, False, False]
     assert groups_in_band(scores, 4, 0.01, 0.99).tolist() == [False, True, True, False, True]
+
+
+def test_release_opsd_is_a_constant_token_advantage():
+    # the release's OPSD loss coef·mean(log P_T - log P_S) has gradient -coef·∇mean log P_S: Â_t = coef, whatever Δ
+    from mmrlsd.algo.rlsd import opsd_release_token_advantages
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    for delta in (torch.zeros(2, 3), torch.randn(2, 3)):
+        out = opsd_release_token_advantages(torch.tensor([1.0, -1.0]), delta, mask, coef=0.5)
+        assert torch.equal(out, torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.0]]))
