@@ -92,6 +92,20 @@ class DataConfig:
     """Cap on validation items (0: all)."""
     shuffle: bool = True
     """Shuffle the training data each epoch (seeded)."""
+    max_prompt_tokens: int = 16384
+    """Longest prompt, student or teacher, image tokens included; longer records are skipped and counted (0: no
+    limit)."""
+    max_images: int = 32
+    """Most images in one record; records with more are skipped and counted (0: no limit)."""
+    allow_remote_images: bool = False
+    """Fetch `http(s)` image URLs (off: such records are skipped). Fetches have a timeout and a size cap and
+    never go to loopback, private or link-local addresses."""
+    remote_image_timeout: float = 10.0
+    """Seconds for one remote image's whole download."""
+    remote_image_max_bytes: int = 20_000_000
+    """Largest remote image accepted, in bytes."""
+    allow_external_images: bool = False
+    """Allow image paths outside the data file's folder (absolute paths, `..`, symlinks pointing out)."""
 
 
 @dataclass
@@ -291,13 +305,14 @@ CHOICES = {
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
             "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr", "reward.timeout",
-            "trainer.max_bad_steps", "rollout.val_n", "algo.max_refill_tries")  # fmt: skip
+            "trainer.max_bad_steps", "rollout.val_n", "data.remote_image_timeout",
+            "data.remote_image_max_bytes", "algo.max_refill_tries")  # fmt: skip
 NON_NEGATIVE = ("model.logprob_chunk", "optim.token_budget", "algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
                 "trainer.save_every", "trainer.val_every", "trainer.keep_last", "optim.grad_clip",
                 "optim.weight_decay", "rollout.temperature", "optim.warmup_steps", "algo.lam_warmup_steps",
                 "rollout.top_k", "rollout.gen_batch_size", "model.min_pixels", "model.max_pixels",
                 "data.max_val_items", "trainer.dump_every", "trainer.dump_max", "trainer.threads",
-                "rollout.val_temperature")  # fmt: skip
+                "rollout.val_temperature", "data.max_prompt_tokens", "data.max_images")  # fmt: skip
 
 
 def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:

@@ -15,6 +15,7 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
 from mmrlsd.data.encoding import chat_text
+from mmrlsd.data.sanitize import neutralize_special_tokens, special_tokens
 from mmrlsd.errors import ConfigError
 from mmrlsd.types import Sample
 
@@ -61,11 +62,15 @@ class PromptBuilder:
         check_template(self.student_tpl, student_template)
         check_template(self.teacher_tpl, teacher_template)
         self.teacher_info = teacher_info
+        self.special = special_tokens(processor) if processor is not None else None
 
-    @staticmethod
-    def question_vars(s: Sample) -> dict:
+    def clean(self, text: str | None) -> str | None:
+        """Special-token text (`<|image_pad|>`, `<|im_end|>`, ...) in data or model output made harmless."""
+        return neutralize_special_tokens(text, self.special) if text else text
+
+    def question_vars(self, s: Sample) -> dict:
         """The question's template variables: problem, options, and problem_type when the record has one."""
-        out = {"problem": s.problem, "options": list(s.options)}
+        out = {"problem": self.clean(s.problem), "options": [self.clean(o) for o in s.options]}
         if s.problem_type is not None:
             out["problem_type"] = s.problem_type
         return out
@@ -85,7 +90,8 @@ class PromptBuilder:
             if demonstration is None:
                 raise ValueError(f"sample {s.id!r}: teacher_info 'sibling' needs a demonstration")
             reference = demonstration
-        text = self.teacher_tpl.render(**self.question_vars(s), reference=reference, answer=s.answer,
-                                       solution=s.solution, demonstration=demonstration or "",
-                                       feedback=feedback or "")  # fmt: skip
+        c = self.clean
+        text = self.teacher_tpl.render(**self.question_vars(s), reference=c(reference), answer=c(s.answer),
+                                       solution=c(s.solution), demonstration=c(demonstration) or "",
+                                       feedback=c(feedback) or "")  # fmt: skip
         return chat_text(self.processor, text, len(s.images))
