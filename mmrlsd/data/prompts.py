@@ -20,11 +20,11 @@ from mmrlsd.errors import ConfigError
 from mmrlsd.types import Sample
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
-VARIABLES = ("problem", "problem_type", "options", "reference", "answer", "solution", "demonstration")
+VARIABLES = ("problem", "problem_type", "options", "reference", "answer", "solution", "demonstration", "feedback")
 """The variables a template may use: `problem` (student and teacher; it keeps the record's ``<image>`` markers),
 `problem_type` (defined only when the record has one), `options` (a list of strings, maybe empty) and the
 privileged information (`reference` is the one `teacher_info` selects: the answer, the solution, or for SDPO the
-`demonstration`)."""
+`demonstration`; SDPO's `feedback` is an incorrect sibling response, empty when there is none or unused)."""
 _PLACEHOLDERS = {**dict.fromkeys(VARIABLES, "x"), "options": ["x"]}
 
 
@@ -78,9 +78,9 @@ class PromptBuilder:
     def student(self, s: Sample) -> str:
         return chat_text(self.processor, self.student_tpl.render(**self.question_vars(s)), len(s.images))
 
-    def teacher(self, s: Sample, demonstration: str | None = None) -> str:
+    def teacher(self, s: Sample, demonstration: str | None = None, feedback: str | None = None) -> str:
         """The teacher prompt; `demonstration` is the correct sibling response SDPO conditions on
-        (`teacher_info: sibling`, where it is required)."""
+        (`teacher_info: sibling`, where it is required), `feedback` an incorrect one (`algo.sdpo_pick: shortest`)."""
         reference = s.answer
         if self.teacher_info == "solution":  # OPSD: the full reference solution, never the answer in its place
             if not (s.solution or "").strip():
@@ -92,5 +92,6 @@ class PromptBuilder:
             reference = demonstration
         c = self.clean
         text = self.teacher_tpl.render(**self.question_vars(s), reference=c(reference), answer=c(s.answer),
-                                       solution=c(s.solution), demonstration=c(demonstration) or "")  # fmt: skip
+                                       solution=c(s.solution), demonstration=c(demonstration) or "",
+                                       feedback=c(feedback) or "")  # fmt: skip
         return chat_text(self.processor, text, len(s.images))
