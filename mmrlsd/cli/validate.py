@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "check a config without running it"
+HELP = "check a config (and its templates, data files, model directory) without running it"
 EXAMPLES = """example:
   mmrlsd validate configs/qwen2vl_7b.yaml
   mmrlsd validate configs/tiny_cpu.yaml algo.lam0=0
@@ -18,7 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmrlsd.config import load_config, to_dict
+    from mmrlsd.train import preflight
 
     cfg = load_config(args.config, args.overrides)
+    preflight.check(cfg)  # templates, reward, data files, model directory: what train checks before loading
     print(f"{args.config}: OK ({sum(len(v) for v in to_dict(cfg).values())} keys)")
     return 0
