@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from mmrlsd import dist
 from mmrlsd.config import Config, ConfigError, dump_config
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
+from mmrlsd.data.sanitize import PromptCheck
+from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, load_dataset_files
 from mmrlsd.errors import CheckpointError, TrainingError
 from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
@@ -40,7 +41,8 @@ log = logging.getLogger("mmrlsd.train")
 def _fields(cfg: Config) -> FieldMap:
     d = cfg.data
     return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key)  # fmt: skip
+                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key,
+                    options=d.options_key)  # fmt: skip
 
 
 def _lr_at(step: int, cfg: Config) -> float:
@@ -197,14 +199,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     max_pixels = (
         cfg.model.max_pixels or getattr(pix, "max_pixels", None) or (pix.size or {}).get("longest_edge")
     )
-    load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28))
+    load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28),
+                   limits=RecordLimits.from_config(cfg.data))  # fmt: skip
+    check = PromptCheck(ctx.prompts, ctx.processor, cfg.data.max_prompt_tokens)
     train_fields = dataclasses.replace(_fields(cfg), require_solution=cfg.algo.teacher_info == "solution")
     train_data = load_dataset_files(cfg.data.train_files, train_fields, cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
+    train_data.check = check
     val = []
     if cfg.data.val_files and cfg.trainer.val_every:
         val_data = load_dataset_files(cfg.data.val_files, _fields(cfg), cfg.data.val_split, shuffle=False,
                                       max_items=cfg.data.max_val_items, **load_kw)  # fmt: skip
+        val_data.check = check
         val = val_data.next_batch(len(val_data.samples)) if val_data.samples else []
         train_data.skipped += [Skip(s.id, f"[val] {s.reason}") for s in val_data.skipped]
     if not train_data.samples:

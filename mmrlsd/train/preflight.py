@@ -87,7 +87,9 @@ def _looks_local(source: str) -> bool:
             or source.startswith((".", "~")) or os.path.exists(source))  # fmt: skip
 
 
-def check_data(cfg: Config) -> None:
+def missing_data(cfg: Config) -> list[str]:
+    """`key: path: file not found` for each local data file that does not exist."""
+    missing = []
     keys = [("data.train_files", cfg.data.train_files)]
     if cfg.trainer.val_every:
         keys.append(("data.val_files", cfg.data.val_files))
@@ -96,17 +98,23 @@ def check_data(cfg: Config) -> None:
             if f.startswith("hub:") or not _looks_local(f):
                 continue
             if not Path(f).expanduser().exists():
-                raise DataError(f"{key}: {f}: file not found")
+                missing.append(f"{key}: {f}: file not found")
+    return missing
 
 
-def check(cfg: Config, output_dir: bool = True) -> None:
-    """Everything `train` checks before it loads a model (`output_dir`: also `trainer.output_dir`)."""
+def check(cfg: Config, output_dir: bool = True, data: bool = True) -> list[str]:
+    """Everything `train` checks before it loads a model (`output_dir`: also `trainer.output_dir`). Missing data
+    files are an error, or with `data=False` returned (`mmrlsd validate` reports them as warnings: a recipe's data
+    may be prepared on the training machine only)."""
     from mmrlsd.model.load import check_checkpoint
 
     check_reward(cfg)
     check_templates(cfg)
-    check_data(cfg)
+    missing = missing_data(cfg)
+    if missing and data:
+        raise DataError(missing[0])
     check_checkpoint(cfg.model.path)
     out = Path(cfg.trainer.output_dir)
     if output_dir and out.exists() and not out.is_dir():
         raise ConfigError(f"trainer.output_dir: {out} exists and is not a directory")
+    return missing

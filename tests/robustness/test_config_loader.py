@@ -158,10 +158,16 @@ def test_template_is_a_directory_or_missing(tmp_path, capsys):
 
 
 def test_validate_checks_data_files_model_and_reward(tmp_path, capsys):
+    # a missing data file: a warning from validate (data may be prepared on the training machine), an error in train
     code, out = _validate(capsys, TINY, f"data.train_files=[{tmp_path / 'missing.jsonl'}]")
-    assert code == 2 and f"error: data.train_files: {tmp_path / 'missing.jsonl'}: file not found" in out
+    assert code == 0 and f"warning: data.train_files: {tmp_path / 'missing.jsonl'}: file not found" in out
     code, out = _validate(capsys, TINY, f"data.val_files=[{tmp_path / 'v.parquet'}]")
-    assert code == 2 and "error: data.val_files: " in out
+    assert code == 0 and "warning: data.val_files: " in out
+    code = main(["train", TINY, f"data.train_files=[{tmp_path / 'missing.jsonl'}]", "--output-dir",
+                 str(tmp_path / "run")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"error: data.train_files: {tmp_path / 'missing.jsonl'}: file not found" in err
+    assert not (tmp_path / "run").exists()
     code, out = _validate(capsys, TINY, f"model.path={tmp_path / 'nomodel'}")
     assert code == 2 and "model directory not found" in out
     code, out = _validate(capsys, TINY, "reward.plugins=[no_such_module_xyz]")
