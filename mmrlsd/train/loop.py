@@ -31,7 +31,7 @@ from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
 from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
-from mmrlsd.train import fsdp, rundir
+from mmrlsd.train import fsdp, preflight, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
 from mmrlsd.train.validate import ValidationStopped, validate
 
@@ -170,6 +170,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
           overwrite: bool = False, allow_config_change: bool = False) -> Path:  # fmt: skip
     """Run training; returns the run directory. The directory is locked for the run; without `resume` it must be
     empty or hold a run that `overwrite` clears; with `resume` the config must match the run's (see rundir)."""
+    preflight.check(cfg, output_dir=False)
     run_dir = Path(output_dir or cfg.trainer.output_dir)
     rundir.make_run_dir(run_dir)
     with rundir.RunLock(run_dir), _StopFlag() as flag:
