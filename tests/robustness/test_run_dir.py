@@ -186,3 +186,153 @@ def test_no_intact_checkpoint_is_an_error_not_a_fresh_start(ref, tmp_path):
         CheckpointError, match=r"no intact checkpoint to resume from: .*checkpoint-2.*checkpoint-1"
     ):
         train(load_config(None, ref.args), run, resume=True, progress=False)
+
+
+# ------------------------------------------------------------------------------------ one writer, no mixing
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    from mmrlsd.cli import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def _cfg_file(tmp_path: Path) -> str:
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    return str(tmp_path / "empty.yaml")
+
+
+def test_second_trainer_on_a_locked_run_dir_is_refused(ref, tmp_path, capsys):
+    from mmrlsd.train.rundir import RunLock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with RunLock(run):
+        code, err = _cli(["train", _cfg_file(tmp_path), *ref.args, "--output-dir", str(run)], capsys)
+    assert code == 2 and f"error: {run}: another trainer (pid {os.getpid()}) is writing to this run" in err
+    assert "Traceback" not in err and not (run / "metrics.jsonl").exists()
+
+
+def test_lock_of_a_killed_trainer_does_not_block(tmp_path):
+    import signal
+    import time
+
+    from mmrlsd.train.rundir import RunDirError, RunLock
+
+    pid = os.fork()
+    if pid == 0:
+        try:
+            with RunLock(tmp_path):
+                (tmp_path / "held").touch()
+                time.sleep(60)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "held").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(RunDirError, match=rf"another trainer \(pid {pid}\)"):
+        RunLock(tmp_path).__enter__()
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    with RunLock(tmp_path) as lock:  # the kernel released the dead process's lock; the file stays
+        assert lock.fd is not None and (tmp_path / ".lock").read_text() == f"{os.getpid()}\n"
+
+
+def test_rerun_into_a_run_without_resume_is_refused_then_overwrite_clears_it(ref, tmp_path, capsys):
+    run = _copy(ref, tmp_path)
+    before = (run / "metrics.jsonl").read_bytes()
+    args = ["train", _cfg_file(tmp_path), *ref.args, "trainer.total_steps=1", "--output-dir", str(run)]
+    code, err = _cli(args, capsys)
+    assert code == 2 and f"error: --output-dir {run}: already holds a run (" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_bytes() == before and (run / "checkpoint-2").is_dir()
+    code, err = _cli([*args, "--overwrite", "--no-progress"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(run)] == [1]
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == [
+        "checkpoint-1"
+    ]  # the old checkpoint-2 is gone
+
+
+def test_non_run_folder_is_never_cleared(ref, tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("x")
+    for extra in ([], ["--overwrite"]):
+        code, err = _cli(
+            ["train", _cfg_file(tmp_path), *ref.args, "--output-dir", str(folder), *extra], capsys
+        )
+        assert code == 2 and "not empty and not a run directory (thesis.tex)" in err
+    assert (folder / "thesis.tex").read_text() == "x"
+
+
+def test_resume_with_a_different_experiment_is_refused(ref, tmp_path, capsys):
+    run = _copy(ref, tmp_path)
+    base = ["train", _cfg_file(tmp_path), *ref.args, "--output-dir", str(run), "--resume", "--no-progress"]
+    code, err = _cli([*base, "optim.lr=0.5", "algo.lam0=0", "model.path=/elsewhere"], capsys)
+    assert code == 2, err
+    assert "the config differs from the run's saved config.yaml" in err
+    for change in ("optim.lr: 0.001 -> 0.5", "algo.lam0: 0.5 -> 0.0", "model.path: '"):
+        assert change in err, err
+    assert "Traceback" not in err
+    # harmless keys (length, cadence, threads) are accepted, and the run continues
+    code, err = _cli([*base, "trainer.total_steps=3", "trainer.dump_every=2", "trainer.keep_last=0"], capsys)
+    assert code == 0, err
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+def test_allow_config_change_accepts_and_logs_the_changes(ref, tmp_path, capsys, caplog):
+    run = _copy(ref, tmp_path)
+    base = ["train", _cfg_file(tmp_path), *ref.args, "--output-dir", str(run), "--resume", "--no-progress"]
+    with caplog.at_level(logging.WARNING, logger="mmrlsd.train"):
+        code, err = _cli([*base, "trainer.total_steps=3", "algo.eps_w=0.3", "--allow-config-change"], capsys)
+    assert code == 0, err
+    assert any("algo.eps_w: 0.2 -> 0.3" in r.getMessage() for r in caplog.records)
+
+
+# ------------------------------------------------------------------------------------------ torn lines
+
+
+def test_torn_last_metrics_line_is_dropped_on_resume_and_by_readers(ref, tmp_path, caplog):
+    from mmrlsd.log import RunFileError
+
+    run = _copy(ref, tmp_path)
+    metrics = run / "metrics.jsonl"
+    metrics.write_bytes(metrics.read_bytes() + b'{"step": 3, "loss": 0.1')  # a write cut short
+    with caplog.at_level(logging.WARNING, logger="mmrlsd.log"):
+        assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert any(f"{metrics}:3: dropping a torn last line" in r.getMessage() for r in caplog.records)
+    train(load_config(None, ref.args + ["trainer.total_steps=3"]), run, resume=True, progress=False)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert metrics.read_bytes().endswith(b"}\n") and metrics.read_bytes().count(b"\n") == 3
+    # a damaged line that is not the last one is not a torn write: an error naming the file and line
+    lines = metrics.read_bytes().split(b"\n")
+    metrics.write_bytes(b"\n".join([lines[0], b"\x00\x00garbage", *lines[1:]]))
+    with pytest.raises(RunFileError, match=rf"{metrics}:2: not a JSON object"):
+        read_metrics(run)
+
+
+def test_viz_on_a_torn_dump_names_the_file(ref, tmp_path, capsys, caplog):
+    run = _copy(ref, tmp_path)
+    dump = run / "rollouts" / "step_000002.jsonl"
+    rows = dump.read_bytes().split(b"\n")
+    dump.write_bytes(b"\n".join(rows[:2]) + b"\n" + rows[2][:40])  # two rows and a torn third
+    out = tmp_path / "v.html"
+    with caplog.at_level(logging.WARNING, logger="mmrlsd.log"):
+        code, err = _cli(
+            ["viz", str(run), "--step", "2", "--sample", "1", "--no-overlay", "--out", str(out)], capsys
+        )
+    assert code == 0 and out.is_file(), err
+    assert any(f"{dump}:3: dropping a torn last line" in r.getMessage() for r in caplog.records)
+    dump.write_bytes(b"{not json\n" + b"\n".join(rows[:2]) + b"\n")
+    code, err = _cli(["viz", str(run), "--step", "2", "--no-overlay", "--out", str(out)], capsys)
+    assert code == 2 and f"error: {dump}:1: not a JSON object" in err and "Traceback" not in err
+
+
+def test_metrics_and_dumps_are_written_whole(ref):
+    """Every line ends with a newline and parses; no temporary file is left beside a dump."""
+    for path in [ref.run / "metrics.jsonl", *sorted((ref.run / "rollouts").iterdir())]:
+        data = path.read_bytes()
+        assert data.endswith(b"\n") and not path.name.startswith("."), path
+        assert all(line for line in data.split(b"\n")[:-1])
