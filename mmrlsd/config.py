@@ -323,6 +323,41 @@ NON_NEGATIVE = ("model.logprob_chunk", "optim.token_budget", "algo.eps_w", "algo
                 "data.max_prompt_tokens", "data.max_images")  # fmt: skip
 
 
+AT_MOST = {"optim.lr": 1.0, "optim.weight_decay": 1.0, "optim.grad_clip": 1e6, "rollout.temperature": 10.0,
+           "rollout.val_temperature": 10.0, "algo.clip_low": 0.99, "algo.clip_high": 10.0, "algo.clip_c": 1e3,
+           "reward.timeout": 3600.0, "algo.opsd_coef": 1e3}  # fmt: skip
+"""Upper bounds on values no run can mean (an lr of 1e308 writes an all-NaN checkpoint)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` semantics, but a key given twice in one mapping is an error (not a silent overwrite)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let SafeLoader report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str, where: str):
+    """YAML -> Python with SafeLoader semantics; every failure is a ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
+
+
 def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -377,6 +412,16 @@ def _validate(cfg: Config, src: str) -> None:
         if get_key(cfg, key) <= 0:
             raise ConfigError(f"{src}: '{key}' must be > 0, got {get_key(cfg, key)!r}")
     for key in NON_NEGATIVE:
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
+    for key, hi in AT_MOST.items():
+        if get_key(cfg, key) > hi:
+            raise ConfigError(f"{src}: '{key}' must be <= {hi:g}, got {get_key(cfg, key)!r}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"{src}: 'optim.betas' must be in [0, 1), got {cfg.optim.betas}")
+    if 0 < cfg.algo.clip_c <= 1:
+        raise ConfigError(f"{src}: 'algo.clip_c' must be 0 (off) or > 1, got {cfg.algo.clip_c}")
+    for key in ("reward.acc_weight", "reward.format_weight"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
     if not cfg.model.path:
@@ -455,9 +500,21 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = tree
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key like section.key")
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"override {item!r}: '{'.'.join(parts[: i + 1])}' was already set to a value by another "
+                    "override, so it has no keys"
+                )
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(
+                f"override {item!r}: '{key}' is a section already given keys by another override"
+            )
+        shown = item if len(item) <= 80 else item[:77] + "..."
+        node[parts[-1]] = _safe_load(raw, f"override {shown!r}") if raw.strip() else ""
     return tree
 
 
@@ -467,12 +524,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, val
     src = str(path) if path else "<defaults>"
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{src}: is a directory, not a config file")
         if not p.is_file():
             raise ConfigError(f"{src}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: not valid YAML: {e}") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
+        data = _safe_load(text, src) or {}
         if not isinstance(data, dict):
             raise ConfigError(
                 f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"

@@ -84,9 +84,13 @@ def test_shipped_configs_validate():
 
 
 def test_validate_cli_and_help():
-    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.lam0=0"],
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/tiny_cpu.yaml", "algo.lam0=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    # validate runs train's pre-model checks: a 7B recipe's data must exist on this machine
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "warning: data.train_files: data/mmfinereason/" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.eps_W=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "did you mean 'algo.eps_w'" in r.stderr

@@ -25,13 +25,13 @@ from mmrlsd import dist
 from mmrlsd.config import Config, ConfigError, dump_config
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sanitize import PromptCheck
-from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, load_dataset_files
+from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, export_images, load_dataset_files
 from mmrlsd.errors import CheckpointError, TrainingError
 from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
 from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
-from mmrlsd.train import fsdp, rundir
+from mmrlsd.train import fsdp, preflight, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
 from mmrlsd.train.validate import ValidationStopped, validate
 
@@ -170,6 +170,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
           overwrite: bool = False, allow_config_change: bool = False) -> Path:  # fmt: skip
     """Run training; returns the run directory. The directory is locked for the run; without `resume` it must be
     empty or hold a run that `overwrite` clears; with `resume` the config must match the run's (see rundir)."""
+    preflight.check(cfg, output_dir=False)
     run_dir = Path(output_dir or cfg.trainer.output_dir)
     rundir.make_run_dir(run_dir)
     with rundir.RunLock(run_dir), _StopFlag() as flag:
@@ -290,6 +291,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             if main:
                 metrics.write(m)
                 if cfg.trainer.dump_every and step % cfg.trainer.dump_every == 0:
+                    saved = export_images(samples, run_dir)  # embedded images get a file the dump can name
+                    for row in result.dump:
+                        row["images"] = [saved.get(i, i) for i in row["images"]]
                     write_dump(run_dir, step, result.dump)
                 if len(train_data.skipped) > n_skipped_reported:
                     _write_skips(run_dir, train_data.skipped)
