@@ -61,7 +61,8 @@ class RewardResult:
     """1.0 when the response matches ``<thought>...</thought> ... <answer>...</answer>``, else 0.0."""
     extracted: str | None
     """The extracted final answer (``math``/``accuracy``: None when the response has neither ``<answer>`` nor
-    ``\\boxed{}``; ``unified``: ``""`` for math, the whole response for other types)."""
+    ``\\boxed{}``; ``unified``: its extraction, ``""`` for a math response with neither, the whole response for
+    other types)."""
 
 
 RewardFn = Callable[..., list[RewardResult]]
