@@ -449,6 +449,27 @@ class Dataset:
         return dict(Counter(skip_kind(s.reason) for s in self.skipped).most_common())
 
 
+def export_images(samples: list[Sample], run_dir: Path, folder: str = "rollouts/images") -> dict[str, str]:
+    """Save the loaded images of `samples` that have no file of their own (bytes, PIL, table cells, URLs) as PNG
+    under `run_dir/folder`, once each, so a rollout dump can point at them. Returns `{label: path relative to
+    run_dir}` for `Sample.images` labels."""
+    import hashlib
+
+    out = {}
+    for s in samples:
+        for j, (label, img) in enumerate(zip(s.images, s.pil_images)):
+            src = s.image_data[j] if j < len(s.image_data) else label
+            if isinstance(src, str) and not src.startswith(("data:", "http://", "https://")):
+                continue  # a file: the dump keeps its path
+            rel = f"{folder}/{hashlib.sha256(label.encode()).hexdigest()[:20]}.png"
+            path = run_dir / rel
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(path, format="PNG")
+            out[label] = rel
+    return out
+
+
 def skip_kind(reason: str) -> str:
     """A skip reason without its details: the image path before it and the parenthesised cause after it.
 

@@ -25,7 +25,7 @@ from mmrlsd import dist
 from mmrlsd.config import Config, ConfigError, dump_config
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sanitize import PromptCheck
-from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, load_dataset_files
+from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, export_images, load_dataset_files
 from mmrlsd.errors import CheckpointError, TrainingError
 from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
@@ -291,6 +291,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             if main:
                 metrics.write(m)
                 if cfg.trainer.dump_every and step % cfg.trainer.dump_every == 0:
+                    saved = export_images(samples, run_dir)  # embedded images get a file the dump can name
+                    for row in result.dump:
+                        row["images"] = [saved.get(i, i) for i in row["images"]]
                     write_dump(run_dir, step, result.dump)
                 if len(train_data.skipped) > n_skipped_reported:
                     _write_skips(run_dir, train_data.skipped)
