@@ -110,7 +110,7 @@ class PromptCheck:
             return
         texts = [self.prompts.student(sample), self.prompts.teacher(sample, demonstration="")]
         tok = self.processor.tokenizer
-        longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        longest = max(len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]) for t in texts)
         n = longest - len(sample.pil_images) + self.image_tokens(sample)  # one placeholder token per image
         if n > self.max_tokens:
             raise RecordError(f"prompt too long ({n:,} tokens with its images; data.max_prompt_tokens is "
