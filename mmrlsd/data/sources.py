@@ -418,6 +418,8 @@ class Dataset:
                     src = src.get()
                 except Exception as e:  # pyarrow errors for a damaged column
                     raise ImageError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
+                if src is None:
+                    raise ImageError(f"{name}: empty image entry (null)")
                 if isinstance(src, dict) and not src.get("bytes") and isinstance(src.get("path"), str):
                     src = _struct_path(src["path"], self.roots.get(sample.id, []), self.limits)
             pil.append(load_image(src, self.max_pixels, name=name, remote=remote))

@@ -299,3 +299,20 @@ def test_parquet_with_path_strings_resolves_like_jsonl(tmp_path):
     ].reason
     (s,) = data.next_batch(1)
     assert s.images == [str(tmp_path / "d" / "images" / "a.png")] and s.pil_images[0].size == (40, 40)
+
+
+def test_null_and_empty_structs_in_a_table_are_named_skips(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = _png_bytes(_picture((40, 40)))
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [[None], [{"bytes": None, "path": None}], [{"bytes": png, "path": None}]]
+    table = pa.table({"id": ["null", "empty", "good"], "problem": ["q?"] * 3, "answer": ["1"] * 3,
+                      "images": pa.array(rows, pa.list_(struct))})  # fmt: skip
+    pq.write_table(table, tmp_path / "t.parquet")
+    data = load_dataset_files([str(tmp_path / "t.parquet")], FieldMap(), shuffle=False)
+    assert [s.id for s in data.next_batch(1)] == ["good"]
+    assert [(s.id, s.reason) for s in data.skipped] == [
+        ("null", "null image 0 (embedded): empty image entry (null)"),
+        ("empty", "empty image 0 (embedded): image entry has neither bytes nor a path")]  # fmt: skip
