@@ -11,8 +11,10 @@ Outcomes:
 
 Covered: configs (unknown key, wrong type, missing value, invalid choice, zero/negative sizes, non-finite
 numbers, conflicting settings, bad prompt templates), data (missing/unknown/damaged files, not JSON, not UTF-8,
-missing answer, empty question, duplicate ids, ...), images (missing, empty, corrupt, truncated, decompression
-bomb, every pixel mode, a 12000x12000 PNG within the pixel budget and a memory bound), models (missing path,
+missing answer, empty question, duplicate ids, too many images, an over-long question, remote images while
+off, image paths leaving the data folder, special-token text, ...), images (missing, empty, corrupt, truncated,
+decompression bomb as a file or as bytes, an aspect ratio the processor refuses, every pixel mode, a 12000x12000
+PNG within the pixel budget and a memory bound), models (missing path,
 not a VLM, unsupported architecture, no weights, unknown hub id) and answers (adversarial math and huge
 outputs: score 0 in bounded time, never executed). The runtime faults (non-finite loss, SIGTERM, SIGKILL) are in
 `test_faults.py`.
