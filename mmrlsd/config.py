@@ -71,7 +71,8 @@ class DataConfig:
     answer_key: str = "answer"
     """Field holding the reference final answer (the privileged information r)."""
     images_key: str = "images"
-    """Field holding a list of image paths/URLs relative to the data file (may be absent: text-only)."""
+    """Field holding the record's images: paths relative to the data file, `{bytes, path}` structs (parquet
+    written by `datasets`, hub datasets), PIL images or URLs (may be absent: text-only)."""
     problem_type_key: str = "problem_type"
     """Optional field: numeric | multiple_choice | ... (chooses the reward's matcher)."""
     solution_key: str = "solution"

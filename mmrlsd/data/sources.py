@@ -429,6 +429,17 @@ class Dataset:
             self._checked.add(sample.id)
         return loaded
 
+    def load_all(self) -> list[Sample]:
+        """Every sample once, in order, with its images loaded; unusable ones are skipped and counted (a
+        validation set: no record is drawn twice to make up for a skipped one)."""
+        out = []
+        for sample in self.samples:
+            try:
+                out.append(self.load(sample))
+            except RecordError as e:
+                self.record_skip(Skip(sample.id, str(e)))
+        return out
+
     def next_batch(self, size: int) -> list[Sample]:
         """The next `size` samples with their images loaded; unusable ones are skipped and counted."""
         if not self.samples:

@@ -211,7 +211,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
         val_data = load_dataset_files(cfg.data.val_files, _fields(cfg), cfg.data.val_split, shuffle=False,
                                       max_items=cfg.data.max_val_items, **load_kw)  # fmt: skip
         val_data.check = check
-        val = val_data.next_batch(len(val_data.samples)) if val_data.samples else []
+        val = val_data.load_all()
         train_data.skipped += [Skip(s.id, f"[val] {s.reason}") for s in val_data.skipped]
     if not train_data.samples:
         raise DataError(
