@@ -27,12 +27,11 @@ def vllm_model(tmp_path_factory):
     return build
 
 
-ENGINE_SETTINGS = dict(enforce_eager=True, cpu_kvcache_gb=0.25, max_num_seqs=16)
-
-
 @pytest.fixture(scope="session")
 def vllm_engine(vllm_model):
     """Factory: `vllm_engine(arch)` -> `(engine, hf_model, processor)`, an in-process engine per architecture."""
+    from helpers import ENGINE_SETTINGS
+
     from mmrlsd.model.load import load_model
     from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 

@@ -10,6 +10,9 @@ from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.rollout.generate import eos_token_ids, generate
 from mmrlsd.rollout.vllm_engine import rollouts_from_ids
 
+# Small engines that start fast: no torch.compile, a 256 MiB KV cache.
+ENGINE_SETTINGS = dict(enforce_eager=True, cpu_kvcache_gb=0.25, max_num_seqs=16)
+
 
 def picture(k: int, colour: str = "red") -> Image.Image:
     img = Image.new("RGB", (56, 56), "white")

