@@ -127,8 +127,9 @@ def _template(path: str, run: Run) -> Path:
 def build_inputs(run: Run, row: dict, processor):
     """`(inputs, images, P)`: model inputs for `[student prompt | response]`, the images, the prompt length."""
     from mmrlsd.config import load_config
+    from mmrlsd.data.encoding import encode
     from mmrlsd.data.images import load_image
-    from mmrlsd.data.prompts import PromptBuilder, encode
+    from mmrlsd.data.prompts import PromptBuilder
     from mmrlsd.types import Sample
 
     cfg = load_config(run.path / "config.yaml", validate=False)

@@ -12,8 +12,9 @@ import torch
 
 from mmrlsd.algo import generalized_jsd, pick_demonstrations
 from mmrlsd.config import ConfigError, load_config
+from mmrlsd.data.encoding import encode
 from mmrlsd.data.images import load_image
-from mmrlsd.data.prompts import PromptBuilder, encode
+from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.log import read_dump, read_metrics
 from mmrlsd.model.logprobs import logprobs_from_logits, response_logits
 from mmrlsd.train.loop import train

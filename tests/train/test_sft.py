@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from mmrlsd.config import ConfigError
-from mmrlsd.data.prompts import PromptBuilder, encode
-from mmrlsd.lab import lab_records
-from mmrlsd.train.sft import (
+from mmrlsd.data.encoding import encode
+from mmrlsd.data.prompts import PromptBuilder
+from mmrlsd.experiments.lab.data import lab_records
+from mmrlsd.recipes.sft import (
     load_sft_config,
     lr_at,
     prompt_texts,
@@ -118,7 +119,7 @@ def test_config_is_strict(tmp_path):
 
 
 def test_sft_from_scratch_loss_drops(tmp_path):
-    from mmrlsd.lab import write_lab_data
+    from mmrlsd.experiments.lab.data import write_lab_data
     from mmrlsd.model.load import load_model
 
     write_lab_data(tmp_path / "data", n_train=64, n_val=8, seed=5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from PIL import Image, ImageDraw
 
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode
 from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.rollout.generate import eos_token_ids, generate
 from mmrlsd.rollout.vllm_engine import rollouts_from_ids
