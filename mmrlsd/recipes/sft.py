@@ -48,7 +48,7 @@ from mmrlsd.config import (
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.data.sanitize import neutralize_special_tokens
+from mmrlsd.data.sanitize import PromptCheck, neutralize_special_tokens
 from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
@@ -285,6 +285,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
     builders = {info: PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, info)
                 for info in ("answer", "solution")}  # fmt: skip
     prompts = builders["answer"]
+    train.check = PromptCheck(builders["solution"], processor, cfg.data.max_prompt_tokens)  # the longer teacher
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                             betas=tuple(cfg.optim.betas))  # fmt: skip

@@ -253,7 +253,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     if dist.any_rank(flag.stop) and start < cfg.trainer.total_steps:
         log.warning("stopped before step %d; nothing new to checkpoint%s", start + 1,
                     "; resume with --resume" if latest is not None else "")  # fmt: skip
-        fsdp.destroy_distributed()
+        dist.destroy_distributed()
         return run_dir
 
     bad_in_a_row = state.get("bad_in_a_row", 0)

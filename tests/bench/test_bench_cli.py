@@ -161,23 +161,23 @@ def test_protocols_are_in_the_built_wheel(tmp_path):
     assert expected and expected <= names
 
 
-def test_missing_local_model_fails_before_reading_data(tmp_path, capsys, monkeypatch):
+def test_missing_model_fails_before_reading_data(tmp_path, capsys, monkeypatch):
     from mmrlsd.bench.base import Bench
+    from mmrlsd.cli.eval import model_problem
 
     def no_reads(*args, **kwargs):
         raise AssertionError("data was read before the model path was checked")
 
     monkeypatch.setattr(Bench, "load", no_reads)
-    for model in (
-        str(tmp_path / "run" / "checkpoint-7"),
-        "runs/nope/checkpoint-100",
-        "./ckpt",
-        "~/nowhere/m",
-    ):
+    local = [str(tmp_path / "run" / "checkpoint-7"), "runs/nope/checkpoint-100", "./ckpt", "~/nowhere/m"]
+    for model in local:
         assert run(["--bench", "zerobench", "--model", model, "--data", "gold.parquet"]) == 2
         err = capsys.readouterr().err
         assert f"--model {model}: no such file or directory" in err, err
-    from mmrlsd.cli.eval import missing_local_model
-
-    assert not missing_local_model("Qwen/Qwen2.5-VL-7B-Instruct")  # a hub id: left to the loader
-    assert not missing_local_model(str(tmp_path))  # exists
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, a hub id must be in the cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    assert run(["--bench", "zerobench", "--model", "no-such-org/no-such-model", "--data", "g.parquet"]) == 2
+    assert "not in the Hugging Face cache (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+    assert model_problem(str(tmp_path)) is None  # exists
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert model_problem("Qwen/Qwen2.5-VL-7B-Instruct") is None  # online, a hub id is left to the loader
