@@ -1,6 +1,6 @@
 """The vLLM engine around a stand-in `LLM` (no vLLM needed): engine settings per platform and process layout,
 request building, sampling settings, placeholder blocking, EOS masking, sleep/wake, weight sync and thread
-settings. The same engine against the real vLLM: tests/vllm (`pytest -m vllm`, in the vLLM virtualenv)."""
+settings. The same engine against the real vLLM: tests/real_vllm (`pytest -m vllm`, in the vLLM virtualenv)."""
 
 import sys
 import types

@@ -1,7 +1,7 @@
 """Fixtures of the vLLM suite: tiny models whose head sizes vLLM's CPU attention accepts, and in-process engines
 shared by the tests (an engine takes 5-30 s to start on a small CPU).
 
-Run in the vLLM virtualenv (`bash .ci/install_vllm_cpu.sh`): `python -m pytest -m vllm tests/vllm`."""
+Run in the vLLM virtualenv (`bash .ci/install_vllm_cpu.sh`): `python -m pytest -m vllm tests/real_vllm`."""
 
 from __future__ import annotations
 
