@@ -444,3 +444,10 @@ def test_full_disk_while_saving_is_an_error_line(ref, tmp_path):
     assert (
         "Traceback" not in err and not list(run.glob(".checkpoint-*")) and not ckpt.complete_checkpoints(run)
     )
+
+
+def test_export_into_a_file_is_an_error_line(ref, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = _cli(["export", str(ref.run / "checkpoint-2"), "--out", str(tmp_path / "afile")], capsys)
+    assert code == 2 and f"error: --out {tmp_path / 'afile'}: exists and is not a folder" in err
+    assert (tmp_path / "afile").read_text() == "x"
