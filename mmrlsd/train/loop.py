@@ -142,10 +142,14 @@ def build(cfg: Config):
     )
     engine = None
     if cfg.rollout.engine == "vllm":
-        from mmrlsd.rollout.vllm_engine import VLLMEngine
+        from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
-        engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype,
-                            seed=cfg.trainer.seed + dist.rank())  # fmt: skip
+        settings = VLLMSettings.from_config(cfg.rollout)
+        engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype, settings=settings,
+                            seed=cfg.trainer.seed + dist.rank() // settings.tensor_parallel_size,
+                            world_size=dist.world_size(),
+                            mm_processor_kwargs={k: v for k in ("min_pixels", "max_pixels")
+                                                 if (v := getattr(cfg.model, k))})  # fmt: skip
     return StepContext(cfg, policy, teacher, processor, optimizer, prompts, engine)
 
 
