@@ -86,7 +86,7 @@ class Skip:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: never compare the Arrow column
 class EmbeddedImage:
     """An image inside a table column (`column[row]`, or item `index` of that row's list), read on demand."""
 
@@ -101,7 +101,7 @@ class EmbeddedImage:
         return value.as_py()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _TableImages:
     """A row's image cell in a table, counted without reading any image."""
 
