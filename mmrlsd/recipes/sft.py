@@ -280,7 +280,7 @@ def _sft(cfg: SFTConfig, run_dir: Path, progress: bool) -> Path:
             max_items=cfg.sft.val_items or cfg.data.max_val_items,
             limits=RecordLimits.from_config(cfg.data),
         )
-        val = val_data.next_batch(len(val_data.samples))
+        val = val_data.load_all()
     model_path = cfg.model.path
     if not model_path:
         texts = [t for s in train.samples[: cfg.init.corpus_records] for t in (s.problem, s.solution or "")]
