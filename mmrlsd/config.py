@@ -547,27 +547,32 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+def read_yaml_file(path: str | Path) -> dict:
+    """A config file's top-level mapping; a missing file, a directory, non-UTF-8 bytes, invalid or too deeply
+    nested YAML, a key given twice and a non-mapping top level are ConfigErrors naming the file."""
+    src, p = str(path), Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{src}: is a directory, not a config file")
+    if not p.is_file():
+        raise ConfigError(f"{src}: config file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
+    data = _safe_load(text, src) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
     """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate."""
     cfg = Config()
     src = str(path) if path else "<defaults>"
     if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"{src}: is a directory, not a config file")
-        if not p.is_file():
-            raise ConfigError(f"{src}: config file not found")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        except OSError as e:
-            raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
-        data = _safe_load(text, src) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"
-            )
+        data = read_yaml_file(path)
         _merge(cfg, data, "", src)
     if overrides:
         _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
