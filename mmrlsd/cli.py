@@ -7,6 +7,8 @@ import importlib
 import logging
 import sys
 
+from mmrlsd import __version__
+
 EXAMPLES = """examples:
   mmrlsd train configs/tiny_cpu.yaml --output-dir runs/tiny      # the built-in tiny default, CPU only
   mmrlsd train configs/qwen2vl_7b.yaml trainer.total_steps=3 algo.lam0=0
@@ -23,8 +25,7 @@ def _train(args) -> int:
     from mmrlsd.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress)
-    print(f"run directory: {run_dir}")
+    train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress)  # prints the run's summary
     return 0
 
 
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrlsd", description="RLSD training and evaluation for Qwen-VL models.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
@@ -204,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def setup_logging(verbose: bool = False) -> None:
+    """One stderr handler on the `mmrlsd` logger only. The root logger is left unconfigured, so other libraries'
+    records (which often have their own handler and propagate) are printed once, by their own handler."""
+    logger = logging.getLogger("mmrlsd")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(getattr(h, "_mmrlsd", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._mmrlsd = True
+        logger.addHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -212,9 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(verbose=args.verbose)
     from mmrlsd.config import ConfigError
     from mmrlsd.errors import MmrlsdError
 

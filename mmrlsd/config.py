@@ -203,6 +203,9 @@ class TrainerConfig:
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     """Checkpoints to keep (0: all)."""
+    save_hf: bool = True
+    """Also write `checkpoint-N/hf/`, a plain Hugging Face model folder (weights in `model.dtype`) that
+    `from_pretrained`, vLLM, lmms-eval and VLMEvalKit load unchanged; off: `mmrlsd export` makes it later."""
     val_every: int = 0
     """Validate every N steps, plus before the first and after the last (0: never)."""
     dump_every: int = 1
@@ -219,6 +222,13 @@ class TrainerConfig:
     """torch CPU threads (0: torch's default)."""
     max_bad_steps: int = 10
     """Abort after this many consecutive skipped steps (non-finite loss, empty batch)."""
+    logger: list[str] = field(default_factory=lambda: ["console"])
+    """Experiment trackers besides `metrics.jsonl` (always written): console | tensorboard | wandb | mlflow (each
+    needs its package: `pip install 'mmrlsd[tensorboard]'` etc.). Scalars keep their `metrics.jsonl` names."""
+    project_name: str = "mmrlsd"
+    """W&B project / MLflow experiment."""
+    experiment_name: str = ""
+    """W&B / MLflow run name (empty: the run directory's name)."""
 
 
 @dataclass
@@ -347,7 +357,27 @@ def _validate(cfg: Config, src: str) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"{src}: 'optim.betas' must have 2 values, got {cfg.optim.betas}")
+    _validate_trackers(cfg, src)
     _validate_conflicts(cfg, src)
+
+
+TRACKERS = {"console": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""`trainer.logger` choices and the package each one imports (installed by the extra of the same name)."""
+
+
+def _validate_trackers(cfg: Config, src: str) -> None:
+    import importlib.util
+
+    for i, name in enumerate(cfg.trainer.logger):
+        if name not in TRACKERS:
+            valid = ", ".join(TRACKERS)
+            raise ConfigError(f"{src}: 'trainer.logger[{i}]' is {name!r}; valid choices: {valid}")
+        package = TRACKERS[name]
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"{src}: 'trainer.logger' {name} needs the {package!r} package, which is not installed: "
+                f"pip install 'mmrlsd[{name}]'"
+            )
 
 
 def _validate_conflicts(cfg: Config, src: str) -> None:

@@ -2,23 +2,29 @@
 
 `checkpoint-N/` holds `state/` (a `torch.distributed.checkpoint` of the policy, its optimizer state and the frozen
 teacher snapshot: loadable on any number of ranks), the model config and processor, `rng_rank<r>.pt` and
-`trainer_state.json` (step, data position, skips, λ). It is written under a temporary name, flushed, marked
-`COMPLETE`, then renamed, so a kill mid-save leaves the previous checkpoint as the newest complete one.
-`mmrlsd export` turns a checkpoint into a plain Hugging Face model folder. `torch.load` runs with
-`weights_only=True`.
+`trainer_state.json` (step, data position, skips, λ), and `hf/`: the policy as a plain Hugging Face model folder
+(config, safetensors weights in the run's `model.dtype`, generation config, processor with its tokenizer and chat
+template) that `from_pretrained`, vLLM, lmms-eval and VLMEvalKit load unchanged. It is written under a temporary
+name, flushed, marked `COMPLETE`, then renamed, so a kill mid-save leaves the previous checkpoint as the newest
+complete one. `mmrlsd export` writes the same `hf/` folder from a checkpoint saved without one
+(`trainer.save_hf: false`). `torch.load` runs with `weights_only=True`.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -28,6 +34,17 @@ from torch.distributed.checkpoint.state_dict import (
 from mmrlsd.train import dist, faults
 
 COMPLETE = "COMPLETE"
+HF_DIR = "hf"
+"""The plain Hugging Face folder inside every checkpoint."""
+
+
+@contextmanager
+def _single_process_ok():
+    """torch.distributed.checkpoint warns on every save and load outside torchrun that it assumes one process:
+    that is the intended use here, so the warning is hidden (only inside these calls)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def _fsync_tree(path: Path) -> None:
@@ -50,8 +67,10 @@ def _has_snapshot(policy, teacher) -> bool:
     return teacher is not None and teacher is not policy
 
 
-def save_checkpoint(run_dir: Path, step: int, policy, processor, optimizer, teacher, state: dict, keep_last: int) -> Path:
-    """Collective under torchrun: every rank calls it."""
+def save_checkpoint(run_dir: Path, step: int, policy, processor, optimizer, teacher, state: dict, keep_last: int,
+                    hf_dtype: str | None = None) -> Path:  # fmt: skip
+    """Collective under torchrun: every rank calls it. `hf_dtype` (float32/bfloat16/float16): also write `hf/`,
+    the policy's full weights gathered on rank 0 and saved in that dtype (None: no `hf/` folder)."""
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
     if dist.is_main():
@@ -61,9 +80,15 @@ def save_checkpoint(run_dir: Path, step: int, policy, processor, optimizer, teac
     to_save = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
     if _has_snapshot(policy, teacher):
         to_save["teacher"] = get_model_state_dict(teacher)
-    dcp.save(to_save, checkpoint_id=str(tmp / "state"))
+    with _single_process_ok():
+        dcp.save(to_save, checkpoint_id=str(tmp / "state"))
     faults.point("checkpoint", step)
     torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    if hf_dtype is not None:  # collective: every rank hands its shards to rank 0
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.is_main():
+            write_hf_folder(policy, full, processor, tmp / HF_DIR, dtype=hf_dtype)
+        del full
     dist.barrier()
     if dist.is_main():
         policy.config.save_pretrained(tmp)
@@ -115,7 +140,8 @@ def load_checkpoint(ckpt: Path, policy, optimizer, teacher) -> dict:
     state = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
     if _has_snapshot(policy, teacher):
         state["teacher"] = get_model_state_dict(teacher)
-    dcp.load(state, checkpoint_id=str(ckpt / "state"))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(ckpt / "state"))
     set_model_state_dict(policy, state["model"])
     set_optimizer_state_dict(policy, optimizer, state["optim"])
     if _has_snapshot(policy, teacher):
@@ -130,7 +156,8 @@ def load_policy_weights(ckpt: str | Path) -> dict[str, torch.Tensor]:
     """The policy's full state dict from a checkpoint, in one process (for export and comparisons)."""
     model = _empty_model(Path(ckpt))
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(Path(ckpt) / "state"))
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=str(Path(ckpt) / "state"))
     return state["model"]
 
 
@@ -141,6 +168,36 @@ def _empty_model(ckpt: Path):
     return AutoModelForImageTextToText.from_config(config, dtype=getattr(config, "dtype", None) or torch.float32)
 
 
+def write_hf_folder(
+    model, state_dict: dict[str, torch.Tensor], processor, out: Path, dtype: str | None = None
+) -> Path:
+    """A plain Hugging Face model folder at `out`: `model`'s config and generation config, `state_dict` (full,
+    unsharded tensors) as safetensors, cast to `dtype` (None: as they are), and the processor (tokenizer, chat
+    template, image processor with the run's pixel budget). The one writer behind `hf/` and `mmrlsd export`."""
+    if dtype is not None:
+        target = getattr(torch, dtype)
+        for k in list(state_dict):  # one tensor at a time: the peak stays one full copy of the weights
+            v = state_dict[k]
+            state_dict[k] = v.to(target) if v.is_floating_point() else v
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
+    try:
+        model.save_pretrained(out, state_dict=state_dict)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    config = copy.deepcopy(model.config)  # save_pretrained wrote the in-memory dtype (fp32 master weights)
+    dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        config.dtype = str(dtypes.pop()).removeprefix("torch.")
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
 def export(ckpt: str | Path, out: str | Path) -> Path:
     """Write a plain Hugging Face checkpoint (model + processor) from a training checkpoint."""
     from transformers import AutoProcessor
@@ -148,8 +205,5 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     ckpt, out = Path(ckpt), Path(out)
     if not (ckpt / COMPLETE).is_file():
         raise FileNotFoundError(f"{ckpt}: not a complete mmrlsd checkpoint (no {COMPLETE} marker)")
-    model = _empty_model(ckpt)
-    model.load_state_dict(load_policy_weights(ckpt))
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(ckpt).save_pretrained(out)
-    return out
+    processor = AutoProcessor.from_pretrained(ckpt)
+    return write_hf_folder(_empty_model(ckpt), load_policy_weights(ckpt), processor, out)

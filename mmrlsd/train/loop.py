@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mmrlsd.config import Config, ConfigError, dump_config
+from mmrlsd.config import Config, ConfigError, dump_config, to_dict
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
 from mmrlsd.log import MetricsWriter, write_dump
@@ -28,6 +29,8 @@ from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
 from mmrlsd.train import dist, fsdp
 from mmrlsd.train.step import StepContext, rlsd_step
+from mmrlsd.train.summary import format_summary, run_summary, write_summary
+from mmrlsd.train.trackers import Trackers
 from mmrlsd.train.validate import validate
 
 log = logging.getLogger("mmrlsd.train")
@@ -137,7 +140,8 @@ def shard(items: list, rank: int, world: int) -> list:
 def train(
     cfg: Config, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True
 ) -> Path:
-    """Run training; returns the run directory."""
+    """Run training; returns the run directory. Ends by printing the run's summary (`RUN/summary.json`)."""
+    t_start = time.perf_counter()
     run_dir = Path(output_dir or cfg.trainer.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = build(cfg)
@@ -175,16 +179,22 @@ def train(
     if main:
         dump_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, resume_step=start if latest is not None else None) if main else None
+    trackers = None
+    if main:  # trainer.logger: console / tensorboard / wandb / mlflow, rank 0 only
+        trackers = Trackers(cfg.trainer.logger, run_dir, to_dict(cfg), cfg.trainer.project_name,
+                            cfg.trainer.experiment_name, cfg.trainer.total_steps,
+                            resume_step=start if latest is not None else None)  # fmt: skip
     n_skipped_reported = state.get("skipped_total", 0)
     if latest is None and val:
         v = validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed)
         if main:
             metrics.write({"step": 0, **v})
+            trackers.log({"step": 0, **v})
 
     bad_in_a_row = state.get("bad_in_a_row", 0)
     bar = tqdm(range(start + 1, cfg.trainer.total_steps + 1), desc="train", disable=not (progress and main),
                initial=start, total=cfg.trainer.total_steps)  # fmt: skip
-    with _StopFlag() as flag:
+    with _StopFlag() as flag, logging_redirect_tqdm([logging.getLogger("mmrlsd")]):  # log lines above the bar
         for step in bar:
             t0 = time.perf_counter()
             for group in ctx.optimizer.param_groups:
@@ -209,6 +219,7 @@ def train(
                 m["time/val_s"] = time.perf_counter() - t1
             if main:
                 metrics.write(m)
+                trackers.log(m)
                 if cfg.trainer.dump_every and step % cfg.trainer.dump_every == 0:
                     write_dump(run_dir, step, result.dump)
                 if len(train_data.skipped) > n_skipped_reported:
@@ -222,8 +233,8 @@ def train(
                 state = {"data_pos": train_data.pos, "bad_in_a_row": bad_in_a_row, "lam": m["rlsd/lam"],
                          "skipped_total": len(train_data.skipped),
                          "skipped": [[s.id, s.reason] for s in train_data.skipped]}  # fmt: skip
-                ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer,
-                                     ctx.teacher, state, cfg.trainer.keep_last)  # fmt: skip
+                ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer, ctx.teacher, state,
+                                     cfg.trainer.keep_last, hf_dtype=cfg.model.dtype if cfg.trainer.save_hf else None)  # fmt: skip
             if stop:
                 log.warning("stopped cleanly at step %d; resume with --resume", step)
                 break
@@ -234,6 +245,12 @@ def train(
             log.warning(
                 "skip reasons: %s", ", ".join(f"{k}: {v}" for k, v in train_data.skip_counts().items())
             )
+        trackers.close()
+        summary = run_summary(run_dir, total_steps=cfg.trainer.total_steps, wall_time_s=time.perf_counter() - t_start,
+                              skip_counts=train_data.skip_counts(), n_skipped=len(train_data.skipped),
+                              checkpoint=ckpt.latest_checkpoint(run_dir))  # fmt: skip
+        write_summary(run_dir, summary)
+        print(format_summary(summary), flush=True)
     fsdp.destroy_distributed()
     return run_dir
 

@@ -61,12 +61,19 @@ class Run:
 
 
 def open_run(path: str | Path) -> Run:
-    """Read `config.yaml`, `metrics.jsonl`, the dumped steps and the complete checkpoints of a run directory."""
+    """Read `config.yaml`, `metrics.jsonl`, the dumped steps and the complete checkpoints of a run directory.
+    A checkpoint folder `RUN/checkpoint-N` opens its run with that checkpoint as the only one (the overlay uses
+    it)."""
     import yaml
 
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: run directory not found")
+    suffix = p.name.split("-", 1)[1] if p.name.startswith("checkpoint-") else ""
+    if suffix.isdigit() and (p / "COMPLETE").is_file():
+        run = open_run(p.parent)
+        run.checkpoints = {int(suffix): p}
+        return run
     cfg_path = p / "config.yaml"
     config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
     metrics = read_metrics(p) if (p / "metrics.jsonl").is_file() else []

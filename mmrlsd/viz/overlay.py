@@ -95,7 +95,7 @@ def _load_sharded(path: Path, dtype: str, attn: str):
 
 @lru_cache(maxsize=2)
 def _load(path: str, dtype: str, device: str, attn: str, min_pixels: int, max_pixels: int):
-    """`(model, processor)` of a checkpoint: a Hugging Face folder, or training's sharded `state/` format."""
+    """`(model, processor)` of a checkpoint: its Hugging Face folder (`hf/`), else training's sharded `state/`."""
     from transformers.utils import logging as hf_logging
 
     from mmrlsd.model.load import load_model
@@ -103,7 +103,7 @@ def _load(path: str, dtype: str, device: str, attn: str, min_pixels: int, max_pi
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a notebook would show the weight-loading bar as a widget
     try:
-        if (Path(path) / "state").is_dir() and not any(Path(path).glob("model*.safetensors")):
+        if (Path(path) / "state").is_dir() and not (Path(path) / "hf").is_dir():  # saved without hf/
             model, processor = _load_sharded(Path(path), dtype, attn)
         else:
             model, processor = load_model(path, dtype=dtype, device=device, attn_implementation=attn,
