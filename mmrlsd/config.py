@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,9 +22,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem; the message names the file and the key."""
+from mmrlsd.errors import ConfigError
 
 
 @dataclass
@@ -31,13 +30,14 @@ class ModelConfig:
     path: str = ""
     """Hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint."""
     dtype: str = "float32"
-    """Parameter dtype: float32 | bfloat16 | float16 (bf16 is ~16x slower than fp32 on CPUs)."""
+    """Compute dtype of the forward and backward passes: float32 | bfloat16 | float16 (bf16 is ~16x slower than
+    fp32 on CPUs). Parameters, gradients and AdamW states stay float32 unless `dist.mixed_precision` is off."""
     attn_implementation: str = "sdpa"
     """Attention kernel: sdpa | eager | flash_attention_2."""
     trust_remote_code: bool = False
     """Off unless you trust the checkpoint's code."""
     min_pixels: int = 0
-    """Lower pixel budget per image (0: the processor's default)."""
+    """Lower pixel budget per image (0: the processor's default); smaller images are upscaled to it."""
     max_pixels: int = 0
     """Upper pixel budget per image (0: the processor's default); larger images are resized down."""
     gradient_checkpointing: bool = False
@@ -76,13 +76,19 @@ class DataConfig:
     problem_type_key: str = "problem_type"
     """Optional field: numeric | multiple_choice | ... (chooses the reward's matcher)."""
     solution_key: str = "solution"
-    """Optional field: a reference solution (OPSD's privileged information)."""
+    """Field holding a reference solution or reasoning trace: the teacher's privileged text under
+    `algo.teacher_info: solution` (OPSD; the release reads its dataset's reasoning-trace column,
+    `qwen3vl_235b_thinking_response`). Required then: training records without it are skipped and counted."""
     id_key: str = "id"
     """Optional field: record id (default: `<file>:<line>`)."""
-    student_template: str = "configs/prompts/student.jinja"
-    """Jinja template of the student's user turn (variables: problem)."""
-    teacher_template: str = "configs/prompts/teacher.jinja"
-    """Jinja template of the teacher's user turn (variables: problem, answer, solution)."""
+    options_key: str = "options"
+    """Optional field: a list of answer options, listed under the question by templates that use `options`."""
+    student_template: str = "student.jinja"
+    """Jinja template of the student's user turn (variables: problem, problem_type, options); images go where
+    the rendered text has `<image>` markers, else first."""
+    teacher_template: str = "teacher.jinja"
+    """Jinja template of the teacher's user turn (variables: problem, problem_type, options, reference, answer,
+    solution)."""
     max_val_items: int = 0
     """Cap on validation items (0: all)."""
     shuffle: bool = True
@@ -143,9 +149,10 @@ class AlgoConfig:
     lam0: float = 0.5
     """λ_0 of Â_t = A·((1-λ) + λ·clip(w_t, 1-ε_w, 1+ε_w)); 0 gives exactly GRPO."""
     lam_decay_steps: int = 50
-    """D: λ decays linearly from λ_0 to 0 over D optimizer steps (paper 50; released script 60)."""
+    """D: λ decays linearly from λ_0 to 0 over D optimizer steps (paper 50; released script 60). Steps count from
+    1, as in the release: the first update uses λ_0·(1 - 1/D) and λ is 0 from step D on."""
     lam_warmup_steps: int = 0
-    """Linear warm-up of λ from 0 to λ_0 before the decay (0 in the release)."""
+    """W: linear warm-up of λ, λ_0·step/W before step W, then the decay from step W (0 in the release)."""
     eps_w: float = 0.2
     """ε_w: clip range of the evidence weight w_t = exp(sign(A)·Δ_t)."""
     clip_low: float = 0.2
@@ -237,8 +244,10 @@ class DistConfig:
     """FSDP2 sharding: auto (on when launched by torchrun with WORLD_SIZE > 1) | on | off."""
     backend: str = "auto"
     """torch.distributed backend: auto (nccl with CUDA, else gloo) | nccl | gloo."""
-    mixed_precision: bool = False
-    """FSDP2 mixed precision: bf16 parameters and compute, fp32 gradient reduction."""
+    mixed_precision: bool = True
+    """Float32 master weights, gradient reduction and AdamW states, computing in `model.dtype` (FSDP2
+    `MixedPrecisionPolicy` when sharded, `torch.autocast` in one process). false: parameters and AdamW states in
+    `model.dtype` itself (half the memory, but at lr ~1e-6 most bf16 updates round away)."""
     teacher_offload: bool = False
     """Keep the frozen teacher snapshot's shards on CPU (FSDP2 CPU offload); saves GPU memory, costs transfers."""
 
@@ -426,8 +435,94 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
+PATH_KEYS = ("model.path", "data.train_files", "data.val_files", "data.student_template", "data.teacher_template")
+"""Config values that name local files or folders (a model folder, data sources, prompt templates)."""
+TEMPLATE_KEYS = ("data.student_template", "data.teacher_template")
+
+
+def packaged_prompt(name: str) -> Path:
+    """A prompt template shipped with the package (`mmrlsd/prompts/<name>`)."""
+    from importlib.resources import files
+
+    return Path(str(files("mmrlsd").joinpath("prompts", name)))
+
+
+def _resolve_path(value: str, bases: list[Path], template: bool) -> str:
+    """An absolute path for `value` when it names an existing file or folder: an absolute path as it is, a
+    relative one tried against each of `bases` in order. A template given by file name alone (or under the old
+    `configs/prompts/` folder) that is found nowhere else is the packaged one. Anything else is returned unchanged
+    (a hub id, a `hub:` dataset, a missing path that `check_paths` reports)."""
+    if not value or value.startswith("hub:"):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    for base in bases:
+        if (base / p).exists():
+            return os.path.abspath(base / p)
+    if template and (len(p.parts) == 1 or p.parent == Path("configs/prompts")):
+        if packaged_prompt(p.name).is_file():
+            return str(packaged_prompt(p.name))
+    return value
+
+
+def _resolve_keys(cfg, keys, bases: list[Path]) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        if not hasattr(getattr(cfg, section, None), name):
+            continue
+        value = get_key(cfg, key)
+        values = [_resolve_path(v, bases, key in TEMPLATE_KEYS) for v in (value if isinstance(value, list) else [value])]
+        setattr(getattr(cfg, section), name, values if isinstance(value, list) else values[0])
+
+
+def resolve_paths(cfg, file_data: dict | None, file_path: Path | None, override_data: dict | None) -> None:
+    """Resolve the path keys (see `load_config`): those set in the file against its folder then the current
+    directory, those set by overrides against the current directory, and default templates to the packaged ones."""
+
+    def set_in(data: dict | None) -> list[str]:
+        return [k for k in PATH_KEYS if data and k.split(".")[1] in (data.get(k.split(".")[0]) or {})]
+
+    overridden = set_in(override_data)
+    if file_path is not None:
+        file_keys = [k for k in set_in(file_data) if k not in overridden]
+        _resolve_keys(cfg, file_keys, [Path(file_path).resolve().parent, Path.cwd()])
+    _resolve_keys(cfg, overridden, [Path.cwd()])
+    _resolve_keys(cfg, TEMPLATE_KEYS, [])  # anything still a bare file name: the packaged template
+
+
+def check_paths(cfg: Config, src: str = "config") -> None:
+    """Every local file and folder the config names exists (a hub id or `hub:` dataset is not checked); otherwise
+    a ConfigError naming the key and the path."""
+    how = "relative paths are tried against the config file's folder, then the current directory"
+
+    def missing(key: str, value: str, kind: str) -> ConfigError:
+        return ConfigError(f"{src}: '{key}': {kind} {value!r} not found ({how})")
+
+    m = cfg.model.path
+    if m and not Path(m).expanduser().exists():
+        local = os.path.isabs(m) or m.startswith((".", "~")) or m.count("/") != 1
+        if local:
+            raise missing("model.path", m, "model folder")
+    for key in ("data.train_files", "data.val_files"):
+        for i, v in enumerate(get_key(cfg, key)):
+            hub_like = v.startswith("hub:") or (v.count("/") == 1 and "." not in v)
+            if not hub_like and not Path(v).expanduser().exists():
+                raise missing(f"{key}[{i}]", v, "data source")
+    for key in TEMPLATE_KEYS:
+        v = get_key(cfg, key)
+        if not Path(v).expanduser().is_file():
+            raise missing(key, v, "prompt template")
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate."""
+    """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate.
+
+    Paths (`PATH_KEYS`): a relative path in the file is tried against the config file's folder first, then the
+    current directory; one in an override against the current directory. Found paths become absolute (the run's
+    `config.yaml` then works from anywhere); absolute paths, hub ids and `hub:` datasets are left as they are.
+    Prompt templates given by file name alone are the packaged ones (`mmrlsd/prompts/`) unless such a file exists
+    there. Whether the files exist is checked by `check_paths` (`mmrlsd validate` and the start of training)."""
     cfg = Config()
     src = str(path) if path else "<defaults>"
     if path is not None:
@@ -443,8 +538,10 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, val
                 f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"
             )
         _merge(cfg, data, "", src)
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
+    tree = parse_overrides(overrides) if overrides else None
+    if tree:
+        _merge(cfg, tree, "", f"{src} (command-line override)")
+    resolve_paths(cfg, data if path is not None else None, Path(path) if path is not None else None, tree)
     if validate:
         _validate(cfg, src)
     return cfg

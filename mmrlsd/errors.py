@@ -5,6 +5,10 @@ class MmrlsdError(ValueError):
     """Base class: a problem with user input, reported as `error: <message>` by the CLI (exit code 2)."""
 
 
+class ConfigError(MmrlsdError):
+    """A config problem; the message names the file and the key."""
+
+
 class DataError(MmrlsdError):
     """A data source that cannot be read at all (missing file, unknown format, no usable record)."""
 
@@ -15,3 +19,15 @@ class ModelError(MmrlsdError):
 
 class ImageError(MmrlsdError):
     """An image that cannot be used; the record is skipped and counted."""
+
+
+class CheckpointError(MmrlsdError):
+    """A training checkpoint that is damaged (truncated shard, empty state file, garbage RNG file)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file that would run code when loaded (a pickle naming a forbidden global): never loaded."""
+
+
+class TrainingError(MmrlsdError):
+    """A run that cannot go on (weights no longer finite, too many skipped steps); the newest checkpoint is intact."""

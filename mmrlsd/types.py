@@ -14,11 +14,14 @@ class Sample:
 
     id: str
     problem: str
+    """The question text; its `<image>` markers, if any, are kept (one per image: where the images go)."""
     answer: str
     images: list[str] = field(default_factory=list)
     """Resolved image paths or URLs (empty: a text-only problem)."""
     problem_type: str | None = None
     solution: str | None = None
+    options: list[str] = field(default_factory=list)
+    """Answer options of a multiple-choice record, when the data lists them apart from the question."""
     pil_images: list = field(default_factory=list)
     """Loaded RGB images (filled by `load_images`, not serialised)."""
 

@@ -1,32 +1,48 @@
-"""Every subcommand's --help works and ends with examples; `ls` lists the registries."""
+"""Every subcommand's --help works, ends with examples and imports no torch; `ls` lists the registries."""
 
 import subprocess
 import sys
 
 import pytest
 
-from mmrlsd.cli import build_parser
+from mmrlsd.cli import COMMANDS, build_parser
 
-COMMANDS = [
-    ["train"],
-    ["validate"],
-    ["ls"],
-    ["make-tiny"],
-    ["eval"],
-    ["sft"],
-    ["export"],
-    ["viz"],
-    ["data", "synth"],
-]
+NESTED = {"data": ["synth"], "lab": ["data", "compare", "check"]}
+ALL = [[c] for c in COMMANDS] + [[c, s] for c, subs in NESTED.items() for s in subs]
 
 
-@pytest.mark.parametrize("cmd", COMMANDS, ids=" ".join)
+@pytest.mark.parametrize("cmd", ALL, ids=" ".join)
 def test_help(cmd, capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(cmd + ["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "example" in out
+    assert "example" in out and f"mmrlsd {' '.join(cmd)}" in out
+
+
+def test_every_subcommand_is_listed():
+    """`NESTED` above covers every nested subcommand, so `test_help` runs them all."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert sorted(sub.choices) == sorted(COMMANDS) == sorted(c[0] for c in ALL if len(c) == 1)
+    for name, nested in NESTED.items():
+        inner = next(a for a in sub.choices[name]._actions if a.dest.endswith("_command"))
+        assert sorted(inner.choices) == sorted(nested)
+
+
+def test_no_help_imports_torch():
+    """Building the parser and printing every subcommand's --help, in a fresh process, imports no torch."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from mmrlsd.cli import build_parser\n"
+        f"for cmd in {ALL!r}:\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        build_parser().parse_args(cmd + ['--help'])\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 def test_top_level_help_is_fast_and_has_examples():

@@ -74,7 +74,7 @@ def test_shipped_configs_validate():
 
     import yaml
 
-    from mmrlsd.train.sft import load_sft_config
+    from mmrlsd.recipes.sft import load_sft_config
 
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
     assert configs, "no configs/*.yaml"
@@ -84,9 +84,14 @@ def test_shipped_configs_validate():
 
 
 def test_validate_cli_and_help():
-    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.lam0=0"],
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/tiny_cpu.yaml", "algo.lam0=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    # the paper configs point at data you bring: validate says which file is missing
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.lam0=0"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "'data.train_files[0]'" in r.stderr, r.stderr
+    assert "data/mmfinereason/train.parquet" in r.stderr
     r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.eps_W=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "did you mean 'algo.eps_w'" in r.stderr

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmrlsd.perf import PHASES, PerfConfig, load_perf_config, table
-from mmrlsd.perf_cli import resolve_config
+from mmrlsd.cli.perf import resolve_config
+from mmrlsd.experiments.perf import PHASES, PerfConfig, load_perf_config, table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_config_rejects_unknown_keys_and_variants(tmp_path):
 
 
 def test_cli_module_imports_no_torch():
-    code = "import sys, argparse, mmrlsd.perf_cli as c; c.add_arguments(argparse.ArgumentParser()); print('torch' in sys.modules)"
+    code = "import sys, argparse, mmrlsd.cli.perf as c; c.add_arguments(argparse.ArgumentParser()); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
 
@@ -57,7 +57,7 @@ def test_table_lists_every_variant():
 
 def test_tiny_end_to_end(tmp_path, monkeypatch):
     """Every variant runs one step of a very small model; the JSON carries the required keys (TRL when installed)."""
-    from mmrlsd.perf import run
+    from mmrlsd.experiments.perf import run
 
     monkeypatch.chdir(tmp_path)  # TRL writes into the working directory
     variants = ["naive", "grpo", "rlsd"]

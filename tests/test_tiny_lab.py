@@ -12,18 +12,12 @@ import pytest
 
 from mmrlsd.config import load_config, to_dict
 from mmrlsd.data import synth
-from mmrlsd.lab import (
-    FLOORS,
-    LAB_FAMILIES,
-    LAB_LEVELS,
-    METHODS,
-    check_default,
-    compare,
-    demo_credit,
-    lab_records,
-    table_markdown,
-    write_lab_data,
-)
+from mmrlsd.experiments.lab.check import FLOORS, check_default
+from mmrlsd.experiments.lab.compare import compare
+from mmrlsd.experiments.lab.data import LAB_FAMILIES, LAB_LEVELS, lab_records, write_lab_data
+from mmrlsd.experiments.lab.report import table_markdown
+from mmrlsd.experiments.lab.runs import METHODS
+from mmrlsd.experiments.lab.stats import demo_credit
 
 REPO = Path(__file__).resolve().parents[1]
 LAB_DATA = REPO / "data" / "tiny" / "lab"
@@ -98,7 +92,7 @@ def test_baseline_configs_differ_only_where_the_method_does():
 def test_shipped_checkpoint_is_small_and_does_not_resize_images():
     from PIL import Image
 
-    from mmrlsd.data.prompts import encode
+    from mmrlsd.data.encoding import encode
     from mmrlsd.model.load import load_model
 
     size = sum(p.stat().st_size for p in CKPT.rglob("*") if p.is_file())
@@ -203,7 +197,7 @@ def test_check_judges_the_default_run_against_the_floors(tmp_path, tiny_budget):
 
 @pytest.mark.skipif(
     not (RESULTS / "results.json").is_file(),
-    reason="the GRPO/RLSD/OPSD comparison has not been run yet (python -m mmrlsd.lab compare)",
+    reason="the GRPO/RLSD/OPSD comparison has not been run yet (mmrlsd lab compare)",
 )
 def test_write_up_numbers_are_those_in_results_json():
     results = json.loads((RESULTS / "results.json").read_text())

@@ -38,12 +38,14 @@ def evidence_weights(advantages: torch.Tensor, delta: torch.Tensor) -> torch.Ten
 
 
 def lam_at(step: int, lam0: float, decay_steps: int, warmup_steps: int = 0) -> float:
-    """λ at optimizer step `step` (0-based: the first update uses step 0).
+    """λ at optimizer step `step`, counted from 1 as the released code counts them (the first update is step 1).
 
-    Linear warm-up 0 -> λ_0 over `warmup_steps`, then linear decay λ_0 -> 0 over `decay_steps`, then 0.
+    With warm-up W > 0: λ_0·step/W for steps before W. From step W on (from step 0 when W = 0) a linear decay,
+    λ_0·max(1 - (step - W)/D, 0): without warm-up the first update uses λ_0·(1 - 1/D) and λ reaches 0 at step D;
+    with it, λ peaks at λ_0 at step W and reaches 0 at step W + D.
 
-    >>> [lam_at(s, 0.5, decay_steps=4) for s in range(6)]
-    [0.5, 0.375, 0.25, 0.125, 0.0, 0.0]
+    >>> [lam_at(s, 0.5, decay_steps=4) for s in range(1, 6)]
+    [0.375, 0.25, 0.125, 0.0, 0.0]
     """
     if step < warmup_steps:
         return lam0 * step / warmup_steps

@@ -55,6 +55,10 @@ class Bench:
     """Mode used to score freshly generated responses (MathVista: `rule-v1`, as its official extraction
     needs a GPT judge)."""
 
+    def setup(self) -> None:
+        """Prepare what scoring needs (MATH-V: install its pinned packages on first use); `mmrlsd eval` calls
+        it before reading any data, so a missing dependency is reported before hours of generation."""
+
     def load(self, data_path: str | None, split: str) -> list[Record]:
         """Gold records of `split`, in dataset order, from the local official-format file `data_path`,
         or from the hub (`hub_id`) when `data_path` is None."""
@@ -266,6 +270,48 @@ def read_parquet(path: str | Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
+
+
+def read_tsv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a tab-separated file with a header line, as dicts of strings."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def read_records(path: str | Path, *, split: str = "", id_field: str = "") -> list[Record]:
+    """Gold records from any local annotation file, in file order.
+
+    * a folder: every ``<split>-*.parquet`` below it (the HF hub layout), in path order;
+    * ``.parquet``, ``.jsonl``, ``.tsv``: one record per row;
+    * ``.json``: a list of records, or an object ``{id: record}`` (its values; the key is added as
+      `id_field` when a record lacks it).
+    A file that holds anything else, or rows that are not objects, is an error naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob(f"**/{split}-*.parquet"), key=lambda p: p.parts)
+        if not files:
+            raise FileNotFoundError(f"{path}: no {split}-*.parquet files")
+        return [r for f in files for r in read_parquet(f)]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return read_parquet(path)
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".tsv":
+        return read_tsv(path)
+    data = read_json(path)
+    if isinstance(data, dict):
+        if not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"{path}: expected {{id: record}} with an object per id")
+        return [v if not id_field or id_field in v else {id_field: k, **v} for k, v in data.items()]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a list of records (JSON objects)")
+    return data
 
 
 def open_image(value: Any, data_root: Path | None = None) -> Image.Image:

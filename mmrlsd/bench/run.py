@@ -6,7 +6,9 @@
     write scores.json and summary.md
 
 Scoring always re-reads `predictions.jsonl`, so `mmrlsd eval --predictions` on that file gives the same
-numbers. Protocol settings (split, mode, sampling, `max_new_tokens`) live in `eval/<bench>.yaml`.
+numbers. Protocol settings (split, mode, sampling, `max_new_tokens`) live in the package, one YAML per
+benchmark (`mmrlsd/bench/protocols/<bench>.yaml`, read with `importlib.resources`, so they ship with
+every install).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import dataclasses
 import difflib
 import json
 from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +26,13 @@ import yaml
 
 from mmrlsd.bench.base import Bench, Record, check_mode
 
-EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
+PROTOCOLS = "protocols"
+"""Folder of `mmrlsd.bench` holding the protocol files `<bench>.yaml` (package data)."""
 
 
 @dataclass
 class EvalConfig:
-    """Protocol settings of one benchmark run (`eval/<bench>.yaml`); CLI flags override them."""
+    """Protocol settings of one benchmark run (`protocols/<bench>.yaml`); CLI flags override them."""
 
     split: str = ""
     """Split to load; "" means the benchmark's default split."""
@@ -42,13 +47,22 @@ class EvalConfig:
     """Prompts per generation batch."""
     seed: int = 0
     """Sampling seed (only matters when temperature > 0)."""
+    samples: int = 0
+    """k: sampled answers per record besides the main one, for pass@k and k/k reliability (ZeroBench);
+    0 = none. Written to `predictions.jsonl` as `responses`."""
+    sample_temperature: float = 0.7
+    """Temperature of the k sampled answers."""
+    sample_top_p: float = 0.95
+    """top-p of the k sampled answers."""
 
 
-def load_eval_config(path: str | Path | None) -> EvalConfig:
+def load_eval_config(path: str | Path | Traversable | None) -> EvalConfig:
     """Read an `EvalConfig` from YAML (`yaml.safe_load`); an unknown key fails with a suggestion."""
     if path is None:
         return EvalConfig()
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    if isinstance(path, str):
+        path = Path(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of settings")
     fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
@@ -60,12 +74,14 @@ def load_eval_config(path: str | Path | None) -> EvalConfig:
         want = {"str": str, "int": int, "float": (int, float)}[str(fields[key].type)]
         if not isinstance(value, want) or isinstance(value, bool):
             raise ValueError(f"{path}: {key} must be {fields[key].type}, got {value!r}")
+    if data.get("samples", 0) < 0:
+        raise ValueError(f"{path}: samples must be >= 0, got {data['samples']}")
     return EvalConfig(**data)
 
 
-def default_config_path(bench_name: str) -> Path | None:
-    """`eval/<bench>.yaml` of this checkout, when it exists."""
-    path = EVAL_DIR / f"{bench_name}.yaml"
+def default_config_path(bench_name: str) -> Traversable | None:
+    """The packaged protocol file `mmrlsd/bench/protocols/<bench>.yaml`, when there is one."""
+    path = resources.files("mmrlsd.bench").joinpath(PROTOCOLS, f"{bench_name}.yaml")
     return path if path.is_file() else None
 
 
@@ -90,7 +106,7 @@ def vllm_generate(model_path: str, prompts: list[tuple[str, list]], cfg: EvalCon
     from transformers import AutoProcessor
     from vllm import LLM, SamplingParams
 
-    from mmrlsd.data.prompts import chat_text
+    from mmrlsd.data.encoding import chat_text
 
     processor = AutoProcessor.from_pretrained(model_path)
     max_images = max((len(images) for _, images in prompts), default=1)
@@ -128,13 +144,24 @@ def pick_engine(name: str) -> str:
 def generate_predictions(bench: Bench, records: list[Record], model_path: str, cfg: EvalConfig, *,
                          data_root: Path | None = None, engine: str = "hf", dtype: str = "float32",
                          device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
-    """One `predictions.jsonl` row per record: `{"id", "prompt", "response", **bench.prediction_fields}`."""
+    """One `predictions.jsonl` row per record: `{"id", "prompt", "response", **bench.prediction_fields}`, plus
+    `responses` (`cfg.samples` answers sampled at `sample_temperature`/`sample_top_p`) when `cfg.samples > 0`.
+    The sampled pass is a second engine call (the model is loaded again)."""
     prompts = [(bench.prompt(r), bench.images(r, data_root)) for r in records]
-    responses = ENGINES[engine](model_path, prompts, cfg, dtype=dtype, device=device, progress=progress)
-    return [
+    generate = ENGINES[engine]
+    responses = generate(model_path, prompts, cfg, dtype=dtype, device=device, progress=progress)
+    rows = [
         {"id": bench.record_id(r), "prompt": text, "response": resp, **bench.prediction_fields(r)}
         for r, (text, _), resp in zip(records, prompts, responses)
     ]
+    if cfg.samples > 0:
+        k = cfg.samples
+        sampling = dataclasses.replace(cfg, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p)
+        flat = generate(model_path, [p for p in prompts for _ in range(k)], sampling, dtype=dtype, device=device,
+                        progress=progress)  # fmt: skip
+        for i, row in enumerate(rows):
+            row["responses"] = flat[i * k : (i + 1) * k]
+    return rows
 
 
 # ---------------------------------------------------------------- outputs

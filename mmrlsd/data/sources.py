@@ -34,6 +34,10 @@ class FieldMap:
     problem_type: str = "problem_type"
     solution: str = "solution"
     id: str = "id"
+    options: str = "options"
+    require_solution: bool = False
+    """Skip (and count) records without a non-empty `solution` text: it is the teacher's privileged information
+    (`algo.teacher_info: solution`, OPSD), and a silent fallback to the answer would change the method."""
 
 
 @dataclass
@@ -124,9 +128,23 @@ def to_sample(row: dict, default_id: str, fields: FieldMap, base: Path) -> Sampl
             return Skip(rid, "image entry without a path")
         is_url = img.startswith(("http://", "https://", "data:image"))
         resolved.append(img if is_url or Path(img).is_absolute() else str(base / img))
-    problem = problem.replace("<image>", "").strip()
+    markers = problem.count("<image>")
+    if markers and markers != len(resolved):
+        return Skip(rid, f"question has {markers} <image> markers for {len(resolved)} images")
+    options = row.get(fields.options)
+    if options is None:
+        options = []
+    elif isinstance(options, str):
+        options = [options]
+    elif isinstance(options, (list, tuple)) and all(isinstance(o, (str, int, float)) for o in options):
+        options = [str(o) for o in options]
+    else:
+        return Skip(rid, f"field {fields.options!r} must be a list of strings")
+    problem = problem.strip()
     ptype = row.get(fields.problem_type)
     solution = row.get(fields.solution)
+    if fields.require_solution and (not isinstance(solution, str) or not solution.strip()):
+        return Skip(rid, f"missing or empty solution field {fields.solution!r} (the teacher's privileged text)")
     return Sample(
         id=rid,
         problem=problem,
@@ -134,6 +152,7 @@ def to_sample(row: dict, default_id: str, fields: FieldMap, base: Path) -> Sampl
         images=resolved,
         problem_type=ptype if isinstance(ptype, str) else None,
         solution=solution if isinstance(solution, str) else None,
+        options=options,
     )
 
 

@@ -24,12 +24,11 @@ Train and val are disjoint by construction: a candidate goes to val only if the 
 (question + pixels) falls in val's bucket (1 in `VAL_BUCKETS`), and to train only otherwise; the two
 splits are drawn from independent random streams derived from the seed.
 
-Run:  python -m mmrlsd.data.synth --out data/synth --n 2000 --seed 0
+Run:  mmrlsd data synth --out data/synth --n 2000 --seed 0
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import itertools
@@ -498,50 +497,3 @@ def corpus() -> list[str]:
 def vocabulary() -> list[str]:
     """Sorted distinct whitespace-separated words of corpus(), tags included as words."""
     return sorted({w for line in corpus() for w in line.split()})
-
-
-# --- CLI (wired as `mmrlsd data synth`) ---
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `mmrlsd data synth`."""
-    parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--n", type=int, default=2000, help="number of train records (default 2000)")
-    parser.add_argument("--n-val", type=int, default=512, help="number of val records (default 512)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--families",
-        default=None,
-        help=f"comma-separated families (default: all): {','.join(FAMILIES)}",
-    )
-    parser.add_argument(
-        "--level", type=int, choices=LEVELS, default=None, help="fixed difficulty (default: mixed)"
-    )
-
-
-def main(args: argparse.Namespace) -> int:
-    """Write the dataset and print one summary line; 2 on an unknown family."""
-    try:
-        meta = write_dataset(args.out, args.n, args.n_val, args.seed, args.families, args.level)
-    except KeyError as err:
-        print(f"error: {err.args[0]}")
-        return 2
-    n_train, n_val = sum(meta["counts"]["train"].values()), sum(meta["counts"]["val"].values())
-    print(f"wrote {n_train} train + {n_val} val records ({len(meta['families'])} families) to {args.out}")
-    return 0
-
-
-EPILOG = """examples:
-  mmrlsd data synth --out data/synth --n 2000 --seed 0
-  mmrlsd data synth --out data/synth_count --n 5000 --families count_color,count_shape --level 1
-"""
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(
-        prog="python -m mmrlsd.data.synth",
-        description="Write the synthetic visual-reasoning dataset.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(_parser)
-    raise SystemExit(main(_parser.parse_args()))

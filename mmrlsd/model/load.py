@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -57,6 +58,21 @@ def check_checkpoint(path: str) -> None:
         )
 
 
+def set_pixel_budget(processor, min_pixels: int = 0, max_pixels: int = 0) -> None:
+    """Make the processor resize every image to between ``min_pixels`` and ``max_pixels`` pixels (0: keep the
+    processor's own bound), keeping the aspect ratio and rounding each side to whole vision patches: smaller
+    images are upscaled, larger ones downscaled. The bounds live in the image processor's ``size``
+    (``shortest_edge`` / ``longest_edge`` count pixels for the Qwen-VL processors)."""
+    if min_pixels or max_pixels:
+        ip = processor.image_processor
+        size = dict(getattr(ip, "size", None) or {})
+        if min_pixels:
+            size["shortest_edge"] = min_pixels
+        if max_pixels:
+            size["longest_edge"] = max_pixels
+        ip.size = size
+
+
 def load_model(
     path: str,
     *,
@@ -89,18 +105,29 @@ def load_model(
         raise ModelError(
             f"{path}: model_type {model.config.model_type!r} unsupported; supported: {SUPPORTED}"
         )
-    ip = processor.image_processor
-    if (
-        min_pixels or max_pixels
-    ):  # the pixel budget lives in `size` (min_pixels/max_pixels call kwargs are deprecated)
-        size = dict(getattr(ip, "size", None) or {})
-        if min_pixels:
-            size["shortest_edge"] = min_pixels
-        if max_pixels:
-            size["longest_edge"] = max_pixels
-        ip.size = size
+    set_pixel_budget(processor, min_pixels, max_pixels)
     processor.tokenizer.padding_side = "left"
     return model.to(device), processor
+
+
+def master_dtype(compute_dtype: str, mixed_precision: bool) -> str:
+    """The dtype parameters, gradients and AdamW states are kept in: float32 under mixed precision (the compute
+    dtype is then only the dtype of the forward and backward passes), else the compute dtype itself."""
+    return "float32" if mixed_precision else compute_dtype
+
+
+def compute_autocast(device: torch.device | str, compute_dtype: str, params_dtype: str):
+    """The context every forward (and its backward) of a training step runs in: `torch.autocast` to
+    `compute_dtype` when parameters are stored wider (float32 master weights under bf16 compute), else a no-op,
+    so a float32 run is exactly what it is without it.
+
+    The autocast weight cache is off: parameters change between the optimizer steps of one rollout batch, and a
+    cached low-precision copy would go stale. Each matmul casts its weight afresh (cheap next to the matmul).
+    """
+    if compute_dtype == params_dtype:
+        return nullcontext()
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, dtype=DTYPES[compute_dtype], cache_enabled=False)
 
 
 def resolve_device(name: str) -> torch.device:

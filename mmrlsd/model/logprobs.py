@@ -23,6 +23,7 @@ from types import MethodType
 
 import torch
 
+from mmrlsd.data.encoding import image_offsets, images_per_row
 from mmrlsd.model.packing import (
     FastOptions,
     Layout,
@@ -31,9 +32,7 @@ from mmrlsd.model.packing import (
     plan_micro_batches,
     rope_positions,
 )
-from mmrlsd.model.vision import VisionFeatures, vision_features
-from mmrlsd.rollout.generate import image_offsets, images_per_row
-from mmrlsd.train.fsdp import tower_on_every_rank
+from mmrlsd.model.vision import VisionFeatures, tower_on_every_rank, vision_features
 from mmrlsd.types import Rollouts, SeqBatch
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as td
 import torch.nn.functional as F
 
-from mmrlsd.train import dist
+from mmrlsd import dist
 from mmrlsd.types import SeqBatch
 
 VARLEN_SDPA = "mmrlsd_varlen_sdpa"

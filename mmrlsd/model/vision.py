@@ -13,12 +13,13 @@ transformers' Qwen3VLTextModel._deepstack_process) are shared the same way.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
-from mmrlsd.rollout.generate import image_offsets, images_per_row
-from mmrlsd.train.fsdp import dummy_vision, tower_is_collective
+from mmrlsd import dist
+from mmrlsd.data.encoding import image_offsets
 from mmrlsd.types import SeqBatch
 
 
@@ -104,22 +105,55 @@ def _no_image_features(model, group_size: int) -> VisionFeatures:
     return VisionFeatures(embeds, None, {}, group_size)
 
 
-def repeat_encoding(enc, group_size: int) -> dict:
-    """A processor encoding of B prompts with every row repeated G times (prompt b owns rows b*G .. b*G+G-1),
-    pixel rows and image grids included: what encoding the B*G repeated prompts gives, with each prompt
-    tokenised and its images preprocessed once."""
-    G = group_size
-    out = {
-        k: enc[k].repeat_interleave(G, dim=0)
-        for k in ("input_ids", "attention_mask", "mm_token_type_ids")
-        if k in enc
-    }
-    if enc.get("pixel_values") is not None:
-        img_start, pix_start = image_offsets(images_per_row(enc), enc["image_grid_thw"])
-        pix, thw = [], []
-        for b in range(enc["input_ids"].shape[0]):
-            a, z = img_start[b], img_start[b + 1]
-            pix += [enc["pixel_values"][pix_start[a] : pix_start[z]]] * G
-            thw += [enc["image_grid_thw"][a:z]] * G
-        out["pixel_values"], out["image_grid_thw"] = torch.cat(pix), torch.cat(thw)
-    return out
+# --- the vision tower under FSDP: every rank calls it where any rank does ---
+
+
+def tower_is_collective(model: torch.nn.Module) -> bool:
+    """Whether a vision-tower call is a collective: the model is FSDP-sharded under torch.distributed."""
+    return dist.enabled() and dist.is_sharded(model)
+
+
+def _tensors(x):
+    if torch.is_tensor(x):
+        yield x
+    elif isinstance(x, dict):  # a ModelOutput
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def dummy_vision(model: torch.nn.Module) -> torch.Tensor:
+    """Run the vision tower on one all-zero image of the smallest grid (1 x m x m patches, m the spatial merge
+    size: one merged token) and return all its outputs (deepstack features included) summed x 0: a scalar 0 which,
+    added to an activation, gives every tower parameter a zero gradient, so the tower's backward (its
+    reduce-scatter) runs too."""
+    inner = model.model
+    embed, m = inner.visual.patch_embed, inner.visual.spatial_merge_size
+    device = next(model.parameters()).device
+    dim = embed.in_channels * embed.temporal_patch_size * embed.patch_size**2
+    out = inner.get_image_features(
+        torch.zeros(m * m, dim, device=device), torch.tensor([[1, m, m]], device=device)
+    )
+    return sum(t.float().sum() for t in _tensors(out) if t.is_floating_point()) * 0
+
+
+@contextmanager
+def tower_on_every_rank(model: torch.nn.Module, has_images: bool):
+    """Around a `model(...)` forward: under FSDP and without images, the language model's input embeddings get
+    `dummy_vision(model)` (0) added, i.e. the tower runs where the forward of a rank with images runs it (after
+    the embeddings, before the decoder layers). A no-op with images or without FSDP."""
+    if has_images or not tower_is_collective(model):
+        yield
+        return
+
+    def add_zero(module, args, kwargs):
+        embeds = kwargs["inputs_embeds"]
+        return args, {**kwargs, "inputs_embeds": embeds + dummy_vision(model).to(embeds.dtype)}
+
+    handle = model.model.language_model.register_forward_pre_hook(add_zero, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,6 +1,11 @@
-r"""Verifiable rewards R(x, y), registered by name (RLSD.md section 5, "Reward (as released)").
+r"""Verifiable rewards R(x, y), registered by name.
 
-``math`` (the released reward, the default)::
+``unified`` (the authors' released reward, what the paper configs use): routed by ``problem_type``; math
+graded by mathruler, numerical answers to 2 decimals, a permissive option-letter parser for multiple choice,
+ROUGE for open-ended and untyped records. Rules, and where it differs from ``math``, in
+`mmrlsd.reward.unified`.
+
+``math`` (the default; math-verify's equality)::
 
     R = acc_weight * accuracy + format_weight * format        # defaults 0.9 and 0.1
 
@@ -25,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mmrlsd.reward.answer import choice_equal, extract_answer, extract_boxed, format_ok, normalize_choice
+from mmrlsd.reward.unified import score_unified
 from mmrlsd.reward.verify import DEFAULT_TIMEOUT, math_equal_batch
 
 __all__ = [
@@ -37,6 +43,7 @@ __all__ = [
     "is_multiple_choice",
     "register_reward",
     "score_responses",
+    "unified_reward",
 ]
 
 MULTIPLE_CHOICE_TYPES = frozenset({"multiple_choice", "multi_choice", "multichoice", "mcq", "choice"})
@@ -187,6 +194,30 @@ def accuracy_only_reward(
     ]
 
 
+@register_reward("unified")
+def unified_reward(
+    responses: list[str],
+    answers: list[str | None],
+    problem_types: list[str | None] | None = None,
+    *,
+    acc_weight: float = 0.9,
+    format_weight: float = 0.1,
+    timeout: float = DEFAULT_TIMEOUT,
+    response_lengths: list[int] | None = None,
+) -> list[RewardResult]:
+    r"""The released reward, routed by ``problem_type`` (`mmrlsd.reward.unified`); ``response_lengths`` (tokens)
+    switch on the math overlong penalty.
+
+    >>> [r.reward for r in unified_reward(["The answer is (B).", "<answer>3.14159</answer>"], ["B", "3.14"],
+    ...                                   ["multiple choice", "numerical"])]
+    [1.0, 1.0]
+    """
+    kinds = _check_lengths(responses, answers, problem_types)
+    scored = score_unified(responses, answers, kinds, acc_weight=acc_weight, format_weight=format_weight,
+                           timeout=timeout, response_lengths=response_lengths)  # fmt: skip
+    return [RewardResult(reward=r, accuracy=a, format=f, extracted=e) for r, a, f, e in scored]
+
+
 def score_responses(
     responses: list[str],
     answers: list[str | None],
@@ -196,13 +227,19 @@ def score_responses(
     acc_weight: float = 0.9,
     format_weight: float = 0.1,
     timeout: float = DEFAULT_TIMEOUT,
+    response_lengths: list[int] | None = None,
 ) -> list[RewardResult]:
     r"""Score a batch of responses with the reward registered as ``name`` (what training calls).
+
+    ``response_lengths`` (response tokens) is passed on only when given, to rewards that use it (``unified``).
 
     >>> good = r"<thought>1/2 of 1</thought> <answer>\frac{1}{2}</answer>"
     >>> [r.reward for r in score_responses([good, "it is 0.5", r"\boxed{0.5}"], ["0.5"] * 3, [None] * 3)]
     [1.0, 0.0, 0.9]
+    >>> [r.reward for r in score_responses([good, "it is 0.5"], ["0.5"] * 2, ["math"] * 2, name="unified")]
+    [1.0, 0.0]
     """
+    extra = {} if response_lengths is None else {"response_lengths": response_lengths}
     return get_reward(name)(
         responses,
         answers,
@@ -210,4 +247,5 @@ def score_responses(
         acc_weight=acc_weight,
         format_weight=format_weight,
         timeout=timeout,
+        **extra,
     )

@@ -16,6 +16,9 @@ decided by the first rule that applies:
    the worker may take longer than ``timeout`` seconds: the worker is then killed and restarted, and
    that pair is False. Any error is False.
 
+`grade_answer_batch(preds, golds, timeout)` runs mathruler's ``grade_answer`` (the `unified` reward's grader)
+in the same worker under the same per-pair limit.
+
 Rules 1-3 run in the calling process, without IPC. All pairs left for rule 4 go to the worker in one
 message, and it streams back one verdict per pair, so the time limit applies to each pair.
 
@@ -44,7 +47,15 @@ from pathlib import Path
 
 from mmrlsd.reward.answer import parse_number, strip_latex
 
-__all__ = ["MAX_ANSWER_CHARS", "MAX_NESTING", "MathChecker", "math_equal", "math_equal_batch", "quick_equal"]
+__all__ = [
+    "MAX_ANSWER_CHARS",
+    "MAX_NESTING",
+    "MathChecker",
+    "grade_answer_batch",
+    "math_equal",
+    "math_equal_batch",
+    "quick_equal",
+]
 
 MAX_ANSWER_CHARS = 1000
 MAX_NESTING = 10
@@ -210,15 +221,19 @@ class MathChecker:
         self._worker = self._spare or _Worker(self.memory_limit_bytes)
         self._spare = _Worker(self.memory_limit_bytes)
 
-    def check(self, pairs: list[tuple[str, str]], timeout: float = DEFAULT_TIMEOUT) -> list[bool]:
-        """Worker verdicts for (pred, gold) pairs; a pair taking over ``timeout`` seconds is False."""
+    def check(
+        self, pairs: list[tuple[str, str]], timeout: float = DEFAULT_TIMEOUT, grader: str = "math_verify"
+    ) -> list[bool]:
+        """Worker verdicts for (pred, gold) pairs; a pair taking over ``timeout`` seconds is False.
+
+        ``grader``: ``math_verify`` (`math_equal_batch`) or ``mathruler`` (`grade_answer_batch`)."""
         results = [False] * len(pairs)
         with self._lock:
             todo, send_failures = list(range(len(pairs))), 0
             while todo:
                 worker = self._ready_worker()
                 self._batch_id += 1
-                message = {"id": self._batch_id, "pairs": [pairs[i] for i in todo]}
+                message = {"id": self._batch_id, "pairs": [pairs[i] for i in todo], "grader": grader}
                 try:
                     worker.requests.send_bytes(json.dumps(message).encode())
                 except (OSError, ValueError) as e:  # the worker died between calls
@@ -315,3 +330,26 @@ def math_equal(
     True
     """
     return math_equal_batch([pred], [gold], timeout, checker=checker)[0]
+
+
+def grade_answer_batch(
+    preds: list[str],
+    golds: list[str],
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    checker: MathChecker | None = None,
+) -> list[bool]:
+    r"""`mathruler.grader.grade_answer(pred, gold)` for each pair, in the worker, under the same per-pair time
+    limit as `math_equal_batch` (a pair that runs over, or raises, is False). No cheap pre-checks: the caller
+    decides which pairs to send (the `unified` reward applies its own size limits first).
+
+    >>> grade_answer_batch([r"\frac{1}{2}", "2/4", "x+1"], ["0.5", "1/2", "1+x"])
+    [True, False, True]
+    """
+    if len(preds) != len(golds):
+        raise ValueError(f"{len(preds)} predictions but {len(golds)} gold answers")
+    ok = [isinstance(p, str) and isinstance(g, str) for p, g in zip(preds, golds)]
+    unique = list(dict.fromkeys((p, g) for p, g, k in zip(preds, golds, ok) if k))
+    verdicts = (checker or default_checker()).check(unique, timeout, grader="mathruler") if unique else []
+    checked = dict(zip(unique, verdicts))
+    return [k and checked[p, g] for p, g, k in zip(preds, golds, ok)]

@@ -7,7 +7,9 @@ and the parent can kill it at any moment without losing anything.
 Protocol, over two pipes wrapped in `multiprocessing.connection.Connection` (JSON bytes, never pickle):
 
 * worker -> parent, once at start: ``{"ready": true, "engine": "math_verify" | "sympy" | "string"}``
-* parent -> worker: ``{"id": <int>, "pairs": [[pred, gold], ...]}``
+* parent -> worker: ``{"id": <int>, "pairs": [[pred, gold], ...], "grader": "math_verify" | "mathruler"}``
+  (``grader`` may be absent: math-verify; ``mathruler`` is the `unified` reward's `grade_answer`, imported on
+  first use)
 * worker -> parent, one message per pair, in order: ``[id, index, true | false]``
 
 The worker exits when the request pipe closes (the parent is gone) or, on Linux, when the parent dies.
@@ -72,9 +74,19 @@ def string_equal(pred: str, gold: str) -> bool:
     return "".join(pred.split()) == "".join(gold.split()) != ""
 
 
-def equal(pred: str, gold: str) -> bool:
-    """The engine's verdict; any exception (MemoryError, RecursionError, parse errors) is False."""
+def mathruler_equal(pred: str, gold: str) -> bool:
+    """`mathruler.grader.grade_answer(pred, gold)`: normalised-string equality, else sympy simplification of
+    the difference (mathruler only lets expressions with at most two distinct letters reach sympy's parser)."""
+    from mathruler.grader import grade_answer
+
+    return bool(grade_answer(pred, gold))
+
+
+def equal(pred: str, gold: str, grader: str = "math_verify") -> bool:
+    """The grader's verdict; any exception (MemoryError, RecursionError, parse errors) is False."""
     try:
+        if grader == "mathruler":
+            return mathruler_equal(pred, gold)
         if ENGINE == "math_verify":
             return math_verify_equal(pred, gold)
         if ENGINE == "sympy":
@@ -104,8 +116,9 @@ def serve(requests: Connection, results: Connection) -> None:
             request = json.loads(requests.recv_bytes())
         except (EOFError, OSError):
             return
+        grader = request.get("grader", "math_verify")
         for index, (pred, gold) in enumerate(request["pairs"]):
-            results.send_bytes(json.dumps([request["id"], index, equal(pred, gold)]).encode())
+            results.send_bytes(json.dumps([request["id"], index, equal(pred, gold, grader)]).encode())
 
 
 def main(argv: list[str]) -> None:

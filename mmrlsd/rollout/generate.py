@@ -14,13 +14,13 @@ from __future__ import annotations
 import inspect
 import warnings
 from contextlib import contextmanager
-from itertools import accumulate
 
 import torch
 from tqdm.auto import tqdm
 
-from mmrlsd.data.prompts import chat_text, encode
-from mmrlsd.train import dist, fsdp
+from mmrlsd import dist
+from mmrlsd.data.encoding import chat_text, encode, groups_repeat, select_rows, slice_encoding
+from mmrlsd.model.vision import dummy_vision, tower_is_collective, tower_on_every_rank
 from mmrlsd.types import Rollouts
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -74,73 +74,6 @@ def _warpers(temperature: float, top_p: float, top_k: int) -> list:
     return out
 
 
-def image_offsets(images_per_row: list[int], image_grid_thw: torch.Tensor) -> tuple[list[int], list[int]]:
-    """`(img, pix)`: row r owns images img[r] .. img[r+1]-1, image i owns pixel rows pix[i] .. pix[i+1]-1 (each
-    list ends with the total)."""
-    return [0, *accumulate(images_per_row)], [0, *accumulate(image_grid_thw.prod(dim=1).tolist())]
-
-
-def _slice_enc(enc, start: int, stop: int) -> dict:
-    """Rows start..stop of a left-padded prompt encoding, with their images' pixel rows."""
-    out = {k: enc[k][start:stop] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
-    if enc.get("pixel_values") is not None:
-        image_token = enc["mm_token_type_ids"] if "mm_token_type_ids" in enc else None
-        img, pix = image_offsets(_images_per_row(enc, image_token), enc["image_grid_thw"])
-        first, last = img[start], img[stop]
-        if last > first:
-            out["pixel_values"] = enc["pixel_values"][pix[first] : pix[last]]
-            out["image_grid_thw"] = enc["image_grid_thw"][first:last]
-    return out
-
-
-def _images_per_row(enc, mm_types) -> list[int]:
-    """Images in each row: count maximal runs of image tokens (each image is one contiguous run)."""
-    if mm_types is None:
-        raise ValueError("encoding has pixel_values but no mm_token_type_ids")
-    is_img = (mm_types == 1).int()  # (N, L)
-    starts = is_img[:, 1:] & (1 - is_img[:, :-1])
-    return (starts.sum(dim=1) + is_img[:, 0]).tolist()
-
-
-def images_per_row(enc) -> list[int]:
-    if enc.get("pixel_values") is None:
-        return [0] * enc["input_ids"].shape[0]
-    return _images_per_row(enc, enc["mm_token_type_ids"])
-
-
-def _select_rows(enc, rows: list[int]) -> dict:
-    """Rows `rows` (in that order) of a left-padded prompt encoding, with their images' pixel rows."""
-    parts = [_slice_enc(enc, r, r + 1) for r in rows]
-    keys = [k for k in ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-            if any(k in p for p in parts)]  # fmt: skip
-    return {k: torch.cat([p[k] for p in parts if k in p]) for k in keys}
-
-
-def groups_repeat(enc, group_size: int) -> bool:
-    """Whether rows b*G .. b*G+G-1 of `enc` are one prompt repeated (tokens, mask, image pixels and grids):
-    the structure `repeat_encoding` makes, which shared prefill relies on. Cheap tensor compares."""
-    G, n = group_size, enc["input_ids"].shape[0]
-    if G <= 1 or n % G:
-        return False
-    for k in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if k in enc:
-            x = enc[k].view(n // G, G, -1)  # (B, G, L)
-            if not torch.equal(x, x[:, :1].expand_as(x)):
-                return False
-    if enc.get("pixel_values") is None:
-        return True
-    thw, pixels = enc["image_grid_thw"], enc["pixel_values"]
-    img, pix = image_offsets(images_per_row(enc), thw)
-    for r in range(n):
-        f = r - r % G  # the group's first row
-        if r != f and not (
-            torch.equal(thw[img[r] : img[r + 1]], thw[img[f] : img[f + 1]])
-            and torch.equal(pixels[pix[img[r]] : pix[img[r + 1]]], pixels[pix[img[f]] : pix[img[f + 1]]])
-        ):
-            return False
-    return True
-
-
 def _can_share(enc, group_size: int) -> bool:
     """Groups repeat one prompt, and each prompt ends in a text token after at least one other token."""
     ids = enc["input_ids"]
@@ -176,7 +109,7 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
     from transformers import DynamicCache
 
     firsts = [prompt_of_row.index(p) for p in range(prompt_of_row[-1] + 1)]
-    pre = _select_rows(chunk, firsts)
+    pre = select_rows(chunk, firsts)
     ids, mask = pre["input_ids"][:, :-1], pre["attention_mask"][:, :-1]  # (P, L-1)
     text_pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (P, L-1)
     extra = {}
@@ -189,7 +122,7 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
     else:
         mrope, deltas = text_pos.expand(3, -1, -1), torch.zeros(len(firsts), 1, dtype=torch.long)
     cache, name = DynamicCache(config=model.config), _cache_kwarg(model)
-    with fsdp.tower_on_every_rank(model, "pixel_values" in pre):  # the other ranks' prefill may run the tower
+    with tower_on_every_rank(model, "pixel_values" in pre):  # the other ranks' prefill may run the tower
         model(input_ids=ids, attention_mask=mask, position_ids=torch.cat([text_pos[None], mrope]),  # (4, P, L-1)
               use_cache=True, logits_to_keep=1, **{name: cache}, **extra)  # fmt: skip
     if cache.get_seq_length() != ids.shape[1]:  # a layer that dropped the cache (see `_eval_mode`)
@@ -252,14 +185,14 @@ def generate(
     with _eval_mode(model):
         for start in tqdm(range(0, n, chunk), desc="generate", disable=not progress, leave=False):
             stop = min(n, start + chunk)
-            inputs = {k: v.to(device) for k, v in _slice_enc(enc, start, stop).items()}
+            inputs = {k: v.to(device) for k, v in slice_encoding(enc, start, stop).items()}
             if share:
                 prompt_of_row = [r // G - start // G for r in range(start, stop)]
                 prefill = shared_prefill(model, inputs, prompt_of_row)
                 inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")} | prefill  # no pixels
-            elif "pixel_values" not in inputs and fsdp.tower_is_collective(model):
+            elif "pixel_values" not in inputs and tower_is_collective(model):
                 # the other ranks' `generate` may encode images now, before its prefill
-                fsdp.dummy_vision(model)
+                dummy_vision(model)
             procs = LogitsProcessorList()
             if sample:
                 base = 0 if seed is None else seed

@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import torch
 
+from mmrlsd import dist
 from mmrlsd.algo.loss import ppo_clip_loss
 from mmrlsd.model.logprobs import fast_forward_logprobs
 from mmrlsd.model.packing import FastOptions, plan_micro_batches, rope_positions
 from mmrlsd.model.vision import vision_features
-from mmrlsd.train import dist
 from mmrlsd.train.update import step_if_finite, update_stats
 from mmrlsd.types import SeqBatch
 

@@ -9,29 +9,33 @@ The training step itself is `mmrlsd.train.step.rlsd_step`; this module only runs
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
-import json
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mmrlsd.config import Config, ConfigError, dump_config, to_dict
+from mmrlsd import dist
+from mmrlsd.config import Config, ConfigError, check_paths, dump_config, to_dict
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
-from mmrlsd.log import MetricsWriter, write_dump
-from mmrlsd.model.load import load_model, resolve_device
+from mmrlsd.errors import CheckpointError, TrainingError
+from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
+from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
 from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
-from mmrlsd.train import dist, fsdp
+from mmrlsd.train import fsdp, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
 from mmrlsd.train.summary import format_summary, run_summary, write_summary
 from mmrlsd.train.trackers import Trackers
-from mmrlsd.train.validate import validate
+from mmrlsd.train.validate import ValidationStopped, validate
 
 log = logging.getLogger("mmrlsd.train")
 
@@ -39,7 +43,8 @@ log = logging.getLogger("mmrlsd.train")
 def _fields(cfg: Config) -> FieldMap:
     d = cfg.data
     return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key)  # fmt: skip
+                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key,
+                    options=d.options_key)  # fmt: skip
 
 
 def _lr_at(step: int, cfg: Config) -> float:
@@ -52,27 +57,40 @@ def _sample_seed(cfg: Config, step: int) -> int:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit cleanly."""
+    """SIGTERM/SIGINT, from setup to the end: finish the current step (or cut validation short), checkpoint, exit
+    cleanly. A second signal raises KeyboardInterrupt at once (the newest complete checkpoint stays intact).
+    Re-entrant: nested `with flag:` blocks share one state."""
 
     def __init__(self):
         self.stop = False
         self._old = {}
+        self._depth = 0
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
+        self._depth += 1
+        if self._depth == 1:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
         return self
 
     def _handle(self, signum, frame):
-        log.warning("signal %s: checkpointing after this step, then exiting", signum)
+        if self.stop:
+            log.warning("second signal %s: exiting now", signum)
+            raise KeyboardInterrupt
+        log.warning(
+            "signal %s: stopping after this step (checkpointed; a second signal exits at once)", signum
+        )
         self.stop = True
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            self._old = {}
 
 
 def build(cfg: Config):
@@ -80,7 +98,7 @@ def build(cfg: Config):
     for module in cfg.reward.plugins:
         importlib.import_module(module)
     get_reward(cfg.reward.name)  # fail now, listing the valid names, not after the first rollout
-    distributed = fsdp.init_distributed(cfg.dist.backend)
+    distributed = dist.init_distributed(cfg.dist.backend)
     use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
     if distributed and not use_fsdp:
         raise ConfigError("dist.fsdp=off under torchrun (WORLD_SIZE > 1) is not supported: use auto or on")
@@ -90,10 +108,14 @@ def build(cfg: Config):
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)
-    load_kw = dict(dtype=cfg.model.dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
+    params_dtype = master_dtype(cfg.model.dtype, cfg.dist.mixed_precision)  # float32 master weights
+    load_kw = dict(dtype=params_dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
                    attn_implementation=cfg.model.attn_implementation, min_pixels=cfg.model.min_pixels,
                    max_pixels=cfg.model.max_pixels)  # fmt: skip
     policy, processor = load_model(cfg.model.path, **load_kw)
+    if params_dtype != "float32":
+        log.warning("dist.mixed_precision is off: parameters and AdamW states in %s; at small learning rates "
+                    "most updates round away", params_dtype)  # fmt: skip
     if cfg.model.gradient_checkpointing:
         policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.optim.freeze_vision:
@@ -101,17 +123,19 @@ def build(cfg: Config):
             if ".visual." in f".{name}":
                 p.requires_grad_(False)
     teacher = policy
-    if cfg.algo.teacher_refresh > 0:
-        teacher = load_model(cfg.model.path, **load_kw)[0] if use_fsdp else copy.deepcopy(policy)
+    compute = DTYPES[cfg.model.dtype]
+    if cfg.algo.teacher_refresh > 0:  # the frozen snapshot is kept in the compute dtype (it is never updated)
+        if use_fsdp:
+            teacher = load_model(cfg.model.path, **{**load_kw, "dtype": cfg.model.dtype})[0]
+        else:
+            teacher = copy.deepcopy(policy).to(compute)
         teacher.eval().requires_grad_(False)
         if not use_fsdp:
             fsdp.copy_weights(teacher, policy)
     if use_fsdp:
-        fsdp.shard_model(policy, mixed_precision=cfg.dist.mixed_precision)
+        fsdp.shard_model(policy, compute_dtype=compute)  # mixed precision when the parameters are float32
         if teacher is not policy:
-            fsdp.shard_model(
-                teacher, mixed_precision=cfg.dist.mixed_precision, offload=cfg.dist.teacher_offload
-            )
+            fsdp.shard_model(teacher, compute_dtype=compute, offload=cfg.dist.teacher_offload)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))  # fmt: skip
@@ -127,6 +151,13 @@ def build(cfg: Config):
     return StepContext(cfg, policy, teacher, processor, optimizer, prompts, engine)
 
 
+def _compute(ctx: StepContext):
+    """Autocast to `model.dtype` around a step or a validation when the parameters are float32 master weights."""
+    cfg = ctx.cfg
+    device = next(ctx.policy.parameters()).device
+    return compute_autocast(device, cfg.model.dtype, master_dtype(cfg.model.dtype, cfg.dist.mixed_precision))
+
+
 def shard(items: list, rank: int, world: int) -> list:
     """This rank's contiguous share of a global batch (the batch must divide evenly)."""
     if len(items) % world:
@@ -137,20 +168,43 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank * k : (rank + 1) * k]
 
 
-def train(
-    cfg: Config, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True
-) -> Path:
-    """Run training; returns the run directory. Ends by printing the run's summary (`RUN/summary.json`)."""
-    t_start = time.perf_counter()
+def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          overwrite: bool = False, allow_config_change: bool = False) -> Path:  # fmt: skip
+    """Run training; returns the run directory. The directory is locked for the run; without `resume` it must be
+    empty or hold a run that `overwrite` clears; with `resume` the config must match the run's (see rundir)."""
+    check_paths(cfg)  # a missing data file or template fails here, before a run directory exists
     run_dir = Path(output_dir or cfg.trainer.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.make_run_dir(run_dir)
+    with rundir.RunLock(run_dir), _StopFlag() as flag:
+        if resume:
+            rundir.check_resume_config(run_dir, cfg, allow_config_change)
+        else:
+            rundir.check_fresh(run_dir, overwrite)
+        return _train(cfg, run_dir, resume, progress, flag)
+
+
+def _check_finite(policy, step: int, cfg: Config) -> None:
+    """Abort before a non-finite checkpoint can be written (one reduction over all parameters, all ranks)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
+    ok = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all().item()
+    if dist.any_rank(not ok):
+        raise TrainingError(
+            f"step {step}: the policy weights are no longer finite (NaN/inf) after the optimizer step "
+            f"(optim.lr={cfg.optim.lr:g}, optim.grad_clip={cfg.optim.grad_clip:g}); nothing was saved for this "
+            "step: lower optim.lr, then --resume from the newest checkpoint or start again"
+        )
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _StopFlag) -> Path:
+    t_start = time.perf_counter()
     ctx = build(cfg)
     pix = ctx.processor.image_processor
     max_pixels = (
         cfg.model.max_pixels or getattr(pix, "max_pixels", None) or (pix.size or {}).get("longest_edge")
     )
     load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28))
-    train_data = load_dataset_files(cfg.data.train_files, _fields(cfg), cfg.data.train_split,
+    train_fields = dataclasses.replace(_fields(cfg), require_solution=cfg.algo.teacher_info == "solution")
+    train_data = load_dataset_files(cfg.data.train_files, train_fields, cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
     val = []
     if cfg.data.val_files and cfg.trainer.val_every:
@@ -163,10 +217,11 @@ def train(
             f"{cfg.data.train_files}: no usable training records ({len(train_data.skipped)} skipped)"
         )
 
-    start, state = 0, {}
-    latest = ckpt.latest_checkpoint(run_dir) if resume else None
+    start = 0
+    latest, state = (
+        ckpt.resume_latest(run_dir, ctx.policy, ctx.optimizer, ctx.teacher) if resume else (None, {})
+    )
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, ctx.policy, ctx.optimizer, ctx.teacher)
         start = state["step"]
         train_data.pos = state["data_pos"]
         train_data.skipped = [Skip(i, r) for i, r in state.get("skipped", [])]
@@ -185,26 +240,44 @@ def train(
                             cfg.trainer.experiment_name, cfg.trainer.total_steps,
                             resume_step=start if latest is not None else None)  # fmt: skip
     n_skipped_reported = state.get("skipped_total", 0)
-    if latest is None and val:
-        v = validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed)
+    if latest is None and val and not flag.stop:
+        try:
+            with _compute(ctx):
+                v = validate(
+                    ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed, stop=lambda: flag.stop
+                )
+            if main:
+                metrics.write({"step": 0, **v})
+                trackers.log({"step": 0, **v})
+        except ValidationStopped:
+            pass
+    if dist.any_rank(flag.stop) and start < cfg.trainer.total_steps:
+        log.warning("stopped before step %d; nothing new to checkpoint%s", start + 1,
+                    "; resume with --resume" if latest is not None else "")  # fmt: skip
         if main:
-            metrics.write({"step": 0, **v})
-            trackers.log({"step": 0, **v})
+            trackers.close()
+        fsdp.destroy_distributed()
+        return run_dir
 
     bad_in_a_row = state.get("bad_in_a_row", 0)
     bar = tqdm(range(start + 1, cfg.trainer.total_steps + 1), desc="train", disable=not (progress and main),
                initial=start, total=cfg.trainer.total_steps)  # fmt: skip
-    with _StopFlag() as flag, logging_redirect_tqdm([logging.getLogger("mmrlsd")]):  # log lines above the bar
+    with flag, logging_redirect_tqdm([logging.getLogger("mmrlsd")]):  # log lines above the progress bar
         for step in bar:
             t0 = time.perf_counter()
             for group in ctx.optimizer.param_groups:
                 group["lr"] = _lr_at(step - 1, cfg)
             samples = shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
-            result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step))
+            with _compute(ctx):  # bf16 compute over float32 master weights (a no-op for float32 runs)
+                result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step))
             m = {"step": step, **dist.reduce_metrics(result.metrics), "optim/lr": _lr_at(step - 1, cfg)}
             bad_in_a_row = bad_in_a_row + 1 if m["actor/skipped_updates"] >= cfg.optim.mini_batches else 0
             if bad_in_a_row >= cfg.trainer.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} consecutive steps skipped (non-finite loss or gradient)")
+                raise TrainingError(
+                    f"step {step}: {bad_in_a_row} consecutive steps skipped (non-finite loss or gradient; "
+                    "trainer.max_bad_steps); lower optim.lr or check the data"
+                )
+            _check_finite(ctx.policy, step, cfg)
             if ctx.engine is not None:  # push the new weights into the rollout engine, in memory
                 ctx.engine.sync_weights(fsdp.gathered_weights(ctx.policy))
             if cfg.algo.teacher_refresh > 0 and step % cfg.algo.teacher_refresh == 0:
@@ -215,8 +288,13 @@ def train(
             last = step == cfg.trainer.total_steps
             if val and (last or step % cfg.trainer.val_every == 0):  # collective under FSDP
                 t1 = time.perf_counter()
-                m.update(validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed))
-                m["time/val_s"] = time.perf_counter() - t1
+                try:
+                    with _compute(ctx):
+                        m.update(validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed,
+                                          stop=lambda: flag.stop))  # fmt: skip
+                    m["time/val_s"] = time.perf_counter() - t1
+                except ValidationStopped:
+                    log.warning("validation of step %d cut short by the signal", step)
             if main:
                 metrics.write(m)
                 trackers.log(m)
@@ -233,8 +311,7 @@ def train(
                 state = {"data_pos": train_data.pos, "bad_in_a_row": bad_in_a_row, "lam": m["rlsd/lam"],
                          "skipped_total": len(train_data.skipped),
                          "skipped": [[s.id, s.reason] for s in train_data.skipped]}  # fmt: skip
-                ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer, ctx.teacher, state,
-                                     cfg.trainer.keep_last, hf_dtype=cfg.model.dtype if cfg.trainer.save_hf else None)  # fmt: skip
+                _save(run_dir, step, ctx, state, cfg)
             if stop:
                 log.warning("stopped cleanly at step %d; resume with --resume", step)
                 break
@@ -251,11 +328,24 @@ def train(
                               checkpoint=ckpt.latest_checkpoint(run_dir))  # fmt: skip
         write_summary(run_dir, summary)
         print(format_summary(summary), flush=True)
-    fsdp.destroy_distributed()
+    dist.destroy_distributed()
     return run_dir
 
 
+def _save(run_dir: Path, step: int, ctx: StepContext, state: dict, cfg: Config) -> None:
+    """A checkpoint, or an error naming the run directory and the cause (a full disk, a read-only folder)."""
+    try:
+        ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer, ctx.teacher, state,
+                             cfg.trainer.keep_last, hf_dtype=cfg.model.dtype if cfg.trainer.save_hf else None)  # fmt: skip
+    except (OSError, RuntimeError, CheckpointException) as e:
+        cause = next((x for x, _ in e.failures.values()), e) if isinstance(e, CheckpointException) else e
+        if dist.is_main():
+            shutil.rmtree(run_dir / f".checkpoint-{step}.tmp", ignore_errors=True)  # give the space back
+        raise CheckpointError(
+            f"{run_dir}: writing checkpoint-{step} failed ({type(cause).__name__}: {str(cause)[:200]}); the "
+            "complete checkpoints there are intact: free space or fix the folder, then --resume"
+        ) from e
+
+
 def _write_skips(run_dir: Path, skipped) -> None:
-    with open(run_dir / "skipped.jsonl", "w") as f:
-        for s in skipped:
-            f.write(json.dumps({"id": s.id, "reason": s.reason}) + "\n")
+    write_jsonl(run_dir / "skipped.jsonl", [{"id": s.id, "reason": s.reason} for s in skipped])

@@ -27,10 +27,10 @@ from mmrlsd.algo.opsd import generalized_jsd
 from mmrlsd.algo.rlsd import get_token_advantage, grpo_opsd_token_advantages, grpo_token_advantages, lam_at
 from mmrlsd.algo.sdpo import demonstration_mask, pick_demonstrations
 from mmrlsd.config import Config
-from mmrlsd.data.prompts import PromptBuilder, encode
+from mmrlsd.data.encoding import encode, repeat_encoding
+from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.model.logprobs import build_sequences, response_logits, slice_seq, token_logprobs
 from mmrlsd.model.packing import FastOptions, fast_options
-from mmrlsd.model.vision import repeat_encoding
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.generate import generate
 from mmrlsd.train import faults
@@ -181,7 +181,7 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     if cfg.algo.dynamic_sampling:  # drop groups whose rewards are all equal: they carry no GRPO signal
         mask = mask * (~all_equal_groups(rewards, G)).repeat_interleave(G)[:, None].float()
     student = build_sequences(student_enc, rollouts)  # (B*G, P+T)
-    lam = lam_at(step - 1, cfg.algo.lam0, cfg.algo.lam_decay_steps, cfg.algo.lam_warmup_steps)
+    lam = lam_at(step, cfg.algo.lam0, cfg.algo.lam_decay_steps, cfg.algo.lam_warmup_steps)
     teacher_logp, distill = None, None
     teacher_mask, demos = rollouts.response_mask, None  # (B*G, T): where Δ_t counts
     if needs_teacher(cfg, lam):

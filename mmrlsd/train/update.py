@@ -11,9 +11,9 @@ import math
 
 import torch
 
+from mmrlsd import dist
 from mmrlsd.algo.loss import ppo_clip_loss
 from mmrlsd.model.logprobs import forward_logprobs, logprobs_from_logits, response_logits, slice_seq
-from mmrlsd.train import dist
 from mmrlsd.types import SeqBatch
 
 

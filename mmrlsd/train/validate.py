@@ -12,18 +12,25 @@ import math
 
 import torch
 
-from mmrlsd.data.prompts import encode
+from mmrlsd import dist
+from mmrlsd.data.encoding import encode
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.generate import generate
-from mmrlsd.train import dist
 from mmrlsd.types import Sample
 
 
-def _sums(policy, processor, prompts, samples, n_real, first_index, cfg, temperature, n, seed) -> torch.Tensor:
+class ValidationStopped(Exception):
+    """A stop signal arrived during validation: its numbers are dropped."""
+
+
+def _sums(policy, processor, prompts, samples, n_real, first_index, cfg, temperature, n, seed,
+          stop=None) -> torch.Tensor:  # fmt: skip
     """(correct, reward, count) summed over the first `n_real` of `samples` (the rest is padding)."""
     per_call = max(1, (cfg.rollout.gen_batch_size or 64) // n)
     out = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(samples), per_call):
+        if stop is not None and dist.any_rank(stop()):  # every rank runs the same number of chunks
+            raise ValidationStopped
         chunk = samples[start : start + per_call]
         enc = encode(processor, [prompts.student(s) for s in chunk for _ in range(n)],
                      [s.pil_images for s in chunk for _ in range(n)])  # fmt: skip
@@ -41,18 +48,23 @@ def _sums(policy, processor, prompts, samples, n_real, first_index, cfg, tempera
 
 
 @torch.no_grad()
-def validate(policy, processor, prompts, samples: list[Sample], cfg, seed: int) -> dict[str, float]:
+def validate(
+    policy, processor, prompts, samples: list[Sample], cfg, seed: int, stop=None
+) -> dict[str, float]:
+    """`stop()`: checked between generation batches; True raises `ValidationStopped`."""
     policy.eval()
     world, rank = dist.world_size(), dist.rank()
     per = math.ceil(len(samples) / world)
     mine = samples[rank * per : (rank + 1) * per]
     n_real = len(mine)
     mine = mine + samples[: per - n_real]  # equal shares; repeats are not counted
-    greedy = dist.all_reduce_tensor(_sums(policy, processor, prompts, mine, n_real, rank * per, cfg, 0.0, 1, seed))
+    greedy = dist.all_reduce_tensor(
+        _sums(policy, processor, prompts, mine, n_real, rank * per, cfg, 0.0, 1, seed, stop)
+    )
     out = {"val/accuracy": float(greedy[0] / greedy[2]), "val/reward": float(greedy[1] / greedy[2]),
            "val/n": float(greedy[2])}  # fmt: skip
     if cfg.rollout.val_n > 0:
         s = dist.all_reduce_tensor(_sums(policy, processor, prompts, mine, n_real, rank * per, cfg,
-                                         cfg.rollout.val_temperature, cfg.rollout.val_n, seed + 7919))  # fmt: skip
+                                         cfg.rollout.val_temperature, cfg.rollout.val_n, seed + 7919, stop))  # fmt: skip
         out["val/sample_accuracy"] = float(s[0] / s[2])
     return out

@@ -49,7 +49,7 @@ class Run:
     def row(self, step: int, sample: int) -> dict:
         rows = self.rows(step)
         for r in rows:
-            if r["sample"] == sample:
+            if r.get("sample") == sample:
                 return r
         raise KeyError(
             f"{self.path}: step {step} has no sample {sample}; samples: {[r['sample'] for r in rows]}"
@@ -75,9 +75,15 @@ def open_run(path: str | Path) -> Run:
         run.checkpoints = {int(suffix): p}
         return run
     cfg_path = p / "config.yaml"
-    config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    try:
+        config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{cfg_path}: not a readable YAML config ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, (dict, type(None))):
+        raise ValueError(f"{cfg_path}: not a mapping")
     metrics = read_metrics(p) if (p / "metrics.jsonl").is_file() else []
-    steps = sorted(int(f.stem.split("_")[1]) for f in (p / "rollouts").glob("step_*.jsonl"))
+    steps = sorted(int(f.stem.split("_")[1]) for f in (p / "rollouts").glob("step_*.jsonl")
+                   if f.stem.split("_")[1].isdigit())  # fmt: skip
     ckpts = {}
     for c in p.glob("checkpoint-*"):
         suffix = c.name.split("-", 1)[1]
@@ -95,12 +101,29 @@ def newest_run(root: str | Path = "runs") -> Path:
     return max(found, key=lambda d: (d / "metrics.jsonl").stat().st_mtime)
 
 
+def resolve_run_dir(value: str | Path) -> Path:
+    """A run directory given relative to where the user is, found from where the code runs: tried against the
+    current directory, the directory the process was launched from (`$PWD`: a Jupyter kernel starts in the
+    notebook's folder, the server keeps the launch directory there) and each folder above the current one (the
+    repository root for `notebooks/`). Absolute paths are returned as they are."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    bases = [Path.cwd()] + ([Path(os.environ["PWD"])] if os.environ.get("PWD") else []) + list(Path.cwd().parents)
+    for base in bases:
+        if (base / p).is_dir():
+            return base / p
+    tried = ", ".join(str(b / p) for b in bases[:3])
+    raise FileNotFoundError(f"run directory {str(value)!r} not found (tried {tried} and the folders above)")
+
+
 def default_run_dir(root: str | Path | None = None) -> Path:
-    """`$MMRLSD_RUN_DIR` when set, else the newest run under `root` (default: `runs/`, or `../runs/` when run from
+    """`$MMRLSD_RUN_DIR` when set (a relative value is found by `resolve_run_dir`: from the repository root, or
+    where Jupyter was launched), else the newest run under `root` (default: `runs/`, or `../runs/` when run from
     `notebooks/`)."""
     env = os.environ.get("MMRLSD_RUN_DIR")
     if env:
-        return Path(env)
+        return resolve_run_dir(env)
     if root is None:
         root = next((r for r in (Path("runs"), Path("..") / "runs") if r.is_dir()), Path("runs"))
     return newest_run(root)

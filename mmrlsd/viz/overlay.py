@@ -114,31 +114,23 @@ def _load(path: str, dtype: str, device: str, attn: str, min_pixels: int, max_pi
     return model.to(device).eval(), processor
 
 
-def _template(path: str, run: Run) -> Path:
-    """A prompt template path as training saw it (relative to its working directory): tried as given, then
-    against the repository root and the run directory (a notebook runs in notebooks/)."""
-    repo = Path(__file__).resolve().parents[2]
-    for cand in (Path(path), repo / path, run.path / path):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"prompt template {path!r} not found (tried the cwd, {repo} and {run.path})")
-
-
 def build_inputs(run: Run, row: dict, processor):
     """`(inputs, images, P)`: model inputs for `[student prompt | response]`, the images, the prompt length."""
     from mmrlsd.config import load_config
+    from mmrlsd.data.encoding import encode
     from mmrlsd.data.images import load_image
-    from mmrlsd.data.prompts import PromptBuilder, encode
+    from mmrlsd.data.prompts import PromptBuilder
     from mmrlsd.types import Sample
 
+    # the run's config.yaml holds absolute paths; relative ones (older runs) resolve against the run directory,
+    # then the current directory, and template file names to the packaged templates
     cfg = load_config(run.path / "config.yaml", validate=False)
     ip = processor.image_processor
     max_pixels = (
         cfg.model.max_pixels or getattr(ip, "max_pixels", None) or (ip.size or {}).get("longest_edge")
     )
     images = [load_image(p, int(max_pixels or 1280 * 28 * 28)) for p in image_paths(run, row)]
-    prompts = PromptBuilder(processor, _template(cfg.data.student_template, run),
-                            _template(cfg.data.teacher_template, run), cfg.algo.teacher_info)  # fmt: skip
+    prompts = PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info)
     sample = Sample(id=row["id"], problem=row["problem"], answer=str(row["answer"]), images=row["images"])
     enc = encode(processor, [prompts.student(sample)], [images])
     response = torch.tensor([row["token_ids"]], dtype=enc["input_ids"].dtype)

@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from mmrlsd.errors import UnsafeCheckpointError
 from mmrlsd.viz import figures as F
 from mmrlsd.viz.data import SIGNALS, Run, default_sample, default_step
 from mmrlsd.viz.html import header_html, token_html
@@ -31,6 +32,8 @@ def try_overlay(run: Run, step: int, row: dict, signal: str = "w", **kw) -> tupl
         return None, "text-only sample: no image to overlay"
     try:
         return image_overlay(run, step, row, signal=signal, **kw), ""
+    except UnsafeCheckpointError:  # an altered run directory: refuse, do not quietly draw without it
+        raise
     except (FileNotFoundError, ValueError) as e:
         log.warning("no image overlay: %s", e)
         return None, f"no image overlay: {e}"

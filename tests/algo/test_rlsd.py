@@ -87,14 +87,24 @@ def test_evidence_weights():
     torch.testing.assert_close(w, torch.tensor([[3.0], [1 / 3], [1.0]]), rtol=0, atol=1e-6)
 
 
-def test_lambda_schedule():
-    # λ0 = 0.5 decayed linearly to 0 over D = 50 steps: step 10 -> 0.5·(1 - 10/50) = 0.4
-    assert lam_at(0, 0.5, 50) == 0.5
-    assert lam_at(10, 0.5, 50) == pytest.approx(0.4, abs=1e-12)
-    assert lam_at(50, 0.5, 50) == 0.0 and lam_at(80, 0.5, 50) == 0.0
-    # warm-up 4 steps: 0, .125, .25, .375, then .5 decaying over 8: step 6 -> 0.5·(1 - 2/8) = 0.375
-    assert [lam_at(s, 0.5, 8, 4) for s in range(5)] == [0.0, 0.125, 0.25, 0.375, 0.5]
-    assert lam_at(6, 0.5, 8, 4) == pytest.approx(0.375, abs=1e-12)
+def test_lambda_schedule_counts_steps_from_one():
+    # the release's indexing: optimizer steps count from 1, λ = λ0·max(1 - step/D, 0) without warm-up.
+    # λ0 = 0.5, D = 60: step 1 -> 0.5·59/60, step 30 -> 0.5·30/60 = 0.25, step 59 -> 0.5/60, step 60 -> 0
+    assert lam_at(1, 0.5, 60) == pytest.approx(0.5 * 59 / 60, rel=0, abs=1e-15)
+    assert lam_at(30, 0.5, 60) == pytest.approx(0.25, rel=0, abs=1e-15)
+    assert lam_at(59, 0.5, 60) == pytest.approx(0.5 / 60, rel=0, abs=1e-15)
+    assert lam_at(60, 0.5, 60) == 0.0 and lam_at(61, 0.5, 60) == 0.0 and lam_at(1000, 0.5, 60) == 0.0
+    # D = 50 (the paper): step 10 -> 0.5·(1 - 10/50) = 0.4
+    assert lam_at(10, 0.5, 50) == pytest.approx(0.4, rel=0, abs=1e-15)
+
+
+def test_lambda_schedule_with_warmup():
+    # W = 4, D = 8, λ0 = 0.5: steps 1..3 warm up as λ0·s/W = .125, .25, .375; step 4 peaks at .5 (decay starts,
+    # progress 0); step 6 -> 0.5·(1 - 2/8) = 0.375; step 12 = W + D -> 0; after that 0
+    got = [lam_at(s, 0.5, 8, 4) for s in range(1, 14)]
+    want = [0.125, 0.25, 0.375, 0.5, 0.4375, 0.375, 0.3125, 0.25, 0.1875, 0.125, 0.0625, 0.0, 0.0]
+    assert got == pytest.approx(want, rel=0, abs=1e-15)
+    assert lam_at(0, 0.5, 8, 4) == 0.0  # (no update is step 0; the formula gives 0 there)
 
 
 def test_registry_and_variants():

@@ -9,34 +9,30 @@ from pathlib import Path
 
 import pytest
 
-from mmrlsd.bench.cli import build_parser, main
+from mmrlsd.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = {"bench", "split", "mode", "n", "correct", "accuracy", "breakdown", "items"}
 
 
 def run(argv: list[str]) -> int:
-    return main(build_parser().parse_args(argv))
+    return main(["eval", *argv])
 
 
 def test_help_is_fast_and_ends_with_examples():
-    out = subprocess.run([sys.executable, "-m", "mmrlsd.bench.cli", "--help"], cwd=REPO, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "mmrlsd", "eval", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=60, check=True).stdout  # fmt: skip
     assert "--predictions" in out and "examples:" in out and "mmrlsd eval --bench mmmu" in out
 
 
 def test_parsing_does_not_import_torch():
-    code = (
-        "import sys; from mmrlsd.bench.cli import build_parser; build_parser(); print('torch' in sys.modules)"
-    )
+    code = "import sys; from mmrlsd.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
 
 
 def test_lead_cli_wires_eval():
-    from mmrlsd.cli import build_parser as lead_parser
-
-    args = lead_parser().parse_args(["eval", "--bench", "mmmu", "--predictions", "p.json"])
+    args = build_parser().parse_args(["eval", "--bench", "mmmu", "--predictions", "p.json"])
     assert args.bench == "mmmu" and args.predictions == "p.json"
 
 
@@ -54,9 +50,9 @@ def test_usage_errors(capsys):
     )
     assert "are for mode llm (MathVista)" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --model or --predictions is required
-        build_parser().parse_args(["--bench", "mmmu"])
+        build_parser().parse_args(["eval", "--bench", "mmmu"])
     with pytest.raises(SystemExit):  # not both
-        build_parser().parse_args(["--bench", "mmmu", "--model", "m", "--predictions", "p"])
+        build_parser().parse_args(["eval", "--bench", "mmmu", "--model", "m", "--predictions", "p"])
 
 
 def test_score_only_mathvista(benchdata, tmp_path, capsys):
@@ -111,3 +107,62 @@ def test_score_only_reads_our_predictions_jsonl(benchdata, tmp_path):
     result = json.loads((tmp_path / "s.json").read_text())
     assert rc == 0 and result["items"]["1"] == {"prediction": "1.2", "correct": True, "extraction": "1.2"}
     assert result["warnings"] == ["scored 1 pids, not the 1000 of testmini"]
+
+
+def test_protocols_ship_inside_the_package():
+    from importlib import resources
+
+    from mmrlsd.bench import BENCHES, get_bench
+    from mmrlsd.bench.run import default_config_path, load_eval_config
+
+    shipped = sorted(p.name for p in resources.files("mmrlsd.bench").joinpath("protocols").iterdir())
+    assert shipped == sorted(f"{name}.yaml" for name in BENCHES)
+    for name in BENCHES:
+        cfg = load_eval_config(default_config_path(name))  # read through importlib.resources
+        bench = get_bench(name)
+        assert cfg.split in bench.splits and cfg.mode in bench.modes, name
+    zerobench = load_eval_config(default_config_path("zerobench"))
+    assert (zerobench.samples, zerobench.temperature, zerobench.max_new_tokens) == (5, 0.0, 4096)
+    assert default_config_path("no-such-bench") is None
+
+
+def test_protocols_are_in_the_built_wheel(tmp_path):
+    # a non-editable install gets only what pyproject declares: build the wheel from a copy of the sources
+    import importlib.util
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "mmrlsd", src / "mmrlsd", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(tmp_path / "dist"), str(src)]
+    if importlib.util.find_spec("setuptools"):  # else pip fetches setuptools into an isolated build env
+        cmd.insert(4, "--no-build-isolation")
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("mmrlsd-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    expected = {f"mmrlsd/bench/protocols/{p.name}" for p in (REPO / "mmrlsd/bench/protocols").glob("*.yaml")}
+    assert expected and expected <= names
+
+
+def test_missing_local_model_fails_before_reading_data(tmp_path, capsys, monkeypatch):
+    from mmrlsd.bench.base import Bench
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("data was read before the model path was checked")
+
+    monkeypatch.setattr(Bench, "load", no_reads)
+    for model in (
+        str(tmp_path / "run" / "checkpoint-7"),
+        "runs/nope/checkpoint-100",
+        "./ckpt",
+        "~/nowhere/m",
+    ):
+        assert run(["--bench", "zerobench", "--model", model, "--data", "gold.parquet"]) == 2
+        err = capsys.readouterr().err
+        assert f"--model {model}: no such file or directory" in err, err
+    from mmrlsd.cli.eval import missing_local_model
+
+    assert not missing_local_model("Qwen/Qwen2.5-VL-7B-Instruct")  # a hub id: left to the loader
+    assert not missing_local_model(str(tmp_path))  # exists

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from mmrlsd.bench import BENCHES, get_bench
-from mmrlsd.bench.cli import build_parser, main
+from mmrlsd.cli import main
 
 SCHEMA = {"bench", "split", "mode", "n", "correct", "accuracy", "breakdown", "items"}
 
@@ -124,7 +124,7 @@ def test_eval_generates_scores_and_writes_files(name, tiny_model, tmp_path):
     argv = ["--bench", name, "--model", str(tiny_model("qwen2_5_vl")), "--data", str(data), "--split", split,
             "--output-dir", str(out), "--max-new-tokens", "4", "--batch-size", "2", "--engine", "hf",
             "--device", "cpu", "--no-progress"]  # fmt: skip
-    assert main(build_parser().parse_args(argv)) == 0
+    assert main(["eval", *argv]) == 0
     bench = get_bench(name)()
     records = bench.load(str(data), split)
 
@@ -164,6 +164,6 @@ def test_mathvista_test_split_only_exports_predictions(tiny_model, tmp_path):
     argv = ["--bench", "mathvista", "--model", str(tiny_model("qwen2_5_vl")), "--data",
             str(data.with_name("test.json")), "--split", "test", "--limit", "2", "--output-dir", str(out),
             "--max-new-tokens", "2", "--engine", "hf", "--device", "cpu", "--no-progress"]  # fmt: skip
-    assert main(build_parser().parse_args(argv)) == 0
+    assert main(["eval", *argv]) == 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
     assert not (out / "scores.json").exists()

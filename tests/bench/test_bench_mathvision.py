@@ -442,3 +442,45 @@ def test_adversarial_responses_scored_wrong(adversarial, mathv_site):
     name, response = adversarial  # shared adversarial responses (tests/bench/conftest.py)
     res = score_bounded(response, mathv_site)
     assert res["correct"] == 0, (name, res["items"])
+
+
+# ---------------------------------------------------------------- the private site on first use
+
+
+def test_site_is_installed_on_first_use_with_one_line(tmp_path, monkeypatch, capsys, mathv_site):
+    calls = []
+
+    def fake_install(site, quiet=True):  # stands in for pip: links the real site
+        calls.append(site)
+        Path(site).symlink_to(mathv_site, target_is_directory=True)
+        return site
+
+    monkeypatch.setattr(eq, "install_site", fake_install)
+    bench = MathVision()
+    bench.site = tmp_path / "site"
+    preds = {"1": {"id": "1", "response": "\\boxed{1.333}"}}  # 4/3 vs 1.333: decided by the worker
+    res = bench.score([free("\\frac{4}{3}")], preds)
+    assert res["correct"] == 1 and calls == [tmp_path / "site"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "installing them once into" in err and "latex2sympy2==1.9.1" in err
+    assert eq.ensure_site(tmp_path / "site") == tmp_path / "site" and len(calls) == 1  # ready: nothing to do
+    assert capsys.readouterr().err == ""
+
+
+def test_offline_setup_fails_before_reading_data_and_names_the_command(tmp_path, monkeypatch, capsys):
+    from mmrlsd.bench.base import Bench
+    from mmrlsd.cli import main
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("data was read before the setup check")
+
+    monkeypatch.setattr(Bench, "load", no_reads)
+    monkeypatch.setenv(eq.SITE_ENV, str(tmp_path / "site"))  # a missing site; pip cannot reach any index
+    for key, value in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_CACHE_DIR": "1", "PIP_RETRIES": "0",
+                       "PIP_TIMEOUT": "2", "PIP_FIND_LINKS": "", "PIP_NO_INDEX": ""}.items():  # fmt: skip
+        monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
+    argv = ["--bench", "mathvision", "--predictions", "p.jsonl", "--data", "test.jsonl"]
+    assert main(["eval", *argv]) == 1
+    err = capsys.readouterr().err
+    assert "installing them once into" in err and "error: mathvision: could not install" in err
+    assert "python -m mmrlsd.bench.mathvision_setup" in err and not eq.site_ready(tmp_path / "site")

@@ -7,7 +7,6 @@ wrong answer, a swapped label or a mis-drawn glyph fails here.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -323,29 +322,15 @@ def test_family_registry_lookup():
 
 
 def test_cli_main(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    synth.add_arguments(parser)
-    args = parser.parse_args(
-        [
-            "--out",
-            str(tmp_path),
-            "--n",
-            "6",
-            "--n-val",
-            "4",
-            "--seed",
-            "3",
-            "--families",
-            "add_digits,bar_diff",
-        ]
-    )
-    assert synth.main(args) == 0
+    from mmrlsd.cli import main
+
+    argv = ["data", "synth", "--out", str(tmp_path), "--n", "6", "--n-val", "4", "--seed", "3"]
+    assert main([*argv, "--families", "add_digits,bar_diff"]) == 0
     assert "wrote 6 train + 4 val records" in capsys.readouterr().out
     meta = json.loads((tmp_path / "meta.json").read_text())
     assert meta["counts"] == {
         "train": {"add_digits": 3, "bar_diff": 3},
         "val": {"add_digits": 2, "bar_diff": 2},
     }
-    bad = parser.parse_args(["--out", str(tmp_path / "x"), "--families", "nope"])
-    assert synth.main(bad) == 2
-    assert "unknown synth family 'nope'" in capsys.readouterr().out
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--families", "nope"]) == 2
+    assert "unknown synth family 'nope'" in capsys.readouterr().err

@@ -72,7 +72,7 @@ def test_chunked_gradients_in_bf16_follow_the_reference():
 def test_model_logprobs_lean_equal_full(arch, tiny_model):
     from PIL import Image
 
-    from mmrlsd.data.prompts import chat_text, encode
+    from mmrlsd.data.encoding import chat_text, encode
     from mmrlsd.model.load import load_model
     from mmrlsd.rollout.generate import generate
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode
 from mmrlsd.model.load import load_model
 from mmrlsd.model.logprobs import build_sequences, slice_seq, token_logprobs
 from mmrlsd.rollout.generate import generate

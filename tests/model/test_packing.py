@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode
 from mmrlsd.model.load import load_model
 from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.model.packing import FastOptions, micro_batches, pack, plan_units, rope_positions

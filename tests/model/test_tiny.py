@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode
 from mmrlsd.errors import ModelError
 from mmrlsd.model.load import load_model
 
@@ -65,7 +65,7 @@ def test_load_model_errors(tmp_path, tiny_model):
 
     from PIL import Image
 
-    from mmrlsd.data.prompts import chat_text, encode
+    from mmrlsd.data.encoding import chat_text, encode
 
     with (
         warnings.catch_warnings()

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from mmrlsd.algo.rlsd import rlsd_token_advantages
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode, repeat_encoding
 from mmrlsd.model.load import load_model
 from mmrlsd.model.logprobs import (
     build_sequences,
@@ -20,7 +20,7 @@ from mmrlsd.model.logprobs import (
     token_logprobs,
 )
 from mmrlsd.model.packing import FastOptions, rope_positions
-from mmrlsd.model.vision import repeat_encoding, vision_features
+from mmrlsd.model.vision import vision_features
 from mmrlsd.rollout.generate import generate
 from mmrlsd.train.fused import fused_update
 from mmrlsd.train.update import ppo_update

@@ -6,6 +6,8 @@ An AST scan of every module in the package fails on:
 * `yaml.load` / `yaml.load_all` without `Loader=SafeLoader` (or `CSafeLoader`/`BaseLoader`), and
   `yaml.unsafe_load` / `yaml.full_load` (and their `_all` forms);
 * `torch.load(...)` without the literal `weights_only=True`;
+* `torch.distributed.checkpoint.load(...)` without both `storage_reader=` and `planner=` (torch's default reader
+  unpickles `.metadata` and its default planner unpickles non-tensor entries with `weights_only=False`);
 * `pickle`/`cPickle`/`dill`/`marshal` `load(s)`, `pickle.Unpickler`, `pandas.read_pickle`,
   `numpy.load(..., allow_pickle=True)`;
 * a literal `trust_remote_code=True` (keyword or dict entry);
@@ -57,6 +59,11 @@ ALWAYS_UNSAFE = {
     "pandas.read_pickle": "pickle",
     "os.system": "shell",
     "os.popen": "shell",
+}
+DCP_LOADS = {
+    "torch.distributed.checkpoint.load",
+    "torch.distributed.checkpoint.state_dict_loader.load",
+    "torch.distributed.checkpoint.load_state_dict",
 }
 SUBPROCESS = {"subprocess.run", "subprocess.call", "subprocess.check_call", "subprocess.check_output",
               "subprocess.Popen", "subprocess.getoutput", "subprocess.getstatusoutput"}  # fmt: skip
@@ -117,6 +124,8 @@ def _call_rule(call: ast.Call, name: str) -> str | None:
         return None if loader_name in SAFE_YAML_LOADERS else "yaml.load without SafeLoader"
     if name == "torch.load":
         return None if _is_true(_kw(call, "weights_only")) else "torch.load without weights_only=True"
+    if name in DCP_LOADS and (_kw(call, "storage_reader") is None or _kw(call, "planner") is None):
+        return "dcp.load without a safe reader and planner"
     if name in ("numpy.load", "np.load") and _is_true(_kw(call, "allow_pickle")):
         return "pickle"
     if name in SUBPROCESS and _is_true(_kw(call, "shell")):
@@ -203,6 +212,8 @@ BAD_SNIPPETS = [
     ("from pickle import loads\nloads(b)", "pickle"),
     ("import pickle\npickle.Unpickler(f).load()", "pickle"),
     ("import numpy as np\nnp.load(p, allow_pickle=True)", "pickle"),
+    ("import torch.distributed.checkpoint as dcp\ndcp.load(s, checkpoint_id=p)", "dcp.load without a safe reader and planner"),
+    ("from torch.distributed.checkpoint import load\nload(s, storage_reader=r)", "dcp.load without a safe reader and planner"),
     ("import pandas as pd\npd.read_pickle(p)", "pickle"),
     ("import marshal\nmarshal.loads(b)", "marshal"),
     ("from transformers import AutoModel\nAutoModel.from_pretrained(p, trust_remote_code=True)",
@@ -225,6 +236,7 @@ GOOD_SNIPPETS = [
     "from transformers import AutoModel\nAutoModel.from_pretrained(p, trust_remote_code=cfg.trust_remote_code)",
     "import numpy as np\nnp.load(p)",
     "import ast\nast.literal_eval(s)",
+    "import torch.distributed.checkpoint as dcp\ndcp.load(s, storage_reader=r, planner=p)",
 ]
 
 

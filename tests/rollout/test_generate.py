@@ -1,6 +1,6 @@
 import torch
 
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode
 from mmrlsd.model.load import load_model
 from mmrlsd.rollout.generate import generate, generate_texts, vision_token_ids
 

@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode, repeat_encoding
 from mmrlsd.model.load import load_model
-from mmrlsd.model.vision import repeat_encoding
 from mmrlsd.rollout import generate as gen
 
 ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]

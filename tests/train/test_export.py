@@ -7,8 +7,9 @@ import torch
 
 from mmrlsd.cli import main
 from mmrlsd.config import load_config
+from mmrlsd.data.encoding import encode
 from mmrlsd.data.images import load_image
-from mmrlsd.data.prompts import PromptBuilder, encode
+from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.log import read_dump
 from mmrlsd.model.load import load_model
 from mmrlsd.model.logprobs import build_sequences, token_logprobs

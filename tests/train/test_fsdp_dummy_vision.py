@@ -1,5 +1,5 @@
 """The dummy vision-tower call that keeps FSDP ranks in step when a micro-batch has no image
-(`mmrlsd.train.fsdp.dummy_vision`), pass by pass.
+(`mmrlsd.model.vision.dummy_vision`), pass by pass.
 
 `test_dummy_vision_is_zero_with_a_gradient_for_every_tower_parameter` (one process): the dummy is exactly 0 and
 reaches every tower parameter, Qwen3-VL's deepstack mergers included (FSDP2 skips the reduce-scatter of a unit
@@ -27,7 +27,7 @@ G = 2
 @pytest.mark.parametrize("arch", ARCHS)
 def test_dummy_vision_is_zero_with_a_gradient_for_every_tower_parameter(arch, tiny_model):
     from mmrlsd.model.load import load_model
-    from mmrlsd.train.fsdp import dummy_vision
+    from mmrlsd.model.vision import dummy_vision
 
     model, _ = load_model(str(tiny_model(arch)))
     zero = dummy_vision(model)
@@ -64,7 +64,7 @@ BUDGET = (
 def _prompts(proc, rank: int):
     from PIL import Image
 
-    from mmrlsd.data.prompts import chat_text
+    from mmrlsd.data.encoding import chat_text
 
     if rank == 0:
         return [chat_text(proc, "how many red shapes?", 1), chat_text(proc, LONG, 0)], [
@@ -108,11 +108,10 @@ def _check_weights(model, ref, what: str) -> None:
 def _worker(model_dir: str, out: str) -> None:
     import torch.distributed as td
 
-    from mmrlsd.data.prompts import encode
+    from mmrlsd.data.encoding import encode, repeat_encoding
     from mmrlsd.model.load import load_model
     from mmrlsd.model.logprobs import build_sequences, token_logprobs
     from mmrlsd.model.packing import FastOptions, plan
-    from mmrlsd.model.vision import repeat_encoding
     from mmrlsd.rollout.generate import generate
     from mmrlsd.train import fsdp
     from mmrlsd.train.fused import fused_update

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mmrlsd.cli import main as cli_main
 from mmrlsd.config import load_config
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode
 from mmrlsd.errors import ModelError
 from mmrlsd.model.load import resolve_model_path
 from mmrlsd.train import checkpoint as ckpt

@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from mmrlsd.config import ConfigError
-from mmrlsd.data.prompts import PromptBuilder, encode
-from mmrlsd.lab import lab_records
-from mmrlsd.train.sft import (
+from mmrlsd.data.encoding import encode
+from mmrlsd.data.prompts import PromptBuilder
+from mmrlsd.experiments.lab.data import lab_records
+from mmrlsd.recipes.sft import (
     load_sft_config,
     lr_at,
     prompt_texts,
@@ -23,8 +25,8 @@ from mmrlsd.train.sft import (
 )
 from mmrlsd.types import Sample
 
-STUDENT = "configs/prompts/tiny_student.jinja"
-TEACHER = "configs/prompts/tiny_teacher.jinja"
+STUDENT = str(Path(__file__).resolve().parents[2] / "mmrlsd/prompts/tiny_student.jinja")
+TEACHER = str(Path(__file__).resolve().parents[2] / "mmrlsd/prompts/tiny_teacher.jinja")
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -118,7 +120,7 @@ def test_config_is_strict(tmp_path):
 
 
 def test_sft_from_scratch_loss_drops(tmp_path):
-    from mmrlsd.lab import write_lab_data
+    from mmrlsd.experiments.lab.data import write_lab_data
     from mmrlsd.model.load import load_model
 
     write_lab_data(tmp_path / "data", n_train=64, n_val=8, seed=5)

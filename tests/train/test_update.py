@@ -5,7 +5,7 @@ import copy
 import torch
 from PIL import Image
 
-from mmrlsd.data.prompts import chat_text, encode
+from mmrlsd.data.encoding import chat_text, encode
 from mmrlsd.model.load import load_model
 from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.train.update import ppo_update

@@ -166,14 +166,15 @@ def test_run_discovery_and_checkpoint_choice(tmp_path, monkeypatch):
 
 
 def test_cli_help_and_usage_errors(tmp_path, capsys):
-    from mmrlsd import viz_cli
+    from mmrlsd.cli import main
 
-    src = (REPO / "mmrlsd" / "viz_cli.py").read_text()
+    src = (REPO / "mmrlsd" / "cli" / "viz.py").read_text()
     assert not re.search(r"^(import|from) (torch|matplotlib|mmrlsd\.viz)", src, re.M)
-    p = viz_cli.build_parser()
-    assert "examples:" in p.format_help()
-    assert viz_cli.main(p.parse_args([str(tmp_path), "--out", "x.pdf"])) == 2
-    assert viz_cli.main(p.parse_args([str(tmp_path / "nope"), "--out", "x.png"])) == 2
+    with pytest.raises(SystemExit):
+        main(["viz", "--help"])
+    assert "examples:" in capsys.readouterr().out
+    assert main(["viz", str(tmp_path), "--out", "x.pdf"]) == 2
+    assert main(["viz", str(tmp_path / "nope"), "--out", "x.png"]) == 2
     assert "run directory not found" in capsys.readouterr().err
 
 
@@ -243,15 +244,11 @@ def test_notebook_executes_against_a_tiny_run(tiny_run, monkeypatch):
 def test_viz_command_renders_html_and_png(tiny_run, tmp_path):
     from PIL import Image
 
-    from mmrlsd import viz_cli
+    from mmrlsd.cli import main
     from mmrlsd.log import read_dump
 
-    p = viz_cli.build_parser()
     html_out, png_out = tmp_path / "v.html", tmp_path / "v.png"
-    assert (
-        viz_cli.main(p.parse_args([str(tiny_run), "--step", "2", "--sample", "1", "--out", str(html_out)]))
-        == 0
-    )
+    assert main(["viz", str(tiny_run), "--step", "2", "--sample", "1", "--out", str(html_out)]) == 0
     row = read_dump(tiny_run, 2)[1]
     page = html_out.read_text()
     assert page.count('class="tok"') == len(row["tokens"]) > 0
@@ -259,9 +256,9 @@ def test_viz_command_renders_html_and_png(tiny_run, tmp_path):
     assert "image overlay" in page and f"Â = {row['token_adv'][0]:.4g}" in page
     args = [str(tiny_run), "--step", "2", "--sample", "1", "--out", str(png_out), "--signal", "token_adv",
             "--method", "grad"]  # fmt: skip
-    assert viz_cli.main(p.parse_args(args)) == 0
+    assert main(["viz", *args]) == 0
     bad = [str(tiny_run), "--step", "2", "--sample", "1", "--out", str(png_out), "--tokens", "0,999"]
-    assert viz_cli.main(p.parse_args(bad)) == 2
+    assert main(["viz", *bad]) == 2
     img = Image.open(png_out)
     assert img.format == "PNG" and img.width > 1000 and img.height > 600
     assert np.asarray(img.convert("L")).std() > 5

@@ -1,9 +1,29 @@
-"""Thin helpers over torch.distributed that degrade to no-ops in a single process."""
+"""Process-group set-up and thin helpers over torch.distributed that degrade to no-ops in a single process."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as td
+
+
+def init_distributed(backend: str = "auto") -> bool:
+    """Initialise the process group when launched by torchrun (WORLD_SIZE > 1); returns whether it did."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or td.is_initialized():
+        return td.is_initialized()
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    td.init_process_group(backend=backend)
+    return True
+
+
+def destroy_distributed() -> None:
+    if td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
 
 
 def enabled() -> bool:
@@ -16,6 +36,13 @@ def rank() -> int:
 
 def world_size() -> int:
     return td.get_world_size() if enabled() else 1
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` was wrapped by FSDP2's `fully_shard`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def is_main() -> bool:

@@ -1,4 +1,4 @@
-"""The speed benchmark of issue #6: one process, one model, one batch, four ways to run an RL step.
+"""The speed benchmark: one process, one model, one batch, four ways to run an RL step.
 
     naive  mmrlsd's plain Hugging Face path: padded batches, full-vocabulary fp32 logits, the vision tower run
            for every response, an old-log-prob pass, the teacher pass, then the update (RLSD)
@@ -28,7 +28,6 @@ import os
 import platform
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,12 +44,21 @@ from mmrlsd.types import Sample
 
 VARIANTS = ("naive", "grpo", "rlsd", "trl")
 PHASES = ("rollout", "reward", "old_logp", "teacher", "update")
-REPO = Path(__file__).resolve().parents[1]
+PROMPTS = "mmrlsd.experiments", "perf_configs/prompts"
+"""The benchmark's student and teacher templates ship with the package (copies of the default training ones)."""
+
+
+def template(name: str) -> Path:
+    """The packaged prompt template `name` (`student.jinja` or `teacher.jinja`)."""
+    from importlib.resources import files
+
+    package, folder = PROMPTS
+    return Path(str(files(package).joinpath(folder, name)))
 
 
 @dataclass
 class PerfConfig:
-    """One benchmark setting (eval/perf/*.yaml); unknown keys are errors."""
+    """One benchmark setting (`perf_configs/*.yaml` in this package); unknown keys are errors."""
 
     arch: str = "qwen2_5_vl"
     """Architecture: qwen2_vl | qwen2_5_vl | qwen3_vl."""
@@ -98,7 +106,6 @@ class PerfConfig:
     """Run the mmrlsd variants' steps in turn (all models in memory); false: one variant after another."""
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     seed: int = 0
-    trl_version: str = "1.16.0"
 
 
 def load_perf_config(path: str | Path, overrides: list[str] | None = None) -> PerfConfig:
@@ -234,8 +241,9 @@ def make_context(cfg, model, processor):
     teacher = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.algo.teacher_refresh > 0 else policy
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)  # fmt: skip
-    prompts = PromptBuilder(processor, REPO / cfg.data.student_template, REPO / cfg.data.teacher_template,
-                            cfg.algo.teacher_info)  # fmt: skip
+    prompts = PromptBuilder(
+        processor, template("student.jinja"), template("teacher.jinja"), cfg.algo.teacher_info
+    )
     return StepContext(cfg, policy, teacher, processor, opt, prompts)
 
 
@@ -279,12 +287,16 @@ def run_trl(pc: PerfConfig, model, processor, samples: list[Sample], device) -> 
     """TRL GRPOTrainer, `warmup + repeats` optimizer steps; per-step time and its generate+score time."""
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+
+    try:
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        raise ImportError("TRL is not installed (pip install 'mmrlsd[perf]')") from None
 
     from mmrlsd.data.prompts import load_template
     from mmrlsd.rollout.generate import eos_token_ids, vision_token_ids
 
-    student = load_template(REPO / "configs/prompts/student.jinja")
+    student = load_template(template("student.jinja"))
     rows = [{"prompt": [{"role": "user", "content": student.render(problem=s.problem)}], "image": s.pil_images[0]}
             for s in samples]  # fmt: skip
     rec = {"step_s": [], "phases": {"rollout": [], "update": []}, "response_len_mean": []}
@@ -503,12 +515,10 @@ def summarise(pc: PerfConfig, records: dict, errors: dict, device, model, load_b
 
 def prompt_lengths(pc: PerfConfig, processor, sample: Sample) -> dict[str, int]:
     """Tokens of the student and the teacher prompt of one sample (image tokens included)."""
-    from mmrlsd.data.prompts import PromptBuilder, encode
+    from mmrlsd.data.encoding import encode
+    from mmrlsd.data.prompts import PromptBuilder
 
-    cfg = mmrlsd_config(pc, "rlsd")
-    pb = PromptBuilder(
-        processor, REPO / cfg.data.student_template, REPO / cfg.data.teacher_template, "answer"
-    )
+    pb = PromptBuilder(processor, template("student.jinja"), template("teacher.jinja"), "answer")
     return {k: int(encode(processor, [f(sample)], [sample.pil_images])["input_ids"].shape[1])
             for k, f in (("student", pb.student), ("teacher", pb.teacher))}  # fmt: skip
 
@@ -551,20 +561,3 @@ def table(result: dict) -> str:
     for v, e in result.get("errors", {}).items():
         lines.append(f"{v}: FAILED {e}")
     return "\n".join(lines)
-
-
-def install_trl(version: str, wheels: str | None = None) -> None:
-    """`pip install trl==version` into this interpreter, refusing if torch/transformers/accelerate would change
-    (checked with `pip install --dry-run --report`)."""
-    cmd = [sys.executable, "-m", "pip", "install", f"trl=={version}"]
-    if wheels:
-        cmd += ["--no-index", "--find-links", wheels]
-    report = Path(tempfile.mkdtemp()) / "report.json"
-    subprocess.run(cmd + ["--dry-run", "--quiet", "--report", str(report)], check=True)
-    changed = [i["metadata"]["name"] for i in json.loads(report.read_text()).get("install", [])
-               if i["metadata"]["name"].lower() in ("torch", "transformers", "accelerate")]  # fmt: skip
-    if changed:
-        raise RuntimeError(
-            f"installing trl=={version} would change {changed}; install it by hand if you mean it"
-        )
-    subprocess.run(cmd, check=True)

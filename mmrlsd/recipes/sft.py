@@ -24,7 +24,6 @@ suggestion). Keys of the RL sections that SFT does not use are ignored (e.g. `ro
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import random
@@ -46,8 +45,10 @@ from mmrlsd.config import (
     _merge,
     dump_config,
     parse_overrides,
+    resolve_paths,
 )
-from mmrlsd.data.prompts import PromptBuilder, encode
+from mmrlsd.data.encoding import encode
+from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import FieldMap, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
@@ -132,8 +133,10 @@ def load_sft_config(path: str | Path | None, overrides: list[str] | None = None)
         if not isinstance(data, dict):
             raise ConfigError(f"{src}: the top level must be a mapping of sections")
         _merge(cfg, data, "", src)
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
+    tree = parse_overrides(overrides) if overrides else None
+    if tree:
+        _merge(cfg, tree, "", f"{src} (command-line override)")
+    resolve_paths(cfg, data if path is not None else None, Path(path) if path is not None else None, tree)
     if not cfg.data.train_files:
         raise ConfigError(f"{src}: 'data.train_files' is required")
     for key, value in (("sft.batch_size", cfg.sft.batch_size), ("trainer.total_steps", cfg.trainer.total_steps),
@@ -223,7 +226,8 @@ def sft_loss(policy, seq: SeqBatch, micro_batch_size: int, backward: bool = True
 def _fields(cfg: SFTConfig) -> FieldMap:
     d = cfg.data
     return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key)  # fmt: skip
+                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key,
+                    options=d.options_key)  # fmt: skip
 
 
 def init_model(cfg: SFTConfig, out_dir: Path, corpus: list[str]) -> str:
@@ -330,21 +334,3 @@ def save_model(policy, processor, out: Path) -> Path:
     policy.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     return out
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `mmrlsd sft`."""
-    parser.add_argument("config", help="YAML config (e.g. configs/tiny_sft.yaml)")
-    parser.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=50 optim.lr=1e-4"
-    )
-    parser.add_argument("--output-dir", help="run directory (default: trainer.output_dir)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def main(args: argparse.Namespace) -> int:
-    """Run `mmrlsd sft`; prints the final model directory."""
-    cfg = load_sft_config(args.config, args.overrides)
-    out = sft(cfg, args.output_dir or cfg.trainer.output_dir, progress=not args.no_progress)
-    print(f"model: {out}")
-    return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 
+HELP = "render RLSD token credit (text + image overlay) to HTML or PNG"
 EXAMPLES = """examples:
   mmrlsd viz runs/tiny --step 2 --sample 0 --out view.html
   mmrlsd viz runs/tiny --out view.png --signal token_adv       # newest step with an image, its first such sample
@@ -36,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-overlay", action="store_true", help="skip the image overlay (no model is loaded)")
 
 
-def main(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Render the view; returns the exit status (2 for a usage error, printed as `error: ...`)."""
     import sys
 
@@ -67,14 +68,3 @@ def main(args: argparse.Namespace) -> int:
     out = render(run, step, sample, args.out, signal=args.signal, **kw)
     print(f"wrote {out} (step {step}, sample {sample}, signal {args.signal})")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmrlsd viz", description=__doc__.splitlines()[0], epilog=EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    add_arguments(p)
-    return p
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(build_parser().parse_args()))

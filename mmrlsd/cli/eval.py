@@ -1,7 +1,6 @@
 """`mmrlsd eval`: generate and score a benchmark, or score an existing predictions file.
 
 Parses arguments and dispatches to `mmrlsd.bench.run`; nothing heavy is imported at parse time.
-Run it as `mmrlsd eval ...` or `python -m mmrlsd.bench.cli ...`.
 """
 
 from __future__ import annotations
@@ -10,31 +9,39 @@ import argparse
 import sys
 from pathlib import Path
 
+HELP = "generate and/or score a benchmark"
 EXAMPLES = """examples:
   # generate with a model and score (writes predictions.jsonl, scores.json, summary.md)
-  mmrlsd eval --bench mathvista --model runs/tiny/checkpoint-100 --data ../shared/benchdata/mathvista/data/testmini.json
+  mmrlsd eval --bench mathvista --model runs/rlsd/checkpoint-500 --data MathVista/data/testmini.json
   mmrlsd eval --bench mmmu --model Qwen/Qwen2.5-VL-7B-Instruct --split validation --limit 30 --output-dir runs/eval/mmmu
-  # score an existing predictions file (ours or an official format)
-  mmrlsd eval --bench mathvista --predictions ../shared/benchdata/mathvista/results/bard/output_bard.json \\
-      --data ../shared/benchdata/mathvista/data/testmini.json --mode official --output bard.json
-  mmrlsd eval --bench mmmu --predictions ../shared/benchdata/mmmu/mmmu/example_outputs/llava1.5_13b \\
-      --data ../shared/benchdata/mmmu/mmmu/answer_dict_val.json --output llava.json
+  mmrlsd eval --bench zerobench --model Qwen/Qwen2.5-VL-7B-Instruct --split zerobench_subquestions
+  # score an existing predictions file (ours or an official format) against local gold
+  mmrlsd eval --bench mathvista --predictions MathVista/results/bard/output_bard.json \\
+      --data MathVista/data/testmini.json --mode official --output bard.json
+  mmrlsd eval --bench mmmu --predictions MMMU/mmmu/example_outputs/llava1.5_13b \\
+      --data MMMU/mmmu/answer_dict_val.json --output llava.json
+  mmrlsd eval --bench zerobench --predictions runs/eval/zerobench_zerobench/predictions.jsonl \\
+      --data zerobench/data/zerobench-00000-of-00001.parquet --mode official --output zerobench.json
   # MathVista with the official LLM extraction step, against a judge you run (OpenAI-compatible)
   mmrlsd eval --bench mathvista --predictions runs/eval/mathvista_testmini/predictions.jsonl --data testmini.json \\
       --mode llm --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct --output llm.json
+
+MathVista/ and MMMU/ are clones of github.com/lupantech/MathVista and github.com/MMMU-Benchmark/MMMU;
+zerobench/ is a download of the Hugging Face dataset jonathan-roberts1/zerobench. Without --data, records
+come from the Hugging Face hub.
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Add the `eval` flags to `p` (the `mmrlsd eval` subparser or a standalone parser)."""
+    """Add the `eval` flags to `p`."""
     p.add_argument("--bench", required=True, help="benchmark name (see `mmrlsd ls`)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="checkpoint directory or hub id: generate answers, then score them")
     src.add_argument("--predictions", help="score this predictions file/folder instead of generating")
     p.add_argument("--data", help="local gold data in the official format (default: the Hugging Face hub)")
-    p.add_argument("--split", help="split (default: eval/<bench>.yaml, else the benchmark's default)")
+    p.add_argument("--split", help="split (default: the protocol file's, else the benchmark's default)")
     p.add_argument(
-        "--mode", help="scoring mode (default: official when scoring a file; eval/<bench>.yaml otherwise)"
+        "--mode", help="scoring mode (default: official when scoring a file; the protocol file's otherwise)"
     )
     p.add_argument("--limit", type=int, help="only the first N records (generation)")
     p.add_argument(
@@ -43,7 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--output", help="score-only: write the result JSON here (default: print the summary only)"
     )
-    p.add_argument("--config", help="protocol settings YAML (default: eval/<bench>.yaml when present)")
+    p.add_argument(
+        "--config", help="protocol settings YAML (default: the packaged mmrlsd/bench/protocols/<bench>.yaml)"
+    )
     p.add_argument(
         "--image-root", help="folder that image paths in --data resolve against (default: its folder)"
     )
@@ -52,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--max-new-tokens", type=int, help="override the config's max_new_tokens")
     p.add_argument("--batch-size", type=int, help="override the config's batch_size")
+    p.add_argument(
+        "--samples", type=int, help="override the config's samples: k sampled answers for pass@k (0: none)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--judge-url", help="mode llm (MathVista): OpenAI-compatible base URL, e.g. http://localhost:8000/v1"
@@ -60,9 +72,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--judge-key-env", default="OPENAI_API_KEY", help="mode llm: env variable holding the API key"
     )
-    if p.epilog is None:
-        p.epilog = EXAMPLES
-        p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 def _score_only(bench, args: argparse.Namespace) -> int:
@@ -93,7 +102,7 @@ def _generate(bench, args: argparse.Namespace) -> int:
     model = resolve_model_path(args.model)  # RUN/checkpoint-N (or RUN) -> its Hugging Face folder
     cfg = load_eval_config(args.config or default_config_path(bench.name))
     overrides = {"split": args.split, "mode": args.mode, "max_new_tokens": args.max_new_tokens,
-                 "batch_size": args.batch_size}  # fmt: skip
+                 "batch_size": args.batch_size, "samples": args.samples}  # fmt: skip
     cfg = dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     split = cfg.split or bench.default_split
     records = bench.load(args.data, split)
@@ -120,7 +129,18 @@ def _generate(bench, args: argparse.Namespace) -> int:
     return 0
 
 
-def main(args: argparse.Namespace) -> int:
+def missing_local_model(model: str) -> bool:
+    """True when `model` is written as a local path and nothing is there. Local-looking: absolute, starting
+    with ``.`` or ``~``, or with two or more ``/`` (a hub id is ``ORG/NAME``); ``ORG/NAME`` and bare names
+    are left to the loader, which may find them on the hub."""
+    import os
+
+    if Path(model).expanduser().exists():
+        return False
+    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") >= 2
+
+
+def run(args: argparse.Namespace) -> int:
     """Run `mmrlsd eval` for parsed `args`; returns the exit status (2 for a usage error)."""
     from mmrlsd.bench import get_bench
 
@@ -153,16 +173,15 @@ def main(args: argparse.Namespace) -> int:
         bench.judge = Judge(
             url=args.judge_url, model=args.judge_model, api_key=os.environ.get(args.judge_key_env, "")
         )
+    if args.model and missing_local_model(args.model):
+        print(f"error: --model {args.model}: no such file or directory (hub ids have the form ORG/NAME)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        bench.setup()  # before any data is read: a missing dependency fails here, not after generation
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        print(f"error: {bench.name}: {e}", file=sys.stderr)
+        return 1
     if args.predictions:
         return _score_only(bench, args)
     return _generate(bench, args)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmrlsd eval", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return p
-
-
-if __name__ == "__main__":
-    sys.exit(main(build_parser().parse_args()))

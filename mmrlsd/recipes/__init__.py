@@ -1,0 +1,1 @@
+"""Recipes built from the training blocks: supervised fine-tuning (`sft`)."""
