@@ -93,6 +93,20 @@ class DataConfig:
     """Cap on validation items (0: all)."""
     shuffle: bool = True
     """Shuffle the training data each epoch (seeded)."""
+    max_prompt_tokens: int = 16384
+    """Longest prompt, student or teacher, image tokens included; longer records are skipped and counted (0: no
+    limit)."""
+    max_images: int = 32
+    """Most images in one record; records with more are skipped and counted (0: no limit)."""
+    allow_remote_images: bool = False
+    """Fetch `http(s)` image URLs (off: such records are skipped). Fetches have a timeout and a size cap and
+    never go to loopback, private or link-local addresses."""
+    remote_image_timeout: float = 10.0
+    """Seconds for one remote image's whole download."""
+    remote_image_max_bytes: int = 20_000_000
+    """Largest remote image accepted, in bytes."""
+    allow_external_images: bool = False
+    """Allow image paths outside the data file's folder (absolute paths, `..`, symlinks pointing out)."""
 
 
 @dataclass
@@ -120,6 +134,13 @@ class RolloutConfig:
     """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
     val_n: int = 1
     """Samples per validation item for `val/sample_accuracy`."""
+    val_top_p: float = 1.0
+    """Nucleus sampling of the `val/sample_accuracy` samples (the paper's validation: 0.8)."""
+    val_top_k: int = 0
+    """Top-k of the `val/sample_accuracy` samples (0: off; the paper's validation: 20)."""
+    val_presence_penalty: float = 0.0
+    """Presence penalty of the `val/sample_accuracy` samples: each token already in the response has its logit
+    lowered by this much before temperature, top-k and top-p (vLLM's definition; the released script: 1.5)."""
 
 
 @dataclass
@@ -178,6 +199,28 @@ class AlgoConfig:
     """Run the teacher pass even when it cannot change the update (GRPO), to log Δ and w for comparison."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal (A = 0) before the teacher pass and update."""
+    sdpo_pick: str = "first"
+    """SDPO (teacher_info sibling): which correct sibling the teacher sees: first (the first other correct
+    response of the group) | shortest (the release's form: the shortest other correct one, plus the shortest other
+    incorrect one as the template's `feedback`)."""
+    rlsd_thought_only: bool = False
+    """The teacher reweights only tokens inside <thought>...</thought> (the tags excluded); the answer and format
+    tokens keep Â_t = A (the release's `rlsd_thought_only`; tags are matched on token ids, as there)."""
+    rlsd_negative_only: bool = False
+    """The teacher reweights only responses with A < 0; the others keep Â_t = A (the release's
+    `rlsd_negative_only`)."""
+    online_filtering: bool = False
+    """Keep only groups whose mean `filter_key` lies strictly inside (filter_low, filter_high), rolling out more
+    prompts until the batch is full again (the release's online filtering; off there by default)."""
+    filter_key: str = "reward"
+    """What online filtering averages per group: reward (the release's `overall`) | accuracy."""
+    filter_low: float = 0.01
+    """Online filtering: a group's mean must be > filter_low."""
+    filter_high: float = 0.99
+    """Online filtering: a group's mean must be < filter_high."""
+    max_refill_tries: int = 20
+    """Online filtering: rollout rounds per step (the first included) before training on the groups kept so far
+    (the release's `max_try_make_batch`, which raises instead)."""
 
 
 @dataclass
@@ -271,6 +314,8 @@ CHOICES = {
     "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
+    "algo.filter_key": ("reward", "accuracy"),
+    "algo.sdpo_pick": ("first", "shortest"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
     "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
@@ -278,13 +323,50 @@ CHOICES = {
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
             "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr", "reward.timeout",
-            "trainer.max_bad_steps", "rollout.val_n")  # fmt: skip
+            "trainer.max_bad_steps", "rollout.val_n", "data.remote_image_timeout",
+            "data.remote_image_max_bytes", "algo.max_refill_tries")  # fmt: skip
 NON_NEGATIVE = ("model.logprob_chunk", "optim.token_budget", "algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
                 "trainer.save_every", "trainer.val_every", "trainer.keep_last", "optim.grad_clip",
                 "optim.weight_decay", "rollout.temperature", "optim.warmup_steps", "algo.lam_warmup_steps",
                 "rollout.top_k", "rollout.gen_batch_size", "model.min_pixels", "model.max_pixels",
                 "data.max_val_items", "trainer.dump_every", "trainer.dump_max", "trainer.threads",
-                "rollout.val_temperature")  # fmt: skip
+                "rollout.val_temperature", "rollout.val_top_k", "rollout.val_presence_penalty",
+                "data.max_prompt_tokens", "data.max_images")  # fmt: skip
+
+
+AT_MOST = {"optim.lr": 1.0, "optim.weight_decay": 1.0, "optim.grad_clip": 1e6, "rollout.temperature": 10.0,
+           "rollout.val_temperature": 10.0, "algo.clip_low": 0.99, "algo.clip_high": 10.0, "algo.clip_c": 1e3,
+           "reward.timeout": 3600.0, "algo.opsd_coef": 1e3}  # fmt: skip
+"""Upper bounds on values no run can mean (an lr of 1e308 writes an all-NaN checkpoint)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` semantics, but a key given twice in one mapping is an error (not a silent overwrite)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let SafeLoader report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str, where: str):
+    """YAML -> Python with SafeLoader semantics; every failure is a ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
 
 
 def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
@@ -343,6 +425,16 @@ def _validate(cfg: Config, src: str) -> None:
     for key in NON_NEGATIVE:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
+    for key, hi in AT_MOST.items():
+        if get_key(cfg, key) > hi:
+            raise ConfigError(f"{src}: '{key}' must be <= {hi:g}, got {get_key(cfg, key)!r}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"{src}: 'optim.betas' must be in [0, 1), got {cfg.optim.betas}")
+    if 0 < cfg.algo.clip_c <= 1:
+        raise ConfigError(f"{src}: 'algo.clip_c' must be 0 (off) or > 1, got {cfg.algo.clip_c}")
+    for key in ("reward.acc_weight", "reward.format_weight"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
     if not cfg.model.path:
         raise ConfigError(f"{src}: 'model.path' is required (a hub id or a local checkpoint directory)")
     if not cfg.data.train_files:
@@ -354,10 +446,20 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: 'algo.jsd_beta' must be in [0, 1], got {cfg.algo.jsd_beta}")
     if not 0 <= cfg.algo.lam0 <= 1:
         raise ConfigError(f"{src}: 'algo.lam0' must be in [0, 1], got {cfg.algo.lam0}")
+    if (cfg.algo.rlsd_thought_only or cfg.algo.rlsd_negative_only) and cfg.algo.token_adv != "rlsd":
+        raise ConfigError(
+            f"{src}: 'algo.rlsd_thought_only' / 'algo.rlsd_negative_only' need 'algo.token_adv' rlsd, "
+            f"got {cfg.algo.token_adv!r}"
+        )
+    if cfg.algo.filter_low >= cfg.algo.filter_high:
+        raise ConfigError(
+            f"{src}: 'algo.filter_low' ({cfg.algo.filter_low}) must be < 'algo.filter_high' ({cfg.algo.filter_high})"
+        )
     if cfg.algo.eps_w >= 1:
         raise ConfigError(f"{src}: 'algo.eps_w' must be < 1 (the clip floor 1-eps_w must stay > 0)")
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"{src}: 'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
+    for key in ("rollout.top_p", "rollout.val_top_p"):
+        if not 0 < get_key(cfg, key) <= 1:
+            raise ConfigError(f"{src}: '{key}' must be in (0, 1], got {get_key(cfg, key)}")
     if cfg.reward.acc_weight + cfg.reward.format_weight <= 0:
         raise ConfigError(f"{src}: 'reward.acc_weight' + 'reward.format_weight' must be > 0")
     if cfg.optim.mini_batches > cfg.rollout.batch_size * cfg.rollout.n:
@@ -429,13 +531,31 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = tree
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key like section.key")
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"override {item!r}: '{'.'.join(parts[: i + 1])}' was already set to a value by another "
+                    "override, so it has no keys"
+                )
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(
+                f"override {item!r}: '{key}' is a section already given keys by another override"
+            )
+        shown = item if len(item) <= 80 else item[:77] + "..."
+        node[parts[-1]] = _safe_load(raw, f"override {shown!r}") if raw.strip() else ""
     return tree
 
 
-PATH_KEYS = ("model.path", "data.train_files", "data.val_files", "data.student_template", "data.teacher_template")
+PATH_KEYS = (
+    "model.path",
+    "data.train_files",
+    "data.val_files",
+    "data.student_template",
+    "data.teacher_template",
+)
 """Config values that name local files or folders (a model folder, data sources, prompt templates)."""
 TEMPLATE_KEYS = ("data.student_template", "data.teacher_template")
 
@@ -451,7 +571,7 @@ def _resolve_path(value: str, bases: list[Path], template: bool) -> str:
     """An absolute path for `value` when it names an existing file or folder: an absolute path as it is, a
     relative one tried against each of `bases` in order. A template given by file name alone (or under the old
     `configs/prompts/` folder) that is found nowhere else is the packaged one. Anything else is returned unchanged
-    (a hub id, a `hub:` dataset, a missing path that `check_paths` reports)."""
+    (a hub id, a `hub:` dataset, a missing path that training's pre-flight check reports)."""
     if not value or value.startswith("hub:"):
         return value
     p = Path(value).expanduser()
@@ -472,7 +592,10 @@ def _resolve_keys(cfg, keys, bases: list[Path]) -> None:
         if not hasattr(getattr(cfg, section, None), name):
             continue
         value = get_key(cfg, key)
-        values = [_resolve_path(v, bases, key in TEMPLATE_KEYS) for v in (value if isinstance(value, list) else [value])]
+        values = [
+            _resolve_path(v, bases, key in TEMPLATE_KEYS)
+            for v in (value if isinstance(value, list) else [value])
+        ]
         setattr(getattr(cfg, section), name, values if isinstance(value, list) else values[0])
 
 
@@ -491,30 +614,6 @@ def resolve_paths(cfg, file_data: dict | None, file_path: Path | None, override_
     _resolve_keys(cfg, TEMPLATE_KEYS, [])  # anything still a bare file name: the packaged template
 
 
-def check_paths(cfg: Config, src: str = "config") -> None:
-    """Every local file and folder the config names exists (a hub id or `hub:` dataset is not checked); otherwise
-    a ConfigError naming the key and the path."""
-    how = "relative paths are tried against the config file's folder, then the current directory"
-
-    def missing(key: str, value: str, kind: str) -> ConfigError:
-        return ConfigError(f"{src}: '{key}': {kind} {value!r} not found ({how})")
-
-    m = cfg.model.path
-    if m and not Path(m).expanduser().exists():
-        local = os.path.isabs(m) or m.startswith((".", "~")) or m.count("/") != 1
-        if local:
-            raise missing("model.path", m, "model folder")
-    for key in ("data.train_files", "data.val_files"):
-        for i, v in enumerate(get_key(cfg, key)):
-            hub_like = v.startswith("hub:") or (v.count("/") == 1 and "." not in v)
-            if not hub_like and not Path(v).expanduser().exists():
-                raise missing(f"{key}[{i}]", v, "data source")
-    for key in TEMPLATE_KEYS:
-        v = get_key(cfg, key)
-        if not Path(v).expanduser().is_file():
-            raise missing(key, v, "prompt template")
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
     """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate.
 
@@ -522,17 +621,22 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, val
     current directory; one in an override against the current directory. Found paths become absolute (the run's
     `config.yaml` then works from anywhere); absolute paths, hub ids and `hub:` datasets are left as they are.
     Prompt templates given by file name alone are the packaged ones (`mmrlsd/prompts/`) unless such a file exists
-    there. Whether the files exist is checked by `check_paths` (`mmrlsd validate` and the start of training)."""
+    there. Whether the files exist is checked before training (`mmrlsd.train.preflight`, also run by validate)."""
     cfg = Config()
     src = str(path) if path else "<defaults>"
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{src}: is a directory, not a config file")
         if not p.is_file():
             raise ConfigError(f"{src}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: not valid YAML: {e}") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
+        data = _safe_load(text, src) or {}
         if not isinstance(data, dict):
             raise ConfigError(
                 f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"

@@ -129,15 +129,28 @@ def _generate(bench, args: argparse.Namespace) -> int:
     return 0
 
 
-def missing_local_model(model: str) -> bool:
-    """True when `model` is written as a local path and nothing is there. Local-looking: absolute, starting
-    with ``.`` or ``~``, or with two or more ``/`` (a hub id is ``ORG/NAME``); ``ORG/NAME`` and bare names
-    are left to the loader, which may find them on the hub."""
+def model_problem(model: str) -> str | None:
+    """Why `model` cannot load, found without reading anything heavy, else None.
+
+    A path that exists is fine. One written as a local path (absolute, starting with ``.`` or ``~``, or with
+    two or more ``/``; a hub id is ``ORG/NAME``) that does not exist is an error. A hub id is left to the
+    loader, except offline (``HF_HUB_OFFLINE``), where it must already be in the Hugging Face cache."""
     import os
 
     if Path(model).expanduser().exists():
-        return False
-    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") >= 2
+        return None
+    if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") >= 2:
+        return "no such file or directory (hub ids have the form ORG/NAME)"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # noqa: BLE001 - an id the hub would reject is not in the cache either
+            cached = None
+        if not isinstance(cached, str):
+            return "no such folder, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -173,9 +186,9 @@ def run(args: argparse.Namespace) -> int:
         bench.judge = Judge(
             url=args.judge_url, model=args.judge_model, api_key=os.environ.get(args.judge_key_env, "")
         )
-    if args.model and missing_local_model(args.model):
-        print(f"error: --model {args.model}: no such file or directory (hub ids have the form ORG/NAME)",
-              file=sys.stderr)  # fmt: skip
+    problem = model_problem(args.model) if args.model else None
+    if problem:
+        print(f"error: --model {args.model}: {problem}", file=sys.stderr)
         return 2
     try:
         bench.setup()  # before any data is read: a missing dependency fails here, not after generation

@@ -15,15 +15,16 @@ from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError
 from jinja2.sandbox import SandboxedEnvironment
 
 from mmrlsd.data.encoding import chat_text
+from mmrlsd.data.sanitize import neutralize_special_tokens, special_tokens
 from mmrlsd.errors import ConfigError
 from mmrlsd.types import Sample
 
 _ENV = SandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=False)
-VARIABLES = ("problem", "problem_type", "options", "reference", "answer", "solution", "demonstration")
+VARIABLES = ("problem", "problem_type", "options", "reference", "answer", "solution", "demonstration", "feedback")
 """The variables a template may use: `problem` (student and teacher; it keeps the record's ``<image>`` markers),
 `problem_type` (defined only when the record has one), `options` (a list of strings, maybe empty) and the
 privileged information (`reference` is the one `teacher_info` selects: the answer, the solution, or for SDPO the
-`demonstration`)."""
+`demonstration`; SDPO's `feedback` is an incorrect sibling response, empty when there is none or unused)."""
 _PLACEHOLDERS = {**dict.fromkeys(VARIABLES, "x"), "options": ["x"]}
 
 
@@ -61,11 +62,15 @@ class PromptBuilder:
         check_template(self.student_tpl, student_template)
         check_template(self.teacher_tpl, teacher_template)
         self.teacher_info = teacher_info
+        self.special = special_tokens(processor) if processor is not None else None
 
-    @staticmethod
-    def question_vars(s: Sample) -> dict:
+    def clean(self, text: str | None) -> str | None:
+        """Special-token text (`<|image_pad|>`, `<|im_end|>`, ...) in data or model output made harmless."""
+        return neutralize_special_tokens(text, self.special) if text else text
+
+    def question_vars(self, s: Sample) -> dict:
         """The question's template variables: problem, options, and problem_type when the record has one."""
-        out = {"problem": s.problem, "options": list(s.options)}
+        out = {"problem": self.clean(s.problem), "options": [self.clean(o) for o in s.options]}
         if s.problem_type is not None:
             out["problem_type"] = s.problem_type
         return out
@@ -73,9 +78,9 @@ class PromptBuilder:
     def student(self, s: Sample) -> str:
         return chat_text(self.processor, self.student_tpl.render(**self.question_vars(s)), len(s.images))
 
-    def teacher(self, s: Sample, demonstration: str | None = None) -> str:
+    def teacher(self, s: Sample, demonstration: str | None = None, feedback: str | None = None) -> str:
         """The teacher prompt; `demonstration` is the correct sibling response SDPO conditions on
-        (`teacher_info: sibling`, where it is required)."""
+        (`teacher_info: sibling`, where it is required), `feedback` an incorrect one (`algo.sdpo_pick: shortest`)."""
         reference = s.answer
         if self.teacher_info == "solution":  # OPSD: the full reference solution, never the answer in its place
             if not (s.solution or "").strip():
@@ -85,6 +90,8 @@ class PromptBuilder:
             if demonstration is None:
                 raise ValueError(f"sample {s.id!r}: teacher_info 'sibling' needs a demonstration")
             reference = demonstration
-        text = self.teacher_tpl.render(**self.question_vars(s), reference=reference, answer=s.answer,
-                                       solution=s.solution, demonstration=demonstration or "")  # fmt: skip
+        c = self.clean
+        text = self.teacher_tpl.render(**self.question_vars(s), reference=c(reference), answer=c(s.answer),
+                                       solution=c(s.solution), demonstration=c(demonstration) or "",
+                                       feedback=c(feedback) or "")  # fmt: skip
         return chat_text(self.processor, text, len(s.images))

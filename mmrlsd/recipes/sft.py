@@ -49,7 +49,8 @@ from mmrlsd.config import (
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.data.sources import FieldMap, load_dataset_files
+from mmrlsd.data.sanitize import neutralize_special_tokens
+from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
 from mmrlsd.model.load import load_model, resolve_device
@@ -176,7 +177,8 @@ def solution_batch(processor, samples: list[Sample], texts: list[str]) -> SeqBat
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     enc = encode(processor, texts, [s.pil_images for s in samples])
-    targets = [tok(s.solution or "", add_special_tokens=False)["input_ids"] + [eos] for s in samples]
+    clean = [neutralize_special_tokens(s.solution or "", processor) for s in samples]  # no forged <|im_end|>
+    targets = [tok(text, add_special_tokens=False)["input_ids"] + [eos] for text in clean]
     T = max(len(t) for t in targets)
     ids = torch.full((len(samples), T), tok.pad_token_id, dtype=torch.long)  # (N, T)
     mask = torch.zeros((len(samples), T), dtype=torch.long)  # (N, T)
@@ -257,7 +259,8 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
     torch.manual_seed(cfg.trainer.seed)
     max_pixels = cfg.model.max_pixels or 112 * 112
     train = load_dataset_files(cfg.data.train_files, _fields(cfg), cfg.data.train_split, seed=cfg.trainer.seed,
-                               shuffle=cfg.data.shuffle, max_pixels=max_pixels)  # fmt: skip
+                               shuffle=cfg.data.shuffle, max_pixels=max_pixels,
+                               limits=RecordLimits.from_config(cfg.data))  # fmt: skip
     train.samples = [s for s in train.samples if s.solution]
     if not train.samples:
         raise DataError(f"{cfg.data.train_files}: no records with a '{cfg.data.solution_key}' field")
@@ -270,6 +273,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
             shuffle=False,
             max_pixels=max_pixels,
             max_items=cfg.sft.val_items or cfg.data.max_val_items,
+            limits=RecordLimits.from_config(cfg.data),
         )
         val = val_data.next_batch(len(val_data.samples))
     model_path = cfg.model.path

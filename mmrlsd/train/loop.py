@@ -23,15 +23,16 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mmrlsd import dist
-from mmrlsd.config import Config, ConfigError, check_paths, dump_config, to_dict
+from mmrlsd.config import Config, ConfigError, dump_config, to_dict
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
+from mmrlsd.data.sanitize import PromptCheck
+from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, export_images, load_dataset_files
 from mmrlsd.errors import CheckpointError, TrainingError
 from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
 from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
-from mmrlsd.train import fsdp, rundir
+from mmrlsd.train import fsdp, preflight, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
 from mmrlsd.train.summary import format_summary, run_summary, write_summary
 from mmrlsd.train.trackers import Trackers
@@ -172,7 +173,7 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
           overwrite: bool = False, allow_config_change: bool = False) -> Path:  # fmt: skip
     """Run training; returns the run directory. The directory is locked for the run; without `resume` it must be
     empty or hold a run that `overwrite` clears; with `resume` the config must match the run's (see rundir)."""
-    check_paths(cfg)  # a missing data file or template fails here, before a run directory exists
+    preflight.check(cfg, output_dir=False)
     run_dir = Path(output_dir or cfg.trainer.output_dir)
     rundir.make_run_dir(run_dir)
     with rundir.RunLock(run_dir), _StopFlag() as flag:
@@ -202,14 +203,18 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     max_pixels = (
         cfg.model.max_pixels or getattr(pix, "max_pixels", None) or (pix.size or {}).get("longest_edge")
     )
-    load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28))
+    load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28),
+                   limits=RecordLimits.from_config(cfg.data))  # fmt: skip
+    check = PromptCheck(ctx.prompts, ctx.processor, cfg.data.max_prompt_tokens)
     train_fields = dataclasses.replace(_fields(cfg), require_solution=cfg.algo.teacher_info == "solution")
     train_data = load_dataset_files(cfg.data.train_files, train_fields, cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
+    train_data.check = check
     val = []
     if cfg.data.val_files and cfg.trainer.val_every:
         val_data = load_dataset_files(cfg.data.val_files, _fields(cfg), cfg.data.val_split, shuffle=False,
                                       max_items=cfg.data.max_val_items, **load_kw)  # fmt: skip
+        val_data.check = check
         val = val_data.next_batch(len(val_data.samples)) if val_data.samples else []
         train_data.skipped += [Skip(s.id, f"[val] {s.reason}") for s in val_data.skipped]
     if not train_data.samples:
@@ -299,6 +304,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
                 metrics.write(m)
                 trackers.log(m)
                 if cfg.trainer.dump_every and step % cfg.trainer.dump_every == 0:
+                    saved = export_images(samples, run_dir)  # embedded images get a file the dump can name
+                    for row in result.dump:
+                        row["images"] = [saved.get(i, i) for i in row["images"]]
                     write_dump(run_dir, step, result.dump)
                 if len(train_data.skipped) > n_skipped_reported:
                     _write_skips(run_dir, train_data.skipped)

@@ -109,7 +109,9 @@ def resolve_run_dir(value: str | Path) -> Path:
     p = Path(value).expanduser()
     if p.is_absolute():
         return p
-    bases = [Path.cwd()] + ([Path(os.environ["PWD"])] if os.environ.get("PWD") else []) + list(Path.cwd().parents)
+    bases = (
+        [Path.cwd()] + ([Path(os.environ["PWD"])] if os.environ.get("PWD") else []) + list(Path.cwd().parents)
+    )
     for base in bases:
         if (base / p).is_dir():
             return base / p

@@ -130,7 +130,9 @@ def build_inputs(run: Run, row: dict, processor):
         cfg.model.max_pixels or getattr(ip, "max_pixels", None) or (ip.size or {}).get("longest_edge")
     )
     images = [load_image(p, int(max_pixels or 1280 * 28 * 28)) for p in image_paths(run, row)]
-    prompts = PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info)
+    prompts = PromptBuilder(
+        processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info
+    )
     sample = Sample(id=row["id"], problem=row["problem"], answer=str(row["answer"]), images=row["images"])
     enc = encode(processor, [prompts.student(sample)], [images])
     response = torch.tensor([row["token_ids"]], dtype=enc["input_ids"].dtype)

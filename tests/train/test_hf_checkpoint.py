@@ -133,3 +133,18 @@ def test_eval_runs_on_a_checkpoint_folder(trained, tmp_path, capsys):
             str(tmp_path / "x"), "--device", "cpu"]  # fmt: skip
     assert cli_main(argv) == 2
     assert "mmrlsd export" in capsys.readouterr().err
+
+
+def test_viz_runs_on_a_checkpoint_folder(trained, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from mmrlsd.viz import checkpoint_for, open_run
+
+    run, _ = trained
+    view = open_run(run / "checkpoint-1")  # the run, with that checkpoint for the overlay
+    assert view.path == run and view.checkpoints == {1: run / "checkpoint-1"} and view.steps == [1, 2]
+    assert checkpoint_for(view, 2) == (1, run / "checkpoint-1")
+    assert checkpoint_for(open_run(run), 1) == (1, run / "checkpoint-1")  # the nearest one otherwise
+    out = tmp_path / "v.html"
+    assert cli_main(["viz", str(run / "checkpoint-1"), "--step", "2", "--out", str(out)]) == 0
+    page = out.read_text()
+    assert "image overlay" in page  # the overlay was drawn (with checkpoint-1, as checkpoint_for says)
