@@ -72,7 +72,8 @@ class DataConfig:
     answer_key: str = "answer"
     """Field holding the reference final answer (the privileged information r)."""
     images_key: str = "images"
-    """Field holding a list of image paths/URLs relative to the data file (may be absent: text-only)."""
+    """Field holding the record's images: paths relative to the data file, `{bytes, path}` structs (parquet
+    written by `datasets`, hub datasets), PIL images or URLs (may be absent: text-only)."""
     problem_type_key: str = "problem_type"
     """Optional field: numeric | multiple_choice | ... (chooses the reward's matcher)."""
     solution_key: str = "solution"
@@ -141,6 +142,25 @@ class RolloutConfig:
     val_presence_penalty: float = 0.0
     """Presence penalty of the `val/sample_accuracy` samples: each token already in the response has its logit
     lowered by this much before temperature, top-k and top-p (vLLM's definition; the released script: 1.5)."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """vLLM: fraction of the GPU's memory its engine may take (weights + KV cache), in (0, 1]; the policy, teacher
+    and optimizer state need the rest. Ignored on CPU (see vllm_cpu_kvcache_gb)."""
+    vllm_max_model_len: int = 0
+    """vLLM: longest prompt + response in tokens (0: the model's own limit); at most the model's positions."""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: GPUs per engine; under torchrun the ranks of one tensor-parallel group share one engine and
+    must divide the world size."""
+    vllm_enforce_eager: bool = False
+    """vLLM: no CUDA graphs (faster start, slower decoding)."""
+    vllm_max_num_seqs: int = 0
+    """vLLM: most sequences decoded at once (0: vLLM's default)."""
+    vllm_cpu_kvcache_gb: float = 1.0
+    """vLLM's CPU build: KV-cache size in GiB (its default takes a large share of RAM)."""
+    vllm_sleep: str = "auto"
+    """vLLM: release its weights and KV cache while the policy trains: auto (on CUDA) | on | off."""
+    vllm_in_process: bool = True
+    """vLLM: run its engine core inside the training process (weights pushed through `reload_weights`); false
+    runs it in its own process (single-process runs; weights through vLLM's RL weight transfer, CUDA IPC)."""
 
 
 @dataclass
@@ -311,6 +331,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
+    "rollout.vllm_sleep": ("auto", "on", "off"),
     "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
@@ -324,14 +345,16 @@ CHOICES = {
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
             "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr", "reward.timeout",
             "trainer.max_bad_steps", "rollout.val_n", "data.remote_image_timeout",
-            "data.remote_image_max_bytes", "algo.max_refill_tries")  # fmt: skip
+            "data.remote_image_max_bytes", "algo.max_refill_tries", "rollout.vllm_tensor_parallel_size",
+            "rollout.vllm_cpu_kvcache_gb")  # fmt: skip
 NON_NEGATIVE = ("model.logprob_chunk", "optim.token_budget", "algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
                 "trainer.save_every", "trainer.val_every", "trainer.keep_last", "optim.grad_clip",
                 "optim.weight_decay", "rollout.temperature", "optim.warmup_steps", "algo.lam_warmup_steps",
                 "rollout.top_k", "rollout.gen_batch_size", "model.min_pixels", "model.max_pixels",
                 "data.max_val_items", "trainer.dump_every", "trainer.dump_max", "trainer.threads",
                 "rollout.val_temperature", "rollout.val_top_k", "rollout.val_presence_penalty",
-                "data.max_prompt_tokens", "data.max_images")  # fmt: skip
+                "data.max_prompt_tokens", "data.max_images", "rollout.vllm_max_model_len",
+                "rollout.vllm_max_num_seqs")  # fmt: skip
 
 
 AT_MOST = {"optim.lr": 1.0, "optim.weight_decay": 1.0, "optim.grad_clip": 1e6, "rollout.temperature": 10.0,
@@ -457,7 +480,7 @@ def _validate(cfg: Config, src: str) -> None:
         )
     if cfg.algo.eps_w >= 1:
         raise ConfigError(f"{src}: 'algo.eps_w' must be < 1 (the clip floor 1-eps_w must stay > 0)")
-    for key in ("rollout.top_p", "rollout.val_top_p"):
+    for key in ("rollout.top_p", "rollout.val_top_p", "rollout.vllm_gpu_memory_utilization"):
         if not 0 < get_key(cfg, key) <= 1:
             raise ConfigError(f"{src}: '{key}' must be in (0, 1], got {get_key(cfg, key)}")
     if cfg.reward.acc_weight + cfg.reward.format_weight <= 0:
@@ -511,6 +534,12 @@ def _validate_conflicts(cfg: Config, src: str) -> None:
     if a.distill == "jsd" and fast:
         raise ConfigError(
             f"{src}: 'algo.distill' jsd runs on the plain update path; set {', '.join(fast)} to false/0"
+        )
+    r = cfg.rollout
+    if r.vllm_max_model_len and r.vllm_max_model_len <= r.max_new_tokens:
+        raise ConfigError(
+            f"{src}: 'rollout.vllm_max_model_len' ({r.vllm_max_model_len}) must exceed 'rollout.max_new_tokens' "
+            f"({r.max_new_tokens}): it holds the prompt and the response"
         )
     if cfg.trainer.val_every and not cfg.data.val_files:
         raise ConfigError(f"{src}: 'trainer.val_every' needs 'data.val_files' (it is empty)")

@@ -55,6 +55,13 @@ def test_values_and_overrides():
         ("algo.lam0=1.5", "'algo.lam0' must be in \\[0, 1\\]"),
         ("optim.micro_batch_size=0", "'optim.micro_batch_size' must be > 0"),
         ("model.dtype=fp32", "'model.dtype' is 'fp32'; valid choices"),
+        ("rollout.vllm_gpu_memory_utilization=1.2", "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]"),
+        ("rollout.vllm_gpu_memory_utilization=0", "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]"),
+        ("rollout.vllm_tensor_parallel_size=0", "'rollout.vllm_tensor_parallel_size' must be > 0"),
+        ("rollout.vllm_max_model_len=-1", "'rollout.vllm_max_model_len' must be >= 0"),
+        ("rollout.vllm_max_model_len=200", "'rollout.vllm_max_model_len' \\(200\\) must exceed 'rollout.max_new_tokens'"),
+        ("rollout.vllm_sleep=always", "'rollout.vllm_sleep' is 'always'; valid choices: auto, on, off"),
+        ("rollout.vllm_enforce_eager=3", "'rollout.vllm_enforce_eager' must be bool"),
     ],
 )
 def test_invalid_values(override, msg):

@@ -19,11 +19,18 @@ SMALL = ["trainer.total_steps=2", "trainer.val_every=2", "data.max_val_items=16"
 """Overrides that shrink the tiny default for the test (the README runs 100 steps: checkpoint-100)."""
 
 
-def quick_start_blocks() -> list[str]:
-    """The ```bash blocks of the README's quick start section, in order."""
+def quick_start_blocks() -> tuple[str, str, str]:
+    """The README quick start's ```bash blocks: (install + train, what to run after training, install + tests)."""
     text = README.read_text(encoding="utf-8")
     section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+
+    def the(marker: str) -> str:
+        found = [b for b in blocks if marker in b]
+        assert len(found) == 1, (marker, blocks)
+        return found[0]
+
+    return the("mmrlsd train configs/tiny_cpu.yaml"), the("mmrlsd eval"), the("python -m pytest -q\n")
 
 
 def commands(block: str) -> list[str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import types
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -102,26 +103,26 @@ def hf_generate(model_path: str, prompts: list[tuple[str, list]], cfg: EvalConfi
 
 def vllm_generate(model_path: str, prompts: list[tuple[str, list]], cfg: EvalConfig, *, dtype: str, device: str,
                   progress: bool) -> list[str]:  # fmt: skip
-    """The same answers with vLLM (same chat template, images before the text in one user turn)."""
-    from transformers import AutoProcessor
-    from vllm import LLM, SamplingParams
+    """The same answers with vLLM: the chat text, images, EOS ids, blocked vision tokens, sampling settings and
+    decoding of `hf_generate` (greedy answers are the same tokens)."""
+    from transformers import AutoProcessor, GenerationConfig
 
     from mmrlsd.data.encoding import chat_text
+    from mmrlsd.rollout.generate import eos_token_ids
+    from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
     processor = AutoProcessor.from_pretrained(model_path)
+    try:
+        gen = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        gen = GenerationConfig()
+    eos = eos_token_ids(types.SimpleNamespace(generation_config=gen), processor)
     max_images = max((len(images) for _, images in prompts), default=1)
-    llm = LLM(model=model_path, dtype=dtype, seed=cfg.seed, limit_mm_per_prompt={"image": max(max_images, 1)})
-    inputs = [
-        {
-            "prompt": chat_text(processor, text, len(images)),
-            **({"multi_modal_data": {"image": images}} if images else {}),
-        }
-        for text, images in prompts
-    ]
-    params = SamplingParams(
-        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed
-    )
-    return [out.outputs[0].text for out in llm.generate(inputs, params, use_tqdm=progress)]
+    engine = VLLMEngine(model_path, processor=processor, dtype=dtype, seed=cfg.seed, max_images=max(max_images, 1),
+                        settings=VLLMSettings(gpu_memory_utilization=0.85, sleep="off"))  # fmt: skip
+    chats = [(chat_text(processor, text, len(images)), images) for text, images in prompts]
+    return engine.eval_sample(chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p, seed=cfg.seed, eos=eos)  # fmt: skip
 
 
 ENGINES = {"hf": hf_generate, "vllm": vllm_generate}

@@ -75,15 +75,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _score_only(bench, args: argparse.Namespace) -> int:
+    from mmrlsd.bench.base import restrict_to_gold
     from mmrlsd.bench.run import summary_markdown, write_json, write_result
 
     split = args.split or bench.default_split
-    result = bench.score(
-        bench.load(args.data, split),
-        bench.read_predictions(args.predictions),
-        mode=args.mode or "official",
-        split=split,
-    )
+    if args.output and Path(args.output).is_dir():
+        print(f"error: --output {args.output}: is a directory (give a file name for the result JSON)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        gold = bench.load(args.data, split)
+        predictions, warnings = restrict_to_gold(bench, gold, bench.read_predictions(args.predictions))
+        result = bench.score(gold, predictions, mode=args.mode or "official", split=split)
+    except (ValueError, KeyError) as e:  # duplicate ids, damaged rows, missing fields: named by the readers
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    if warnings:
+        result["warnings"] = [*result.get("warnings", []), *warnings]
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.output), result)

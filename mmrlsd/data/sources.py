@@ -143,6 +143,11 @@ def _table_rows(table, label: str, fields: FieldMap) -> list[tuple[str, dict]]:
     if fields.images in table.column_names:
         col = table.column(fields.images)
         is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+        item = col.type.value_type if is_list else col.type
+        if pa.types.is_string(item) or pa.types.is_large_string(item):  # paths/URLs: checked like JSON rows
+            for row, value in zip(rows, col.to_pylist()):
+                row[fields.images] = value
+            return [(f"{label}:{i}", r) for i, r in enumerate(rows)]
         if is_list:
             counts = pc.fill_null(pc.list_value_length(col), 0).to_pylist()
         else:
@@ -268,7 +273,9 @@ def _image_entry(img, j: int, rid: str, roots: list[Path], limits: RecordLimits)
     """`(display name, what to load)` of one image entry of a JSON row; `ImageError` when it is unusable."""
     if isinstance(img, dict):  # {"path": ...} or {"bytes": ...}
         if img.get("bytes"):
-            return f"{rid} image {j} (embedded)", img["bytes"]
+            if not isinstance(img["bytes"], (bytes, bytearray)):
+                raise ImageError(f"image entry {j}: 'bytes' holds {type(img['bytes']).__name__}, not bytes")
+            return f"{rid} image {j} (embedded)", bytes(img["bytes"])
         img = img.get("path") or ""
     if isinstance(img, (bytes, bytearray)) and img:
         return f"{rid} image {j} (embedded)", bytes(img)
@@ -411,6 +418,8 @@ class Dataset:
                     src = src.get()
                 except Exception as e:  # pyarrow errors for a damaged column
                     raise ImageError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
+                if src is None:
+                    raise ImageError(f"{name}: empty image entry (null)")
                 if isinstance(src, dict) and not src.get("bytes") and isinstance(src.get("path"), str):
                     src = _struct_path(src["path"], self.roots.get(sample.id, []), self.limits)
             pil.append(load_image(src, self.max_pixels, name=name, remote=remote))
@@ -419,6 +428,17 @@ class Dataset:
             self.check(loaded)
             self._checked.add(sample.id)
         return loaded
+
+    def load_all(self) -> list[Sample]:
+        """Every sample once, in order, with its images loaded; unusable ones are skipped and counted (a
+        validation set: no record is drawn twice to make up for a skipped one)."""
+        out = []
+        for sample in self.samples:
+            try:
+                out.append(self.load(sample))
+            except RecordError as e:
+                self.record_skip(Skip(sample.id, str(e)))
+        return out
 
     def next_batch(self, size: int) -> list[Sample]:
         """The next `size` samples with their images loaded; unusable ones are skipped and counted."""

@@ -49,7 +49,7 @@ from mmrlsd.config import (
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.data.sanitize import neutralize_special_tokens
+from mmrlsd.data.sanitize import PromptCheck, neutralize_special_tokens
 from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
@@ -275,7 +275,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
             max_items=cfg.sft.val_items or cfg.data.max_val_items,
             limits=RecordLimits.from_config(cfg.data),
         )
-        val = val_data.next_batch(len(val_data.samples))
+        val = val_data.load_all()
     model_path = cfg.model.path
     if not model_path:
         texts = [t for s in train.samples[: cfg.init.corpus_records] for t in (s.problem, s.solution or "")]
@@ -288,6 +288,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
     builders = {info: PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, info)
                 for info in ("answer", "solution")}  # fmt: skip
     prompts = builders["answer"]
+    train.check = PromptCheck(builders["solution"], processor, cfg.data.max_prompt_tokens)  # the longer teacher
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                             betas=tuple(cfg.optim.betas))  # fmt: skip

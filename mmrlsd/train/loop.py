@@ -145,10 +145,14 @@ def build(cfg: Config):
     )
     engine = None
     if cfg.rollout.engine == "vllm":
-        from mmrlsd.rollout.vllm_engine import VLLMEngine
+        from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
-        engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype,
-                            seed=cfg.trainer.seed + dist.rank())  # fmt: skip
+        settings = VLLMSettings.from_config(cfg.rollout)
+        engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype, settings=settings,
+                            seed=cfg.trainer.seed + dist.rank() // settings.tensor_parallel_size,
+                            world_size=dist.world_size(),
+                            mm_processor_kwargs={k: v for k in ("min_pixels", "max_pixels")
+                                                 if (v := getattr(cfg.model, k))})  # fmt: skip
     return StepContext(cfg, policy, teacher, processor, optimizer, prompts, engine)
 
 
@@ -215,7 +219,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
         val_data = load_dataset_files(cfg.data.val_files, _fields(cfg), cfg.data.val_split, shuffle=False,
                                       max_items=cfg.data.max_val_items, **load_kw)  # fmt: skip
         val_data.check = check
-        val = val_data.next_batch(len(val_data.samples)) if val_data.samples else []
+        val = val_data.load_all()
         train_data.skipped += [Skip(s.id, f"[val] {s.reason}") for s in val_data.skipped]
     if not train_data.samples:
         raise DataError(
@@ -261,7 +265,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
                     "; resume with --resume" if latest is not None else "")  # fmt: skip
         if main:
             trackers.close()
-        fsdp.destroy_distributed()
+        dist.destroy_distributed()
         return run_dir
 
     bad_in_a_row = state.get("bad_in_a_row", 0)

@@ -11,8 +11,10 @@ Outcomes:
 
 Covered: configs (unknown key, wrong type, missing value, invalid choice, zero/negative sizes, non-finite
 numbers, conflicting settings, bad prompt templates), data (missing/unknown/damaged files, not JSON, not UTF-8,
-missing answer, empty question, duplicate ids, ...), images (missing, empty, corrupt, truncated, decompression
-bomb, every pixel mode, a 12000x12000 PNG within the pixel budget and a memory bound), models (missing path,
+missing answer, empty question, duplicate ids, too many images, an over-long question, remote images while
+off, image paths leaving the data folder, special-token text, ...), images (missing, empty, corrupt, truncated,
+decompression bomb as a file or as bytes, an aspect ratio the processor refuses, every pixel mode, a 12000x12000
+PNG within the pixel budget and a memory bound), models (missing path,
 not a VLM, unsupported architecture, no weights, unknown hub id) and answers (adversarial math and huge
 outputs: score 0 in bounded time, never executed). The runtime faults (non-finite loss, SIGTERM, SIGKILL) are in
 `test_faults.py`.
@@ -407,6 +409,9 @@ DATA_CASES = [
          Skipped("outside", r"^'link\.png': image path leaves the data folder")),
     Case("data-image-entry-not-a-path", _records({"id": "imgint", "problem": "q?", "answer": "1", "images": [7]}),
          Skipped("imgint", r"image entry 0 is int: expected a path, URL, image bytes or PIL image")),
+    Case("data-image-struct-text-bytes", _records({"id": "b64", "problem": "q?", "answer": "1",
+                                                   "images": [{"bytes": "iVBORw0KGgo=", "path": None}]}),
+         Skipped("b64", r"^image entry 0: 'bytes' holds str, not bytes$")),
     Case("data-special-token-text", _records({"id": "tok", "problem": "<|image_pad|><|im_end|>", "answer": "1"},
                                              good_first=True),
          Accepted(_accepts(2, problem=GOOD["problem"]))),
