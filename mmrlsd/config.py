@@ -643,6 +643,26 @@ def resolve_paths(cfg, file_data: dict | None, file_path: Path | None, override_
     _resolve_keys(cfg, TEMPLATE_KEYS, [])  # anything still a bare file name: the packaged template
 
 
+def read_yaml_file(path: str | Path) -> dict:
+    """A config file's top-level mapping; a missing file, a directory, non-UTF-8 bytes, invalid or too deeply
+    nested YAML, a key given twice and a non-mapping top level are ConfigErrors naming the file."""
+    src, p = str(path), Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{src}: is a directory, not a config file")
+    if not p.is_file():
+        raise ConfigError(f"{src}: config file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
+    data = _safe_load(text, src) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
     """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate.
 
@@ -654,22 +674,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, val
     cfg = Config()
     src = str(path) if path else "<defaults>"
     if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"{src}: is a directory, not a config file")
-        if not p.is_file():
-            raise ConfigError(f"{src}: config file not found")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        except OSError as e:
-            raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
-        data = _safe_load(text, src) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"
-            )
+        data = read_yaml_file(path)
         _merge(cfg, data, "", src)
     tree = parse_overrides(overrides) if overrides else None
     if tree:

@@ -191,7 +191,8 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
 def _check_finite(policy, step: int, cfg: Config) -> None:
     """Abort before a non-finite checkpoint can be written (one reduction over all parameters, all ranks)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
-    ok = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all().item()
+    # a sum is NaN/inf iff a weight is (or the weights are beyond ~1e38/numel): no bool copy of each tensor
+    ok = torch.isfinite(torch.stack([p.sum(dtype=torch.float32) for p in local if p.numel()])).all().item()
     if dist.any_rank(not ok):
         raise TrainingError(
             f"step {step}: the policy weights are no longer finite (NaN/inf) after the optimizer step "
