@@ -45,6 +45,7 @@ from mmrlsd.config import (
     dump_config,
     parse_overrides,
     read_yaml_file,
+    resolve_paths,
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
@@ -126,9 +127,12 @@ def load_sft_config(path: str | Path | None, overrides: list[str] | None = None)
     cfg = SFTConfig()
     src = str(path) if path else "<defaults>"
     if path is not None:
-        _merge(cfg, read_yaml_file(path), "", src)
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
+        data = read_yaml_file(path)
+        _merge(cfg, data, "", src)
+    tree = parse_overrides(overrides) if overrides else None
+    if tree:
+        _merge(cfg, tree, "", f"{src} (command-line override)")
+    resolve_paths(cfg, data if path is not None else None, Path(path) if path is not None else None, tree)
     if not cfg.data.train_files:
         raise ConfigError(f"{src}: 'data.train_files' is required")
     for key, value in (("sft.batch_size", cfg.sft.batch_size), ("trainer.total_steps", cfg.trainer.total_steps),
