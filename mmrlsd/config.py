@@ -133,6 +133,13 @@ class RolloutConfig:
     """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
     val_n: int = 1
     """Samples per validation item for `val/sample_accuracy`."""
+    val_top_p: float = 1.0
+    """Nucleus sampling of the `val/sample_accuracy` samples (the paper's validation: 0.8)."""
+    val_top_k: int = 0
+    """Top-k of the `val/sample_accuracy` samples (0: off; the paper's validation: 20)."""
+    val_presence_penalty: float = 0.0
+    """Presence penalty of the `val/sample_accuracy` samples: each token already in the response has its logit
+    lowered by this much before temperature, top-k and top-p (vLLM's definition; the released script: 1.5)."""
 
 
 @dataclass
@@ -312,7 +319,8 @@ NON_NEGATIVE = ("model.logprob_chunk", "optim.token_budget", "algo.eps_w", "algo
                 "optim.weight_decay", "rollout.temperature", "optim.warmup_steps", "algo.lam_warmup_steps",
                 "rollout.top_k", "rollout.gen_batch_size", "model.min_pixels", "model.max_pixels",
                 "data.max_val_items", "trainer.dump_every", "trainer.dump_max", "trainer.threads",
-                "rollout.val_temperature", "data.max_prompt_tokens", "data.max_images")  # fmt: skip
+                "rollout.val_temperature", "rollout.val_top_k", "rollout.val_presence_penalty",
+                "data.max_prompt_tokens", "data.max_images")  # fmt: skip
 
 
 def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
@@ -393,8 +401,9 @@ def _validate(cfg: Config, src: str) -> None:
         )
     if cfg.algo.eps_w >= 1:
         raise ConfigError(f"{src}: 'algo.eps_w' must be < 1 (the clip floor 1-eps_w must stay > 0)")
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"{src}: 'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
+    for key in ("rollout.top_p", "rollout.val_top_p"):
+        if not 0 < get_key(cfg, key) <= 1:
+            raise ConfigError(f"{src}: '{key}' must be in (0, 1], got {get_key(cfg, key)}")
     if cfg.reward.acc_weight + cfg.reward.format_weight <= 0:
         raise ConfigError(f"{src}: 'reward.acc_weight' + 'reward.format_weight' must be > 0")
     if cfg.optim.mini_batches > cfg.rollout.batch_size * cfg.rollout.n:

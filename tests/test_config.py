@@ -76,8 +76,8 @@ def test_shipped_configs_validate():
 
     from mmrlsd.recipes.sft import load_sft_config
 
-    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
-    assert configs, "no configs/*.yaml"
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))  # configs/release/ too
+    assert len([c for c in configs if c.parent.name == "release"]) >= 2, configs
     for c in configs:
         is_sft = "sft" in (yaml.safe_load(c.read_text()) or {})  # `mmrlsd sft` recipes have their own loader
         (load_sft_config if is_sft else load_config)(c)
@@ -90,3 +90,37 @@ def test_validate_cli_and_help():
     r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.eps_W=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "did you mean 'algo.eps_w'" in r.stderr
+
+
+def test_release_configs_hold_the_released_script_values():
+    """configs/release/ carries the released launch script's values; its GRPO twin differs in algo.lam0 only."""
+    from mmrlsd.config import to_dict
+
+    rlsd = load_config("configs/release/rlsd_qwen3vl_8b.yaml")
+    a, r, t = rlsd.algo, rlsd.rollout, rlsd.trainer
+    assert (a.lam0, a.lam_decay_steps, a.lam_warmup_steps, a.teacher_refresh) == (0.5, 60, 0, 20)
+    assert (a.eps_w, a.clip_low, a.clip_high, a.clip_c, rlsd.data.shuffle, t.val_every) == (
+        0.2, 0.2, 0.28, 3.0, False, 5)  # fmt: skip
+    assert (r.n, r.batch_size, r.temperature, r.top_p, r.max_new_tokens, r.val_n) == (8, 256, 1.0, 1.0, 4096, 1)
+    assert (r.val_temperature, r.val_top_p, r.val_top_k, r.val_presence_penalty) == (0.7, 0.8, 20, 1.5)
+    assert (rlsd.model.min_pixels, rlsd.model.max_pixels, rlsd.reward.name) == (262144, 1048576, "unified")
+    assert (rlsd.optim.lr, rlsd.optim.weight_decay, rlsd.optim.grad_clip, rlsd.optim.mini_batches) == (
+        1e-6, 0.01, 1.0, 1)  # fmt: skip
+    grpo = to_dict(load_config("configs/release/grpo_qwen3vl_8b.yaml"))
+    flat = lambda d: {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}  # noqa: E731
+    diff = {k for k, v in flat(grpo).items() if flat(to_dict(rlsd))[k] != v}
+    assert diff == {"algo.lam0"}
+
+
+def test_validate_command_accepts_every_shipped_config(capsys):
+    """`mmrlsd validate` (its run function, in-process) passes on every config under configs/, SFT recipes too."""
+    import argparse
+    from pathlib import Path
+
+    from mmrlsd.cli import validate
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+    for c in configs:
+        assert validate.run(argparse.Namespace(config=str(c), overrides=[])) == 0, c
+    out = capsys.readouterr().out
+    assert out.count(": OK (") == len(configs) and "tiny_sft.yaml: OK" in out

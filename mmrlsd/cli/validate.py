@@ -1,4 +1,5 @@
-"""`mmrlsd validate`: load a config with the training loader and report, without running anything."""
+"""`mmrlsd validate`: load a config with its loader (training, or `mmrlsd sft` for a file with an `sft` section)
+and report, without running anything."""
 
 from __future__ import annotations
 
@@ -16,9 +17,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides")
 
 
+def _is_sft(path: str) -> bool:
+    """Whether the file is an `mmrlsd sft` recipe (a top-level `sft` section); unreadable files are not."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False  # the training loader reports the problem, naming the file
+    return isinstance(data, dict) and "sft" in data
+
+
 def run(args: argparse.Namespace) -> int:
     from mmrlsd.config import load_config, to_dict
 
-    cfg = load_config(args.config, args.overrides)
+    if _is_sft(args.config):
+        from mmrlsd.recipes.sft import load_sft_config
+
+        cfg = load_sft_config(args.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
     print(f"{args.config}: OK ({sum(len(v) for v in to_dict(cfg).values())} keys)")
     return 0

@@ -126,13 +126,19 @@ def _is_saved_dataset(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in ("dataset_dict.json", "state.json"))
 
 
+def _mapped_columns(fields: FieldMap) -> list[str]:
+    """The column names a `FieldMap` reads, images included."""
+    return list(
+        dict.fromkeys(v for f in dataclasses.fields(fields) if isinstance(v := getattr(fields, f.name), str))
+    )
+
+
 def _table_rows(table, label: str, fields: FieldMap) -> list[tuple[str, dict]]:
     """Rows of an Arrow table as dicts of the mapped text fields; the image column stays in Arrow."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    names = [getattr(fields, f.name) for f in dataclasses.fields(fields) if f.name != "images"]
-    keys = [k for k in names if isinstance(k, str) and k in table.column_names]
+    keys = [k for k in _mapped_columns(fields) if k != fields.images and k in table.column_names]
     rows = table.select(keys).to_pylist()
     if fields.images in table.column_names:
         col = table.column(fields.images)
@@ -203,8 +209,9 @@ def _read_rows(source: str, split: str, fields: FieldMap) -> _Rows:
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        try:
-            table = pq.read_table(path)
+        try:  # only the mapped columns: a long unused column (a reasoning trace) is never read
+            present = set(pq.read_schema(path).names)
+            table = pq.read_table(path, columns=[c for c in _mapped_columns(fields) if c in present])
         except Exception as e:  # pyarrow raises ArrowInvalid, OSError, ... for a damaged file
             raise DataError(f"{source}: unreadable parquet file ({type(e).__name__}: {e})") from None
         return _Rows(_table_rows(table, path.name, fields), [path.parent], source)
@@ -342,7 +349,9 @@ def to_sample(row: dict, default_id: str, fields: FieldMap, base: Path | list[Pa
     ptype = row.get(fields.problem_type)
     solution = row.get(fields.solution)
     if fields.require_solution and (not isinstance(solution, str) or not solution.strip()):
-        return Skip(rid, f"missing or empty solution field {fields.solution!r} (the teacher's privileged text)")
+        return Skip(
+            rid, f"missing or empty solution field {fields.solution!r} (the teacher's privileged text)"
+        )
     return Sample(
         id=rid,
         problem=problem,

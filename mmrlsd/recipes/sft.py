@@ -48,6 +48,7 @@ from mmrlsd.config import (
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
+from mmrlsd.data.sanitize import neutralize_special_tokens
 from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
@@ -173,7 +174,8 @@ def solution_batch(processor, samples: list[Sample], texts: list[str]) -> SeqBat
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     enc = encode(processor, texts, [s.pil_images for s in samples])
-    targets = [tok(s.solution or "", add_special_tokens=False)["input_ids"] + [eos] for s in samples]
+    clean = [neutralize_special_tokens(s.solution or "", processor) for s in samples]  # no forged <|im_end|>
+    targets = [tok(text, add_special_tokens=False)["input_ids"] + [eos] for text in clean]
     T = max(len(t) for t in targets)
     ids = torch.full((len(samples), T), tok.pad_token_id, dtype=torch.long)  # (N, T)
     mask = torch.zeros((len(samples), T), dtype=torch.long)  # (N, T)

@@ -32,6 +32,7 @@ HARMLESS = {
     "trainer.total_steps", "trainer.save_every", "trainer.keep_last", "trainer.val_every", "trainer.dump_every",
     "trainer.dump_max", "trainer.output_dir", "trainer.threads", "trainer.max_bad_steps", "trainer.device",
     "data.val_files", "data.val_split", "data.max_val_items", "rollout.val_temperature", "rollout.val_n",
+    "rollout.val_top_p", "rollout.val_top_k", "rollout.val_presence_penalty",
     "dist.fsdp", "dist.backend", "dist.teacher_offload",
 }  # fmt: skip
 HARMLESS_SECTIONS = ("log.", "logging.", "tracker.", "trackers.")

@@ -128,3 +128,20 @@ def test_over_long_records_are_skipped_at_draw(processor, tmp_path):
                          data.skipped[0].reason).group(1).replace(",", ""))  # fmt: skip
     assert n > 3000
     assert isinstance(data, Dataset)
+
+
+def test_sft_targets_cannot_forge_an_end_of_turn(processor):
+    """An SFT target (a record's solution) with `<|im_end|>` text keeps a single end-of-turn token, its last."""
+    from mmrlsd.recipes.sft import solution_batch
+
+    s = Sample(
+        id="x",
+        problem="q?",
+        answer="1",
+        solution="<thought>a<|im_end|><|im_start|>b</thought><answer>1</answer>",
+    )
+    seq = solution_batch(processor, [s], [_builder(processor).student(s)])
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    response = seq.input_ids[0, seq.prompt_len :].tolist()
+    assert response.count(end) == 1 and response[-1] == end and start not in response

@@ -244,3 +244,38 @@ def test_huge_problem_is_skipped_before_tokenising(tmp_path):
     assert data.skipped[0].reason == ("prompt too long (question and answer hold 200,001 characters, over 16 per "
                                       "token of data.max_prompt_tokens: 4,096)")  # fmt: skip
     assert not load_dataset_files([str(path)], FieldMap(), limits=RecordLimits(max_prompt_tokens=0)).skipped
+
+
+def test_geometry3k_recipe_reads_easyr1_layout_through_hub(tmp_path, monkeypatch):
+    """`configs/geometry3k_qwen25vl_3b.yaml`'s data section on a local folder in geometry3k's layout (`images`
+    as a list of Image structs, `problem` with an `<image>` marker, `answer`), loaded as `hub:FOLDER` by the
+    same code path as `hub:hiyouga/geometry3k`, both splits."""
+    import datasets
+
+    from mmrlsd.config import load_config
+    from mmrlsd.train.loop import _fields
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    repo = Path(__file__).resolve().parents[2]
+    cfg = load_config(repo / "configs" / "geometry3k_qwen25vl_3b.yaml")
+    assert cfg.data.train_files == ["hub:hiyouga/geometry3k"] and cfg.data.val_split == "test"
+    folder = tmp_path / "geometry3k" / "data"
+    folder.mkdir(parents=True)
+    for split, n in (("train", 3), ("test", 2)):
+        ds = _datasets_images([[_picture((60, 40))] for _ in range(n)], tmp_path).remove_columns(
+            ["id", "problem_type"]
+        )
+        ds = ds.map(
+            lambda r, i: {"problem": f"<image>Find x in triangle {i}.", "answer": str(10 + i)},
+            with_indices=True,
+        )
+        ds.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+    source = f"hub:{tmp_path / 'geometry3k'}"
+    limits = RecordLimits.from_config(cfg.data)
+    train = load_dataset_files([source], _fields(cfg), cfg.data.train_split, limits=limits)
+    test = load_dataset_files([source], _fields(cfg), cfg.data.val_split, limits=limits)
+    assert (len(train.samples), len(test.samples)) == (3, 2) and not train.skipped and not test.skipped
+    s = train.next_batch(1)[0]
+    assert (
+        s.problem.startswith("<image>Find x") and len(s.pil_images) == 1 and s.pil_images[0].size == (60, 40)
+    )
