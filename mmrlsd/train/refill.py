@@ -15,12 +15,16 @@ any rank is short.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from mmrlsd import dist
 from mmrlsd.algo.advantage import groups_in_band
-from mmrlsd.types import Groups, Rollouts
+from mmrlsd.types import Rollouts
+
+if TYPE_CHECKING:
+    from mmrlsd.types import Groups
 
 REFILL_SEED_STRIDE = 10_000_019
 """Refill round r samples with seed + r·stride: no collision with the next steps' seeds (seed + 1, + 2, ...)."""
