@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from mmrlsd.config import (
     ConfigError,
@@ -45,6 +44,8 @@ from mmrlsd.config import (
     _merge,
     dump_config,
     parse_overrides,
+    read_yaml_file,
+    resolve_paths,
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
@@ -126,21 +127,20 @@ def load_sft_config(path: str | Path | None, overrides: list[str] | None = None)
     cfg = SFTConfig()
     src = str(path) if path else "<defaults>"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{src}: config file not found")
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{src}: the top level must be a mapping of sections")
+        data = read_yaml_file(path)
         _merge(cfg, data, "", src)
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
+    tree = parse_overrides(overrides) if overrides else None
+    if tree:
+        _merge(cfg, tree, "", f"{src} (command-line override)")
+    resolve_paths(cfg, data if path is not None else None, Path(path) if path is not None else None, tree)
     if not cfg.data.train_files:
         raise ConfigError(f"{src}: 'data.train_files' is required")
     for key, value in (("sft.batch_size", cfg.sft.batch_size), ("trainer.total_steps", cfg.trainer.total_steps),
                        ("optim.micro_batch_size", cfg.optim.micro_batch_size), ("optim.lr", cfg.optim.lr)):  # fmt: skip
         if value <= 0:
             raise ConfigError(f"{src}: '{key}' must be > 0, got {value!r}")
+    if cfg.optim.lr > 1:
+        raise ConfigError(f"{src}: 'optim.lr' must be <= 1, got {cfg.optim.lr!r}")
     if not 0 <= cfg.sft.teacher_frac <= 1:
         raise ConfigError(f"{src}: 'sft.teacher_frac' must be in [0, 1], got {cfg.sft.teacher_frac}")
     bad = [i for i in cfg.sft.teacher_infos if i not in ("answer", "solution")]
@@ -244,13 +244,21 @@ def init_model(cfg: SFTConfig, out_dir: Path, corpus: list[str]) -> str:
 
 
 def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
-    """Run SFT; returns the directory of the final model (`output_dir/model`)."""
+    """Run SFT; returns the directory of the final model (`output_dir/model`). The run directory is locked for
+    the run (a second writer stops with an error naming the first)."""
+    from mmrlsd.train import rundir
+
+    run_dir = Path(output_dir)
+    rundir.make_run_dir(run_dir)
+    with rundir.RunLock(run_dir):
+        return _sft(cfg, run_dir, progress)
+
+
+def _sft(cfg: SFTConfig, run_dir: Path, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
     from mmrlsd.data.synth import corpus as synth_corpus
 
-    run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)
@@ -272,7 +280,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
             max_items=cfg.sft.val_items or cfg.data.max_val_items,
             limits=RecordLimits.from_config(cfg.data),
         )
-        val = val_data.next_batch(len(val_data.samples))
+        val = val_data.load_all()
     model_path = cfg.model.path
     if not model_path:
         texts = [t for s in train.samples[: cfg.init.corpus_records] for t in (s.problem, s.solution or "")]

@@ -316,3 +316,16 @@ def test_null_and_empty_structs_in_a_table_are_named_skips(tmp_path):
     assert [(s.id, s.reason) for s in data.skipped] == [
         ("null", "null image 0 (embedded): empty image entry (null)"),
         ("empty", "empty image 0 (embedded): image entry has neither bytes nor a path")]  # fmt: skip
+
+
+def test_validation_set_loads_each_record_once(tmp_path):
+    """`load_all`: a skipped validation record is counted, and no other record is drawn twice in its place."""
+    path = tmp_path / "val.jsonl"
+    recs = [{"id": "a", "problem": "q?", "answer": "1"}, {"id": "bad", "problem": "q?", "answer": "1",
+            "images": ["missing.png"]}, {"id": "c", "problem": "q?", "answer": "1"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    data = load_dataset_files([str(path)], FieldMap(), shuffle=False)
+    assert [s.id for s in data.load_all()] == ["a", "c"]
+    assert [(s.id, s.reason) for s in data.skipped] == [
+        ("bad", f"{tmp_path / 'missing.png'}: image file not found")
+    ]
