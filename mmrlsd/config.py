@@ -17,11 +17,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from mmrlsd.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -398,9 +400,11 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate."""
-    cfg = Config()
+def load_dataclass(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """`cls()` with the YAML mapping at `path` (may be None) and the dotted overrides merged in, type-checked: the
+    one loader of every dataclass config (training, SFT, perf, eval). An unknown key, a wrong type or a file that is
+    not a YAML mapping raises `ConfigError` naming the file and the key; range checks are the caller's."""
+    cfg = cls()
     src = str(path) if path else "<defaults>"
     if path is not None:
         p = Path(path)
@@ -417,8 +421,14 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None, val
         _merge(cfg, data, "", src)
     if overrides:
         _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """Read the training config at `path` (may be None), apply dotted overrides, type-check and validate."""
+    cfg = load_dataclass(Config, path, overrides)
     if validate:
-        _validate(cfg, src)
+        _validate(cfg, str(path) if path else "<defaults>")
     return cfg
 
 

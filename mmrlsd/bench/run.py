@@ -12,15 +12,13 @@ numbers. Protocol settings (split, mode, sampling, `max_new_tokens`) live in `ev
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mmrlsd.bench.base import Bench, Record, check_mode
+from mmrlsd.config import load_dataclass
 
 EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
 
@@ -45,22 +43,8 @@ class EvalConfig:
 
 
 def load_eval_config(path: str | Path | None) -> EvalConfig:
-    """Read an `EvalConfig` from YAML (`yaml.safe_load`); an unknown key fails with a suggestion."""
-    if path is None:
-        return EvalConfig()
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
-    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(fields)}"
-            raise ValueError(f"{path}: unknown key {key!r}{hint}")
-        want = {"str": str, "int": int, "float": (int, float)}[str(fields[key].type)]
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise ValueError(f"{path}: {key} must be {fields[key].type}, got {value!r}")
-    return EvalConfig(**data)
+    """An `EvalConfig` from YAML (`mmrlsd.config.load_dataclass`: an unknown key fails with a suggestion)."""
+    return load_dataclass(EvalConfig, path)
 
 
 def default_config_path(bench_name: str) -> Path | None:

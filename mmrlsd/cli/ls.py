@@ -15,12 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmrlsd.algo import ADVANTAGES, TOKEN_ADVANTAGES
+    from mmrlsd.algo import ADVANTAGES, METHODS
     from mmrlsd.config import CHOICES
     from mmrlsd.model.tiny import ARCHS
     from mmrlsd.reward.rewards import REWARDS
 
-    rows = {"token advantages (algo.token_adv)": sorted(TOKEN_ADVANTAGES) + ["grpo_opsd"],
+    rows = {"methods (algo.token_adv)": list(METHODS),
             "teacher information (algo.teacher_info; sibling = SDPO)": list(CHOICES["algo.teacher_info"]),
             "distillation (algo.distill)": list(CHOICES["algo.distill"]),
             "group advantages (algo.adv)": sorted(ADVANTAGES), "rewards (reward.name)": sorted(REWARDS),

@@ -35,9 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from mmrlsd.config import ConfigError, _merge, load_config, parse_overrides
+from mmrlsd.config import load_config, load_dataclass
 from mmrlsd.model.tiny import ARCHS, TinySize
 from mmrlsd.reward.rewards import REWARDS, RewardResult, register_reward
 from mmrlsd.types import Sample
@@ -57,21 +56,14 @@ def template(name: str) -> Path:
 
 
 @dataclass
-class PerfConfig:
-    """One benchmark setting (`perf_configs/*.yaml` in this package); unknown keys are errors."""
+class PerfConfig(TinySize):
+    """One benchmark setting (`perf_configs/*.yaml` in this package); unknown keys are errors. The model's widths
+    (`TinySize`) apply to the tiny shape."""
 
     arch: str = "qwen2_5_vl"
     """Architecture: qwen2_vl | qwen2_5_vl | qwen3_vl."""
     shape: str = "tiny"
-    """tiny (the widths below) | qwen2_5_vl_3b (Qwen2.5-VL-3B's widths, random init, 151,936-token vocab)."""
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 512
-    vision_hidden: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 2
+    """tiny (the `TinySize` widths) | qwen2_5_vl_3b (Qwen2.5-VL-3B's widths, random init, 151,936-token vocab)."""
     vocab_size: int = 512
     """BPE vocabulary of the locally trained tokenizer (tiny shape)."""
     device: str = "auto"
@@ -111,13 +103,7 @@ class PerfConfig:
 def load_perf_config(path: str | Path, overrides: list[str] | None = None) -> PerfConfig:
     """`PerfConfig` from YAML (`yaml.safe_load`) plus `key=value` overrides, type-checked by the training
     config's rules (`mmrlsd.config`: unknown keys fail with a suggestion); unknown variants, archs, shapes fail."""
-    cfg = PerfConfig()
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings")
-    _merge(cfg, data, "", str(path))
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{path} (command-line override)")
+    cfg = load_dataclass(PerfConfig, path, overrides)
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or cfg.arch not in ARCHS or cfg.shape not in ("tiny", "qwen2_5_vl_3b"):
         raise ValueError(f"{path}: variants {bad} / arch {cfg.arch!r} / shape {cfg.shape!r} not known")
@@ -153,10 +139,7 @@ def build_model(pc: PerfConfig, device: torch.device):
     from mmrlsd.model.tiny import build_processor, build_tokenizer, make_tiny
 
     if pc.shape == "tiny":
-        size = TinySize(hidden=pc.hidden, layers=pc.layers, heads=pc.heads, kv_heads=pc.kv_heads,
-                        intermediate=pc.intermediate, vision_hidden=pc.vision_hidden, vision_depth=pc.vision_depth,
-                        vision_heads=pc.vision_heads)  # fmt: skip
-        d = make_tiny(pc.arch, Path(tempfile.mkdtemp(prefix="mmrlsd_perf_")), seed=pc.seed, size=size,
+        d = make_tiny(pc.arch, Path(tempfile.mkdtemp(prefix="mmrlsd_perf_")), seed=pc.seed, size=pc,
                       vocab_size=pc.vocab_size, max_pixels=pc.image_px**2)  # fmt: skip
         return load_model(
             str(d), dtype=pc.dtype, device=str(device), attn_implementation=pc.attn_implementation

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from mmrlsd.config import (
     ConfigError,
@@ -42,9 +41,8 @@ from mmrlsd.config import (
     RewardConfig,
     RolloutConfig,
     TrainerConfig,
-    _merge,
     dump_config,
-    parse_overrides,
+    load_dataclass,
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
@@ -53,6 +51,7 @@ from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
 from mmrlsd.model.load import load_model, resolve_device
 from mmrlsd.model.logprobs import build_sequences, forward_logprobs, slice_seq
+from mmrlsd.model.tiny import TinySize
 from mmrlsd.train.validate import validate
 from mmrlsd.types import Rollouts, Sample, SeqBatch
 
@@ -75,27 +74,11 @@ class SFTSection:
 
 
 @dataclass
-class InitConfig:
-    """The random-init tiny model built when `model.path` is empty (see `mmrlsd.model.tiny.TinySize`)."""
+class InitConfig(TinySize):
+    """The random-init tiny model built when `model.path` is empty: its widths (`TinySize`) and these."""
 
     arch: str = "qwen2_vl"
     """qwen2_vl | qwen2_5_vl | qwen3_vl."""
-    hidden: int = 128
-    """Decoder width."""
-    layers: int = 4
-    """Decoder layers."""
-    heads: int = 4
-    """Attention heads."""
-    kv_heads: int = 2
-    """Key/value heads."""
-    intermediate: int = 256
-    """Decoder MLP width."""
-    vision_hidden: int = 64
-    """Vision tower width."""
-    vision_depth: int = 2
-    """Vision tower blocks."""
-    vision_heads: int = 2
-    """Vision attention heads."""
     vocab_size: int = 384
     """BPE vocabulary (special and added tokens included in the count the trainer aims for)."""
     added_tokens: list[str] = field(
@@ -122,18 +105,8 @@ class SFTConfig:
 
 def load_sft_config(path: str | Path | None, overrides: list[str] | None = None) -> SFTConfig:
     """Read the YAML at `path`, apply dotted overrides, type-check (same rules as `mmrlsd.config.load_config`)."""
-    cfg = SFTConfig()
+    cfg = load_dataclass(SFTConfig, path, overrides)
     src = str(path) if path else "<defaults>"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{src}: config file not found")
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{src}: the top level must be a mapping of sections")
-        _merge(cfg, data, "", src)
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
     if not cfg.data.train_files:
         raise ConfigError(f"{src}: 'data.train_files' is required")
     for key, value in (("sft.batch_size", cfg.sft.batch_size), ("trainer.total_steps", cfg.trainer.total_steps),
@@ -228,13 +201,10 @@ def _fields(cfg: SFTConfig) -> FieldMap:
 
 def init_model(cfg: SFTConfig, out_dir: Path, corpus: list[str]) -> str:
     """Build the random-init tiny model under `out_dir/init` and return its path."""
-    from mmrlsd.model.tiny import TinySize, make_tiny
+    from mmrlsd.model.tiny import make_tiny
 
     i = cfg.init
-    size = TinySize(hidden=i.hidden, layers=i.layers, heads=i.heads, kv_heads=i.kv_heads,
-                    intermediate=i.intermediate, vision_hidden=i.vision_hidden, vision_depth=i.vision_depth,
-                    vision_heads=i.vision_heads)  # fmt: skip
-    path = make_tiny(i.arch, out_dir / "init", seed=i.seed, size=size, extra_corpus=corpus,
+    path = make_tiny(i.arch, out_dir / "init", seed=i.seed, size=i, extra_corpus=corpus,
                      vocab_size=i.vocab_size, max_pixels=cfg.model.max_pixels or 112 * 112,
                      added_tokens=list(i.added_tokens))  # fmt: skip
     return str(path)
