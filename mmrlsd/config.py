@@ -249,16 +249,16 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
+# Keys whose choices are a registry's names (algo.token_adv, algo.adv, reward.name, model.packed_attention) are
+# checked by `mmrlsd.train.choices.check_registered`, which can see the registries.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
-    "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
-    "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",

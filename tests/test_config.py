@@ -90,3 +90,28 @@ def test_validate_cli_and_help():
     r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.eps_W=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "did you mean 'algo.eps_w'" in r.stderr
+
+
+def test_registry_backed_choices_come_from_the_registries(monkeypatch):
+    """`algo.token_adv`, `algo.adv`, `reward.name` and `model.packed_attention` accept exactly what their registries
+    hold: an unknown name fails listing them, and a newly registered one is accepted without touching the config."""
+    from mmrlsd.algo.methods import METHODS, get_method
+    from mmrlsd.train.choices import check_registered, registered_choices
+
+    for key, value in (("algo.token_adv", "ppo"), ("algo.adv", "rloo"), ("reward.name", "maths"),
+                       ("model.packed_attention", "sdpa")):  # fmt: skip
+        names = registered_choices()[key]
+        with pytest.raises(ConfigError, match=f"'{key}' is '{value}'; valid choices: {', '.join(names)}$"):
+            check_registered(load_config(None, BASE + [f"{key}={value}"]))
+    assert registered_choices()["algo.token_adv"] == ["rlsd", "grpo", "opsd", "grpo_opsd"]
+    monkeypatch.setitem(METHODS, "ppo", get_method("grpo"))
+    assert check_registered(load_config(None, BASE + ["algo.token_adv=ppo"])).algo.token_adv == "ppo"
+
+
+def test_field_map_reads_every_data_key():
+    from mmrlsd.data.sources import FieldMap
+
+    keys = ["problem", "answer", "images", "problem_type", "solution", "id"]
+    cfg = load_config(None, BASE + [f"data.{k}_key=col_{k}" for k in keys])
+    assert FieldMap.from_config(cfg.data) == FieldMap(**{k: f"col_{k}" for k in keys})
+    assert FieldMap.from_config(load_config(None, BASE).data) == FieldMap()  # the same defaults

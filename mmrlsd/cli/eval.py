@@ -12,13 +12,13 @@ from pathlib import Path
 HELP = "generate and/or score a benchmark"
 EXAMPLES = """examples:
   # generate with a model and score (writes predictions.jsonl, scores.json, summary.md)
-  mmrlsd eval --bench mathvista --model runs/tiny/checkpoint-100 --data ../shared/benchdata/mathvista/data/testmini.json
+  mmrlsd eval --bench mathvista --model runs/tiny/checkpoint-100 --data benchdata/mathvista/data/testmini.json
   mmrlsd eval --bench mmmu --model Qwen/Qwen2.5-VL-7B-Instruct --split validation --limit 30 --output-dir runs/eval/mmmu
   # score an existing predictions file (ours or an official format)
-  mmrlsd eval --bench mathvista --predictions ../shared/benchdata/mathvista/results/bard/output_bard.json \\
-      --data ../shared/benchdata/mathvista/data/testmini.json --mode official --output bard.json
-  mmrlsd eval --bench mmmu --predictions ../shared/benchdata/mmmu/mmmu/example_outputs/llava1.5_13b \\
-      --data ../shared/benchdata/mmmu/mmmu/answer_dict_val.json --output llava.json
+  mmrlsd eval --bench mathvista --predictions benchdata/mathvista/results/bard/output_bard.json \\
+      --data benchdata/mathvista/data/testmini.json --mode official --output bard.json
+  mmrlsd eval --bench mmmu --predictions benchdata/mmmu/mmmu/example_outputs/llava1.5_13b \\
+      --data benchdata/mmmu/mmmu/answer_dict_val.json --output llava.json
   # MathVista with the official LLM extraction step, against a judge you run (OpenAI-compatible)
   mmrlsd eval --bench mathvista --predictions runs/eval/mathvista_testmini/predictions.jsonl --data testmini.json \\
       --mode llm --judge-url http://localhost:8000/v1 --judge-model Qwen/Qwen2.5-72B-Instruct --output llm.json

@@ -18,7 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mmrlsd.config import load_config, to_dict
+    from mmrlsd.train.choices import check_registered
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = check_registered(load_config(args.config, args.overrides), str(args.config))
     print(f"{args.config}: OK ({sum(len(v) for v in to_dict(cfg).values())} keys)")
     return 0

@@ -1,4 +1,4 @@
-"""Student and teacher prompts from Jinja template files (spec section 4), rendered into the chat template.
+"""Student and teacher prompts from Jinja template files, rendered into the chat template.
 
 The student sees the question x; the teacher sees x plus the privileged information r (the reference answer, or
 for OPSD the reference solution). Both get the same images in the same place (before the text), so the pixel

@@ -9,6 +9,7 @@ images are loaded for a batch (missing, empty or corrupt file).
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import logging
 import math
@@ -28,12 +29,19 @@ log = logging.getLogger("mmrlsd.data")
 
 @dataclass
 class FieldMap:
+    """Which record field holds each part of a `Sample` (the config's `data.<part>_key` settings)."""
+
     problem: str = "problem"
     answer: str = "answer"
     images: str = "images"
     problem_type: str = "problem_type"
     solution: str = "solution"
     id: str = "id"
+
+    @classmethod
+    def from_config(cls, data) -> FieldMap:
+        """From a `DataConfig` (training or SFT): `data.problem_key`, `data.answer_key`, ..."""
+        return cls(**{f.name: getattr(data, f"{f.name}_key") for f in dataclasses.fields(cls)})
 
 
 @dataclass

@@ -193,12 +193,6 @@ def sft_loss(policy, seq: SeqBatch, micro_batch_size: int, backward: bool = True
     return total, tokens
 
 
-def _fields(cfg: SFTConfig) -> FieldMap:
-    d = cfg.data
-    return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key)  # fmt: skip
-
-
 def init_model(cfg: SFTConfig, out_dir: Path, corpus: list[str]) -> str:
     """Build the random-init tiny model under `out_dir/init` and return its path."""
     from mmrlsd.model.tiny import make_tiny
@@ -222,7 +216,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)
     max_pixels = cfg.model.max_pixels or 112 * 112
-    train = load_dataset_files(cfg.data.train_files, _fields(cfg), cfg.data.train_split, seed=cfg.trainer.seed,
+    train = load_dataset_files(cfg.data.train_files, FieldMap.from_config(cfg.data), cfg.data.train_split, seed=cfg.trainer.seed,
                                shuffle=cfg.data.shuffle, max_pixels=max_pixels)  # fmt: skip
     train.samples = [s for s in train.samples if s.solution]
     if not train.samples:
@@ -231,7 +225,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
     if cfg.data.val_files and cfg.trainer.val_every:
         val_data = load_dataset_files(
             cfg.data.val_files,
-            _fields(cfg),
+            FieldMap.from_config(cfg.data),
             cfg.data.val_split,
             shuffle=False,
             max_pixels=max_pixels,

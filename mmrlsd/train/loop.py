@@ -9,7 +9,6 @@ The training step itself is `mmrlsd.train.step.rlsd_step`; this module only runs
 from __future__ import annotations
 
 import copy
-import importlib
 import json
 import logging
 import signal
@@ -25,19 +24,13 @@ from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
 from mmrlsd.log import MetricsWriter, write_dump
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
-from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
 from mmrlsd.train import fsdp
+from mmrlsd.train.choices import check_registered
 from mmrlsd.train.step import StepContext, rlsd_step
 from mmrlsd.train.validate import validate
 
 log = logging.getLogger("mmrlsd.train")
-
-
-def _fields(cfg: Config) -> FieldMap:
-    d = cfg.data
-    return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key)  # fmt: skip
 
 
 def _lr_at(step: int, cfg: Config) -> float:
@@ -75,9 +68,7 @@ class _StopFlag:
 
 def build(cfg: Config):
     """Model, teacher, processor, optimizer and prompts for a run (sharded with FSDP2 under torchrun)."""
-    for module in cfg.reward.plugins:
-        importlib.import_module(module)
-    get_reward(cfg.reward.name)  # fail now, listing the valid names, not after the first rollout
+    check_registered(cfg)  # reward plugins imported; method, reward, ... names checked before any model work
     distributed = dist.init_distributed(cfg.dist.backend)
     use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
     if distributed and not use_fsdp:
@@ -160,11 +151,11 @@ def train(
         cfg.model.max_pixels or getattr(pix, "max_pixels", None) or (pix.size or {}).get("longest_edge")
     )
     load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28))
-    train_data = load_dataset_files(cfg.data.train_files, _fields(cfg), cfg.data.train_split,
+    train_data = load_dataset_files(cfg.data.train_files, FieldMap.from_config(cfg.data), cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
     val = []
     if cfg.data.val_files and cfg.trainer.val_every:
-        val_data = load_dataset_files(cfg.data.val_files, _fields(cfg), cfg.data.val_split, shuffle=False,
+        val_data = load_dataset_files(cfg.data.val_files, FieldMap.from_config(cfg.data), cfg.data.val_split, shuffle=False,
                                       max_items=cfg.data.max_val_items, **load_kw)  # fmt: skip
         val = val_data.next_batch(len(val_data.samples)) if val_data.samples else []
         train_data.skipped += [Skip(s.id, f"[val] {s.reason}") for s in val_data.skipped]

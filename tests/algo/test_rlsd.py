@@ -10,7 +10,7 @@ from mmrlsd.algo.rlsd import evidence_weights, grpo_opsd_token_advantages
 
 
 def oracle(adv, delta, mask, lam, eps_w):
-    """Per-token loop, straight from spec section 3."""
+    """Per-token loop, straight from the formula in `mmrlsd.algo.rlsd`."""
     out = torch.zeros_like(delta)
     for i in range(delta.shape[0]):
         a = float(adv[i])
