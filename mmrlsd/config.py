@@ -38,7 +38,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Off unless you trust the checkpoint's code."""
     min_pixels: int = 0
-    """Lower pixel budget per image (0: the processor's default)."""
+    """Lower pixel budget per image (0: the processor's default); smaller images are upscaled to it."""
     max_pixels: int = 0
     """Upper pixel budget per image (0: the processor's default); larger images are resized down."""
     gradient_checkpointing: bool = False
@@ -73,21 +73,42 @@ class DataConfig:
     answer_key: str = "answer"
     """Field holding the reference final answer (the privileged information r)."""
     images_key: str = "images"
-    """Field holding a list of image paths/URLs relative to the data file (may be absent: text-only)."""
+    """Field holding the record's images: paths relative to the data file, `{bytes, path}` structs (parquet
+    written by `datasets`, hub datasets), PIL images or URLs (may be absent: text-only)."""
     problem_type_key: str = "problem_type"
     """Optional field: numeric | multiple_choice | ... (chooses the reward's matcher)."""
     solution_key: str = "solution"
-    """Optional field: a reference solution (OPSD's privileged information)."""
+    """Field holding a reference solution or reasoning trace: the teacher's privileged text under
+    `algo.teacher_info: solution` (OPSD; the release reads its dataset's reasoning-trace column,
+    `qwen3vl_235b_thinking_response`). Required then: training records without it are skipped and counted."""
     id_key: str = "id"
     """Optional field: record id (default: `<file>:<line>`)."""
+    options_key: str = "options"
+    """Optional field: a list of answer options, listed under the question by templates that use `options`."""
     student_template: str = "configs/prompts/student.jinja"
-    """Jinja template of the student's user turn (variables: problem)."""
+    """Jinja template of the student's user turn (variables: problem, problem_type, options); images go where
+    the rendered text has `<image>` markers, else first."""
     teacher_template: str = "configs/prompts/teacher.jinja"
-    """Jinja template of the teacher's user turn (variables: problem, answer, solution)."""
+    """Jinja template of the teacher's user turn (variables: problem, problem_type, options, reference, answer,
+    solution)."""
     max_val_items: int = 0
     """Cap on validation items (0: all)."""
     shuffle: bool = True
     """Shuffle the training data each epoch (seeded)."""
+    max_prompt_tokens: int = 16384
+    """Longest prompt, student or teacher, image tokens included; longer records are skipped and counted (0: no
+    limit)."""
+    max_images: int = 32
+    """Most images in one record; records with more are skipped and counted (0: no limit)."""
+    allow_remote_images: bool = False
+    """Fetch `http(s)` image URLs (off: such records are skipped). Fetches have a timeout and a size cap and
+    never go to loopback, private or link-local addresses."""
+    remote_image_timeout: float = 10.0
+    """Seconds for one remote image's whole download."""
+    remote_image_max_bytes: int = 20_000_000
+    """Largest remote image accepted, in bytes."""
+    allow_external_images: bool = False
+    """Allow image paths outside the data file's folder (absolute paths, `..`, symlinks pointing out)."""
 
 
 @dataclass
@@ -115,6 +136,32 @@ class RolloutConfig:
     """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
     val_n: int = 1
     """Samples per validation item for `val/sample_accuracy`."""
+    val_top_p: float = 1.0
+    """Nucleus sampling of the `val/sample_accuracy` samples (the paper's validation: 0.8)."""
+    val_top_k: int = 0
+    """Top-k of the `val/sample_accuracy` samples (0: off; the paper's validation: 20)."""
+    val_presence_penalty: float = 0.0
+    """Presence penalty of the `val/sample_accuracy` samples: each token already in the response has its logit
+    lowered by this much before temperature, top-k and top-p (vLLM's definition; the released script: 1.5)."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """vLLM: fraction of the GPU's memory its engine may take (weights + KV cache), in (0, 1]; the policy, teacher
+    and optimizer state need the rest. Ignored on CPU (see vllm_cpu_kvcache_gb)."""
+    vllm_max_model_len: int = 0
+    """vLLM: longest prompt + response in tokens (0: the model's own limit); at most the model's positions."""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: GPUs per engine; under torchrun the ranks of one tensor-parallel group share one engine and
+    must divide the world size."""
+    vllm_enforce_eager: bool = False
+    """vLLM: no CUDA graphs (faster start, slower decoding)."""
+    vllm_max_num_seqs: int = 0
+    """vLLM: most sequences decoded at once (0: vLLM's default)."""
+    vllm_cpu_kvcache_gb: float = 1.0
+    """vLLM's CPU build: KV-cache size in GiB (its default takes a large share of RAM)."""
+    vllm_sleep: str = "auto"
+    """vLLM: release its weights and KV cache while the policy trains: auto (on CUDA) | on | off."""
+    vllm_in_process: bool = True
+    """vLLM: run its engine core inside the training process (weights pushed through `reload_weights`); false
+    runs it in its own process (single-process runs; weights through vLLM's RL weight transfer, CUDA IPC)."""
 
 
 @dataclass
@@ -173,6 +220,28 @@ class AlgoConfig:
     """Run the teacher pass even when it cannot change the update (GRPO), to log Δ and w for comparison."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal (A = 0) before the teacher pass and update."""
+    sdpo_pick: str = "first"
+    """SDPO (teacher_info sibling): which correct sibling the teacher sees: first (the first other correct
+    response of the group) | shortest (the release's form: the shortest other correct one, plus the shortest other
+    incorrect one as the template's `feedback`)."""
+    rlsd_thought_only: bool = False
+    """The teacher reweights only tokens inside <thought>...</thought> (the tags excluded); the answer and format
+    tokens keep Â_t = A (the release's `rlsd_thought_only`; tags are matched on token ids, as there)."""
+    rlsd_negative_only: bool = False
+    """The teacher reweights only responses with A < 0; the others keep Â_t = A (the release's
+    `rlsd_negative_only`)."""
+    online_filtering: bool = False
+    """Keep only groups whose mean `filter_key` lies strictly inside (filter_low, filter_high), rolling out more
+    prompts until the batch is full again (the release's online filtering; off there by default)."""
+    filter_key: str = "reward"
+    """What online filtering averages per group: reward (the release's `overall`) | accuracy."""
+    filter_low: float = 0.01
+    """Online filtering: a group's mean must be > filter_low."""
+    filter_high: float = 0.99
+    """Online filtering: a group's mean must be < filter_high."""
+    max_refill_tries: int = 20
+    """Online filtering: rollout rounds per step (the first included) before training on the groups kept so far
+    (the release's `max_try_make_batch`, which raises instead)."""
 
 
 @dataclass
@@ -255,21 +324,63 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
+    "rollout.vllm_sleep": ("auto", "on", "off"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
+    "algo.filter_key": ("reward", "accuracy"),
+    "algo.sdpo_pick": ("first", "shortest"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
             "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr", "reward.timeout",
-            "trainer.max_bad_steps", "rollout.val_n")  # fmt: skip
+            "trainer.max_bad_steps", "rollout.val_n", "data.remote_image_timeout",
+            "data.remote_image_max_bytes", "algo.max_refill_tries", "rollout.vllm_tensor_parallel_size",
+            "rollout.vllm_cpu_kvcache_gb")  # fmt: skip
 NON_NEGATIVE = ("model.logprob_chunk", "optim.token_budget", "algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
                 "trainer.save_every", "trainer.val_every", "trainer.keep_last", "optim.grad_clip",
                 "optim.weight_decay", "rollout.temperature", "optim.warmup_steps", "algo.lam_warmup_steps",
                 "rollout.top_k", "rollout.gen_batch_size", "model.min_pixels", "model.max_pixels",
                 "data.max_val_items", "trainer.dump_every", "trainer.dump_max", "trainer.threads",
-                "rollout.val_temperature")  # fmt: skip
+                "rollout.val_temperature", "rollout.val_top_k", "rollout.val_presence_penalty",
+                "data.max_prompt_tokens", "data.max_images", "rollout.vllm_max_model_len",
+                "rollout.vllm_max_num_seqs")  # fmt: skip
+
+
+AT_MOST = {"optim.lr": 1.0, "optim.weight_decay": 1.0, "optim.grad_clip": 1e6, "rollout.temperature": 10.0,
+           "rollout.val_temperature": 10.0, "algo.clip_low": 0.99, "algo.clip_high": 10.0, "algo.clip_c": 1e3,
+           "reward.timeout": 3600.0, "algo.opsd_coef": 1e3}  # fmt: skip
+"""Upper bounds on values no run can mean (an lr of 1e308 writes an all-NaN checkpoint)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` semantics, but a key given twice in one mapping is an error (not a silent overwrite)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let SafeLoader report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str, where: str):
+    """YAML -> Python with SafeLoader semantics; every failure is a ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
 
 
 def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
@@ -328,6 +439,16 @@ def _validate(cfg: Config, src: str) -> None:
     for key in NON_NEGATIVE:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
+    for key, hi in AT_MOST.items():
+        if get_key(cfg, key) > hi:
+            raise ConfigError(f"{src}: '{key}' must be <= {hi:g}, got {get_key(cfg, key)!r}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"{src}: 'optim.betas' must be in [0, 1), got {cfg.optim.betas}")
+    if 0 < cfg.algo.clip_c <= 1:
+        raise ConfigError(f"{src}: 'algo.clip_c' must be 0 (off) or > 1, got {cfg.algo.clip_c}")
+    for key in ("reward.acc_weight", "reward.format_weight"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
     if not cfg.model.path:
         raise ConfigError(f"{src}: 'model.path' is required (a hub id or a local checkpoint directory)")
     if not cfg.data.train_files:
@@ -339,10 +460,20 @@ def _validate(cfg: Config, src: str) -> None:
         raise ConfigError(f"{src}: 'algo.jsd_beta' must be in [0, 1], got {cfg.algo.jsd_beta}")
     if not 0 <= cfg.algo.lam0 <= 1:
         raise ConfigError(f"{src}: 'algo.lam0' must be in [0, 1], got {cfg.algo.lam0}")
+    if (cfg.algo.rlsd_thought_only or cfg.algo.rlsd_negative_only) and cfg.algo.token_adv != "rlsd":
+        raise ConfigError(
+            f"{src}: 'algo.rlsd_thought_only' / 'algo.rlsd_negative_only' need 'algo.token_adv' rlsd, "
+            f"got {cfg.algo.token_adv!r}"
+        )
+    if cfg.algo.filter_low >= cfg.algo.filter_high:
+        raise ConfigError(
+            f"{src}: 'algo.filter_low' ({cfg.algo.filter_low}) must be < 'algo.filter_high' ({cfg.algo.filter_high})"
+        )
     if cfg.algo.eps_w >= 1:
         raise ConfigError(f"{src}: 'algo.eps_w' must be < 1 (the clip floor 1-eps_w must stay > 0)")
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"{src}: 'rollout.top_p' must be in (0, 1], got {cfg.rollout.top_p}")
+    for key in ("rollout.top_p", "rollout.val_top_p", "rollout.vllm_gpu_memory_utilization"):
+        if not 0 < get_key(cfg, key) <= 1:
+            raise ConfigError(f"{src}: '{key}' must be in (0, 1], got {get_key(cfg, key)}")
     if cfg.reward.acc_weight + cfg.reward.format_weight <= 0:
         raise ConfigError(f"{src}: 'reward.acc_weight' + 'reward.format_weight' must be > 0")
     if cfg.optim.mini_batches > cfg.rollout.batch_size * cfg.rollout.n:
@@ -375,6 +506,12 @@ def _validate_conflicts(cfg: Config, src: str) -> None:
         raise ConfigError(
             f"{src}: 'algo.distill' jsd runs on the plain update path; set {', '.join(fast)} to false/0"
         )
+    r = cfg.rollout
+    if r.vllm_max_model_len and r.vllm_max_model_len <= r.max_new_tokens:
+        raise ConfigError(
+            f"{src}: 'rollout.vllm_max_model_len' ({r.vllm_max_model_len}) must exceed 'rollout.max_new_tokens' "
+            f"({r.max_new_tokens}): it holds the prompt and the response"
+        )
     if cfg.trainer.val_every and not cfg.data.val_files:
         raise ConfigError(f"{src}: 'trainer.val_every' needs 'data.val_files' (it is empty)")
 
@@ -394,9 +531,21 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = tree
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key like section.key")
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"override {item!r}: '{'.'.join(parts[: i + 1])}' was already set to a value by another "
+                    "override, so it has no keys"
+                )
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(
+                f"override {item!r}: '{key}' is a section already given keys by another override"
+            )
+        shown = item if len(item) <= 80 else item[:77] + "..."
+        node[parts[-1]] = _safe_load(raw, f"override {shown!r}") if raw.strip() else ""
     return tree
 
 
@@ -408,12 +557,17 @@ def load_dataclass(cls: type[T], path: str | Path | None, overrides: list[str] |
     src = str(path) if path else "<defaults>"
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"{src}: is a directory, not a config file")
         if not p.is_file():
             raise ConfigError(f"{src}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: not valid YAML: {e}") from None
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        except OSError as e:
+            raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
+        data = _safe_load(text, src) or {}
         if not isinstance(data, dict):
             raise ConfigError(
                 f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"

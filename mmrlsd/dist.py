@@ -27,7 +27,8 @@ def destroy_distributed() -> None:
 
 
 def enabled() -> bool:
-    return td.is_available() and td.is_initialized()
+    """A process group of more than one rank (vLLM's in-process engine creates a group of one)."""
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
 
 
 def rank() -> int:

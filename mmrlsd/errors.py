@@ -17,7 +17,11 @@ class ModelError(MmrlsdError):
     """A checkpoint that cannot be used (missing, not a vision-language model, unsupported architecture)."""
 
 
-class ImageError(MmrlsdError):
+class RecordError(MmrlsdError):
+    """A record that cannot be used (an image, its prompt length); training skips and counts it."""
+
+
+class ImageError(RecordError):
     """An image that cannot be used; the record is skipped and counted."""
 
 
@@ -27,3 +31,7 @@ class CheckpointError(MmrlsdError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint file that would run code when loaded (a pickle naming a forbidden global): never loaded."""
+
+
+class TrainingError(MmrlsdError):
+    """A run that cannot go on (weights no longer finite, too many skipped steps); the newest checkpoint is intact."""

@@ -14,13 +14,19 @@ class Sample:
 
     id: str
     problem: str
+    """The question text; its `<image>` markers, if any, are kept (one per image: where the images go)."""
     answer: str
     images: list[str] = field(default_factory=list)
-    """Resolved image paths or URLs (empty: a text-only problem)."""
+    """Resolved image paths or URLs, or labels of images stored in the dataset (empty: a text-only problem)."""
     problem_type: str | None = None
     solution: str | None = None
+    options: list[str] = field(default_factory=list)
+    """Answer options of a multiple-choice record, when the data lists them apart from the question."""
     pil_images: list = field(default_factory=list)
-    """Loaded RGB images (filled by `load_images`, not serialised)."""
+    """Loaded RGB images (filled when a batch draws the sample, not serialised)."""
+    image_data: list = field(default_factory=list)
+    """What each of `images` loads from, when not the path itself: bytes, a PIL image, or a reference into
+    the dataset's table (empty: load `images`)."""
 
 
 @dataclass

@@ -55,6 +55,13 @@ def test_values_and_overrides():
         ("algo.lam0=1.5", "'algo.lam0' must be in \\[0, 1\\]"),
         ("optim.micro_batch_size=0", "'optim.micro_batch_size' must be > 0"),
         ("model.dtype=fp32", "'model.dtype' is 'fp32'; valid choices"),
+        ("rollout.vllm_gpu_memory_utilization=1.2", "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]"),
+        ("rollout.vllm_gpu_memory_utilization=0", "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]"),
+        ("rollout.vllm_tensor_parallel_size=0", "'rollout.vllm_tensor_parallel_size' must be > 0"),
+        ("rollout.vllm_max_model_len=-1", "'rollout.vllm_max_model_len' must be >= 0"),
+        ("rollout.vllm_max_model_len=200", "'rollout.vllm_max_model_len' \\(200\\) must exceed 'rollout.max_new_tokens'"),
+        ("rollout.vllm_sleep=always", "'rollout.vllm_sleep' is 'always'; valid choices: auto, on, off"),
+        ("rollout.vllm_enforce_eager=3", "'rollout.vllm_enforce_eager' must be bool"),
     ],
 )
 def test_invalid_values(override, msg):
@@ -76,33 +83,73 @@ def test_shipped_configs_validate():
 
     from mmrlsd.recipes.sft import load_sft_config
 
-    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml"))
-    assert configs, "no configs/*.yaml"
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))  # configs/release/ too
+    assert len([c for c in configs if c.parent.name == "release"]) >= 2, configs
     for c in configs:
         is_sft = "sft" in (yaml.safe_load(c.read_text()) or {})  # `mmrlsd sft` recipes have their own loader
         (load_sft_config if is_sft else load_config)(c)
 
 
 def test_validate_cli_and_help():
-    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.lam0=0"],
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/tiny_cpu.yaml", "algo.lam0=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    # validate runs train's pre-model checks: a 7B recipe's data must exist on this machine
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "warning: data.train_files: data/mmfinereason/" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.eps_W=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "did you mean 'algo.eps_w'" in r.stderr
+
+
+def test_release_configs_hold_the_released_script_values():
+    """configs/release/ carries the released launch script's values; its GRPO twin differs in algo.lam0 only."""
+    from mmrlsd.config import to_dict
+
+    rlsd = load_config("configs/release/rlsd_qwen3vl_8b.yaml")
+    a, r, t = rlsd.algo, rlsd.rollout, rlsd.trainer
+    assert (a.lam0, a.lam_decay_steps, a.lam_warmup_steps, a.teacher_refresh) == (0.5, 60, 0, 20)
+    assert (a.eps_w, a.clip_low, a.clip_high, a.clip_c, rlsd.data.shuffle, t.val_every) == (
+        0.2, 0.2, 0.28, 3.0, False, 5)  # fmt: skip
+    assert (r.n, r.batch_size, r.temperature, r.top_p, r.max_new_tokens, r.val_n) == (8, 256, 1.0, 1.0, 4096, 1)
+    assert (r.val_temperature, r.val_top_p, r.val_top_k, r.val_presence_penalty) == (0.7, 0.8, 20, 1.5)
+    assert (rlsd.model.min_pixels, rlsd.model.max_pixels, rlsd.reward.name) == (262144, 1048576, "unified")
+    assert (rlsd.optim.lr, rlsd.optim.weight_decay, rlsd.optim.grad_clip, rlsd.optim.mini_batches) == (
+        1e-6, 0.01, 1.0, 1)  # fmt: skip
+    grpo = to_dict(load_config("configs/release/grpo_qwen3vl_8b.yaml"))
+    flat = lambda d: {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}  # noqa: E731
+    diff = {k for k, v in flat(grpo).items() if flat(to_dict(rlsd))[k] != v}
+    assert diff == {"algo.lam0"}
+
+
+def test_validate_command_accepts_every_shipped_config(capsys):
+    """`mmrlsd validate` (its run function, in-process) passes on every config under configs/, SFT recipes too."""
+    import argparse
+    from pathlib import Path
+
+    from mmrlsd.cli import validate
+
+    configs = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
+    for c in configs:
+        assert validate.run(argparse.Namespace(config=str(c), overrides=[])) == 0, c
+    out = capsys.readouterr().out
+    assert out.count(": OK (") == len(configs) and "tiny_sft.yaml: OK" in out
 
 
 def test_registry_backed_choices_come_from_the_registries(monkeypatch):
     """`algo.token_adv`, `algo.adv`, `reward.name` and `model.packed_attention` accept exactly what their registries
     hold: an unknown name fails listing them, and a newly registered one is accepted without touching the config."""
     from mmrlsd.algo.methods import METHODS, get_method
-    from mmrlsd.train.choices import check_registered, registered_choices
+    from mmrlsd.train.preflight import check_registered, registered_choices
 
-    for key, value in (("algo.token_adv", "ppo"), ("algo.adv", "rloo"), ("reward.name", "maths"),
-                       ("model.packed_attention", "sdpa")):  # fmt: skip
+    for key, value in (("algo.token_adv", "ppo"), ("algo.adv", "rloo"), ("model.packed_attention", "sdpa")):
         names = registered_choices()[key]
         with pytest.raises(ConfigError, match=f"'{key}' is '{value}'; valid choices: {', '.join(names)}$"):
             check_registered(load_config(None, BASE + [f"{key}={value}"]))
+    rewards = ", ".join(sorted(registered_choices()["reward.name"]))
+    with pytest.raises(ConfigError, match=f"reward.name: unknown reward 'maths'; known: {rewards}$"):
+        check_registered(load_config(None, BASE + ["reward.name=maths"]))
     assert registered_choices()["algo.token_adv"] == ["rlsd", "grpo", "opsd", "grpo_opsd"]
     monkeypatch.setitem(METHODS, "ppo", get_method("grpo"))
     assert check_registered(load_config(None, BASE + ["algo.token_adv=ppo"])).algo.token_adv == "ppo"
@@ -111,7 +158,7 @@ def test_registry_backed_choices_come_from_the_registries(monkeypatch):
 def test_field_map_reads_every_data_key():
     from mmrlsd.data.sources import FieldMap
 
-    keys = ["problem", "answer", "images", "problem_type", "solution", "id"]
+    keys = ["problem", "answer", "images", "problem_type", "solution", "id", "options"]
     cfg = load_config(None, BASE + [f"data.{k}_key=col_{k}" for k in keys])
     assert FieldMap.from_config(cfg.data) == FieldMap(**{k: f"col_{k}" for k in keys})
     assert FieldMap.from_config(load_config(None, BASE).data) == FieldMap()  # the same defaults

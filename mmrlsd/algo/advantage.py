@@ -49,6 +49,38 @@ def grpo_advantages(
     return centred.reshape(-1)  # (B*G,)
 
 
+def reinforce_pp_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """REINFORCE++ with an outcome reward (γ = 1), as the release's GRPO+OPSD outcome term computes it: every
+    token of response i has return R_i, and the returns are whitened over all response tokens of the batch (no
+    group baseline): `A_i = (R_i - μ) / sqrt(σ² + eps)` with the token-weighted mean μ = Σ L_i R_i / Σ L_i and
+    unbiased variance σ² = Σ L_i (R_i - μ)² / (Σ L_i - 1), `L_i` the response lengths.
+
+    Args: `rewards` `(N,)`, `lengths` `(N,)` response tokens per row. Returns `(N,)`, one value for all of a
+    response's tokens (0-length rows get a value that no token uses).
+
+    >>> [round(a, 6) for a in reinforce_pp_advantages(torch.tensor([1.0, 0.0]), torch.tensor([1, 3])).tolist()]
+    [1.5, -0.5]
+    """
+    r, w = rewards.double(), lengths.double()  # (N,)
+    n = w.sum()
+    mean = (w * r).sum() / n.clamp_min(1.0)
+    var = (w * (r - mean) ** 2).sum() / n.clamp_min(1.0)
+    if n > 1:
+        var = var * n / (n - 1)  # Bessel's correction over tokens
+    return ((r - mean) / torch.sqrt(var + eps)).float()  # (N,)
+
+
+def groups_in_band(scores: torch.Tensor, group_size: int, low: float, high: float) -> torch.Tensor:
+    """`(B,)` bool: groups whose mean score lies strictly inside (low, high), the release's online filter (a
+    group every response solves, or none does, carries no GRPO signal).
+
+    >>> groups_in_band(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2, low=0.01, high=0.99).tolist()
+    [False, True, False]
+    """
+    mean = scores.float().view(-1, group_size).mean(dim=1)  # (B,)
+    return (mean > low) & (mean < high)
+
+
 def all_equal_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """`(B,)` bool: groups whose G rewards are all equal (their advantages are all 0)."""
     grouped = rewards.view(-1, group_size)  # (B, G)

@@ -61,6 +61,57 @@ def rlsd_token_advantages(
     return advantages[:, None] * scale * mask  # (B, T)
 
 
+def reweight_tokens(
+    advantages: torch.Tensor, mask: torch.Tensor, thought_mask: torch.Tensor | None = None,
+    negative_only: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """`(B, T)` the tokens whose Â_t the teacher reweights, the release's `rlsd_negative_only` and
+    `rlsd_thought_only` switches: all response tokens (`mask`), only those of responses with A < 0
+    (`negative_only`), only those inside `<thought>` spans (`thought_mask`, see `thought_span_mask`), or both.
+    The other tokens keep Â_t = A (plain GRPO): multiplying Δ_t by this mask does exactly that, since Δ_t = 0
+    gives w_t = 1 and Â_t = A·((1-λ) + λ·1) = A.
+
+    >>> reweight_tokens(torch.tensor([1.0, -1.0]), torch.ones(2, 3), torch.tensor([[0, 1, 1], [1, 1, 0]]),
+    ...                 negative_only=True).tolist()
+    [[0.0, 0.0, 0.0], [1.0, 1.0, 0.0]]
+    """
+    out = mask.float()  # (B, T)
+    if negative_only:
+        out = out * (advantages < 0).float()[:, None]  # (B, T)
+    if thought_mask is not None:
+        out = out * thought_mask.float()  # (B, T)
+    return out
+
+
+def thought_span_mask(
+    response_ids: torch.Tensor, mask: torch.Tensor, start_ids: list[int], end_ids: list[int]
+) -> torch.Tensor:
+    """`(B, T)` 1 on the response tokens strictly inside `<thought> ... </thought>`, as the release marks them:
+    a span opens where the token ids `start_ids` (the tokenizer's encoding of "<thought>") occur and closes where
+    `end_ids` ("</thought>") occur; the tag tokens themselves are 0, a span left open runs to the end, a
+    response may hold several spans. Matching is on token ids, so a tag the model spelt with other tokens
+    (merged with a neighbouring character) is not seen.
+
+    >>> thought_span_mask(torch.tensor([[7, 1, 5, 5, 2, 9, 1, 5]]), torch.ones(1, 8), [1], [2]).tolist()
+    [[0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0]]
+    """
+    s, e = list(start_ids), list(end_ids)
+    if not s or not e:
+        raise ValueError("thought_span_mask: the <thought> and </thought> token ids must be non-empty")
+    ids, out = response_ids.tolist(), torch.zeros(response_ids.shape)
+    for i, row in enumerate(ids):
+        inside, t = False, 0
+        while t < len(row):
+            tag = e if inside else s
+            if row[t : t + len(tag)] == tag:
+                inside, t = not inside, t + len(tag)
+                continue
+            if inside:
+                out[i, t] = 1.0
+            t += 1
+    return out * mask.float().cpu()  # (B, T)
+
+
 def grpo_token_advantages(
     advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float = 0.0, eps_w: float = 0.0
 ) -> torch.Tensor:
@@ -82,3 +133,20 @@ def grpo_opsd_token_advantages(
     """GRPO + OPSD (additive): `Â_t = A + coef·Δ_t`. The sum of the two policy-gradient losses equals one loss
     with the summed advantages."""
     return (advantages[:, None] + coef * delta.detach()) * mask  # (B, T)
+
+
+def opsd_release_token_advantages(
+    advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, coef: float
+) -> torch.Tensor:
+    """The authors' release's OPSD loss in token-advantage form: `Â_t = coef` on every response token.
+
+    The release minimises `coef · token_mean(log P_T(y_t) - log P_S(y_t))` (its default `kl` estimator, α = 0.5)
+    with the teacher's log-probs detached, so its gradient is `-coef · ∇ token_mean log π_θ(y_t)`: the policy
+    gradient of this constant Â_t at ratio 1. Δ_t enters the logged loss value, not the gradient: the update
+    raises the likelihood of every sampled token alike (self-imitation). `advantages` and `delta` are unused.
+
+    >>> opsd_release_token_advantages(torch.zeros(2), torch.ones(2, 2), torch.tensor([[1.0, 1.0], [1.0, 0.0]]), 0.5)
+    tensor([[0.5000, 0.5000],
+            [0.5000, 0.0000]])
+    """
+    return coef * mask.float()  # (B, T)

@@ -7,6 +7,12 @@ mmrlsd runs SDPO as OPSD with `algo.teacher_info: sibling`: the teacher prompt c
 the full-vocabulary form). As in the reference implementation (`dont_reprompt_on_self_success`), a response
 is never its own demonstration; a row whose group has no other correct response gets no teacher signal
 (Δ_t = 0). With `token_adv: grpo_opsd` the same teacher gives GRPO + SDPO.
+
+`algo.sdpo_pick: shortest` is the authors' RLSD release's form: the shortest other correct response, and the
+shortest other incorrect one as `feedback` for the teacher prompt (`configs/prompts/sdpo_release_teacher.jinja`).
+The release draws these from a separate candidate rollout and calls a response correct when its total reward
+is > 0 (a wrong but well-formatted math answer scores 0.1); here they are siblings of the same group and correct
+means accuracy 1.
 """
 
 from __future__ import annotations
@@ -14,21 +20,44 @@ from __future__ import annotations
 import torch
 
 
-def pick_demonstrations(correct: list[bool], group_size: int) -> list[int | None]:
-    """For each row, the index of the first correct row of its group other than itself (None if there is none).
+def pick_demonstrations(
+    correct: list[bool], group_size: int, lengths: list[int] | None = None
+) -> list[int | None]:
+    """For each row, a correct row of its group other than itself (None if there is none): the first one, or with
+    `lengths` (response tokens per row) the shortest one, the first of equally short ones (the release's SDPO
+    picks the shortest correct candidate).
 
     Rows `b*G .. b*G+G-1` form group b.
 
     >>> pick_demonstrations([False, True, True, False, False, False], 3)
     [1, 2, 1, None, None, None]
+    >>> pick_demonstrations([True, True, True], 3, lengths=[9, 5, 7])
+    [1, 2, 1]
     """
-    if len(correct) % group_size:
-        raise ValueError(f"{len(correct)} rows is not a whole number of groups of {group_size}")
-    demos: list[int | None] = []
-    for i in range(len(correct)):
+    return _pick_others(correct, group_size, lengths)
+
+
+def pick_feedback(correct: list[bool], group_size: int, lengths: list[int]) -> list[int | None]:
+    """For each row, the shortest *incorrect* row of its group other than itself (None if there is none): the
+    failed attempt the release's SDPO teacher is shown beside the correct one.
+
+    >>> pick_feedback([False, True, False, True], 4, lengths=[6, 2, 3, 1])
+    [2, 2, 0, 2]
+    """
+    return _pick_others([not c for c in correct], group_size, lengths)
+
+
+def _pick_others(ok: list[bool], group_size: int, lengths: list[int] | None) -> list[int | None]:
+    if len(ok) % group_size:
+        raise ValueError(f"{len(ok)} rows is not a whole number of groups of {group_size}")
+    out: list[int | None] = []
+    for i in range(len(ok)):
         lo = i - i % group_size
-        demos.append(next((j for j in range(lo, lo + group_size) if j != i and correct[j]), None))
-    return demos
+        cands = [j for j in range(lo, lo + group_size) if j != i and ok[j]]
+        if lengths is not None:
+            cands.sort(key=lambda j: lengths[j])  # stable: the first of equally short rows
+        out.append(cands[0] if cands else None)
+    return out
 
 
 def demonstration_mask(demos: list[int | None]) -> torch.Tensor:

@@ -11,8 +11,8 @@ antlr4 from it.
 Two departures from upstream, both making a verdict "not equal" where upstream would hang or crash:
 
 * ``eval`` is replaced by `safe_eval`, an AST walk over numbers, tuples/lists/sets, comparisons,
-  ``+ - * / // % ** & | ^ ~``, the public names of `math` and calls to them (builtins off, as in BENCHMARKS.md
-  section 2.4). An integer power whose result would exceed `MAX_POW_BITS` bits raises instead of running.
+  ``+ - * / // % ** & | ^ ~``, the public names of `math` and calls to them (builtins off: upstream's
+  ``from math import *`` namespace and nothing else). An integer power whose result would exceed `MAX_POW_BITS` bits raises instead of running.
 * each item gets a time limit in the worker (`EqualityWorker`, default 10 s) and the worker an address-space
   limit (`WORKER_MEMORY_BYTES`); an item over either is not equal, and the result notes it.
 
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 PINNED = ("latex2sympy2==1.9.1", "antlr4-python3-runtime==4.7.2", "sympy==1.14.0", "mpmath==1.3.0")
-"""The equality environment of the reference numbers (BENCHMARKS.md section 0), installed with --no-deps."""
+"""The equality environment of the published reference numbers, installed with --no-deps."""
 
 SITE_ENV = "MMRLSD_MATHV_SITE"
 """Environment variable naming the private site directory (default: `default_site`)."""
@@ -117,6 +117,28 @@ def install_site(site: Path | None = None, quiet: bool = True) -> Path:
         if not site_ready(site):
             raise
     return site
+
+
+def ensure_site(site: Path | None = None) -> Path:
+    """The private site, installed on first use (one line on stderr, then `install_site`, about 15 s).
+
+    When pip fails (offline, no pip) raises a RuntimeError that names the setup command, before any item
+    is scored."""
+    site = Path(site) if site is not None else default_site()
+    if site_ready(site):
+        return site
+    print(
+        f"mmrlsd: MATH-V scoring needs {' '.join(PINNED)}; installing them once into {site} (pip, about 15 s)",
+        file=sys.stderr,
+    )
+    try:
+        return install_site(site)
+    except Exception as e:  # noqa: BLE001 - pip's failure is reported with what to do
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = lines[-1] if lines else type(e).__name__
+        raise RuntimeError(
+            f"could not install MATH-V's pinned packages ({reason}). {setup_hint(site)}"
+        ) from e
 
 
 def _remove_tree(path: Path) -> None:
@@ -282,7 +304,7 @@ def local_verdict(x: str, y: str) -> bool | None:
 
 
 def is_equal(x: str, y: str, to_sympy: ToSympy) -> bool:
-    """Upstream `is_equal(x, y)` with `to_sympy` in place of latex2sympy (BENCHMARKS.md section 2.4)."""
+    """Upstream `is_equal(x, y)` with `to_sympy` in place of latex2sympy."""
     early = text_verdict(x, y)
     if early is not None:
         return early

@@ -55,6 +55,10 @@ class Bench:
     """Mode used to score freshly generated responses (MathVista: `rule-v1`, as its official extraction
     needs a GPT judge)."""
 
+    def setup(self) -> None:
+        """Prepare what scoring needs (MATH-V: install its pinned packages on first use); `mmrlsd eval` calls
+        it before reading any data, so a missing dependency is reported before hours of generation."""
+
     def load(self, data_path: str | None, split: str) -> list[Record]:
         """Gold records of `split`, in dataset order, from the local official-format file `data_path`,
         or from the hub (`hub_id`) when `data_path` is None."""
@@ -191,7 +195,12 @@ def read_text(path: str | Path) -> str:
 
 
 def read_json(path: str | Path) -> Any:
-    """A JSON document (invalid UTF-8 tolerated, see `read_text`)."""
+    """A JSON document (invalid UTF-8 tolerated, see `read_text`); a file that does not start like JSON is
+    refused from its first bytes, without reading the rest."""
+    with open(path, "rb") as f:
+        head = f.read(256).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head and not head.startswith((b"[", b"{")):
+        raise ValueError(f"{path}: not JSON (starts with {head[:16]!r})")
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
@@ -199,19 +208,45 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """One JSON object per non-empty line; a bad line is reported with its line number."""
+    """One JSON object per non-empty line, read line by line (a bad line stops the read, naming its number)."""
     rows = []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
     return rows
+
+
+def restrict_to_gold(bench: Bench, gold: list[Record], predictions: Predictions) -> tuple[Predictions, list[str]]:
+    """The prediction rows that belong to a gold record, with every field the gold record also has (the answer,
+    question type, choices, ...) taken from the gold record: a predictions file is never scored against answers
+    it carries itself. Rows of ids that are not in `gold` are dropped and counted in the returned warnings; when
+    no row matches, that is an error. We-Math's upstream rows are matched by their `ID/key`."""
+    by_id = {bench.record_id(r): r for r in gold}
+    alias = {f"{r['ID']}/{r['key']}": rid for rid, r in by_id.items() if "ID" in r and "key" in r}
+    kept: Predictions = {}
+    unknown = []
+    for pid, row in predictions.items():
+        gid = pid if pid in by_id else alias.get(pid)
+        if gid is None:
+            unknown.append(pid)
+            continue
+        rec = by_id[gid]
+        kept[pid] = {**row, **{k: rec[k] for k in row if k in rec}}
+    if predictions and not kept:
+        raise ValueError(f"none of the {len(predictions)} prediction ids is in the gold data (first: "
+                         f"{unknown[0]!r}); check --bench, --split and --data")  # fmt: skip
+    warnings = [f"{len(unknown)} prediction ids are not in the gold data and were not scored (first: "
+                f"{unknown[0]!r})"] if unknown else []  # fmt: skip
+    return kept, warnings
 
 
 def is_own_predictions(rows: list[dict[str, Any]]) -> bool:
@@ -266,6 +301,48 @@ def read_parquet(path: str | Path) -> list[dict[str, Any]]:
     import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
+
+
+def read_tsv(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a tab-separated file with a header line, as dicts of strings."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+def read_records(path: str | Path, *, split: str = "", id_field: str = "") -> list[Record]:
+    """Gold records from any local annotation file, in file order.
+
+    * a folder: every ``<split>-*.parquet`` below it (the HF hub layout), in path order;
+    * ``.parquet``, ``.jsonl``, ``.tsv``: one record per row;
+    * ``.json``: a list of records, or an object ``{id: record}`` (its values; the key is added as
+      `id_field` when a record lacks it).
+    A file that holds anything else, or rows that are not objects, is an error naming the file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(path.glob(f"**/{split}-*.parquet"), key=lambda p: p.parts)
+        if not files:
+            raise FileNotFoundError(f"{path}: no {split}-*.parquet files")
+        return [r for f in files for r in read_parquet(f)]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        return read_parquet(path)
+    if suffix == ".jsonl":
+        return read_jsonl(path)
+    if suffix == ".tsv":
+        return read_tsv(path)
+    data = read_json(path)
+    if isinstance(data, dict):
+        if not all(isinstance(v, dict) for v in data.values()):
+            raise ValueError(f"{path}: expected {{id: record}} with an object per id")
+        return [v if not id_field or id_field in v else {id_field: k, **v} for k, v in data.items()]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ValueError(f"{path}: expected a list of records (JSON objects)")
+    return data
 
 
 def open_image(value: Any, data_root: Path | None = None) -> Image.Image:

@@ -1,4 +1,4 @@
-r"""MATH-Vision (MATH-V): splits `test` (3040) and `testmini` (304, a subset of test). Spec: BENCHMARKS.md §2.
+r"""MATH-Vision (MATH-V): splits `test` (3040) and `testmini` (304, a subset of test). Rules and evidence: eval/README.md.
 
 Mode `official` ports upstream `evaluation/evaluate.py` (`evaluate(file, regen_answer=True)` and
 `math_level_subject_acc`) and `evaluation/utils.py` (`find_math_answer`, `_strip_string`, `is_equal`) of
@@ -15,8 +15,8 @@ Departures, all turning a hang or crash into "not equal" and a warning: `_mathv_
 the 304 testmini ids (upstream scores only full-test files).
 
 The numeric step needs latex2sympy2 1.9.1 with antlr4-python3-runtime 4.7.2, which cannot live beside
-math-verify's antlr4: it runs in a worker process over a private site directory (`_mathv_equal`). Install
-that once with::
+math-verify's antlr4: it runs in a worker process over a private site directory (`_mathv_equal`), which is
+installed on first use (`MathVision.setup`, one line on stderr) or ahead of time with::
 
     python -m mmrlsd.bench.mathvision_setup      # pip install --target ~/.cache/mmrlsd/mathv-site ...
 """
@@ -39,7 +39,7 @@ from mmrlsd.bench.base import (
     open_image,
     read_json,
     read_jsonl,
-    read_parquet,
+    read_records,
     register,
     require,
     rows_by_id,
@@ -51,7 +51,7 @@ INSTRUCTION = (
 )
 """Upstream `models/GPT4V.py` (`process_example_mergedimg`), one backslash before `boxed`."""
 
-SUBJECTS = {  # subject -> leaderboard abbreviation (BENCHMARKS.md §2.1)
+SUBJECTS = {  # subject -> leaderboard abbreviation
     "algebra": "Alg",
     "analytic geometry": "AnaG",
     "arithmetic": "Ari",
@@ -98,7 +98,7 @@ def _is_float(text: str) -> bool:
 
 
 def extract_answer(response: str) -> str:
-    """Upstream `evaluate()` with `regen_answer=True`: the `model_answer` of a response (§2.3).
+    """Upstream `evaluate()` with `regen_answer=True`: the `model_answer` of a response.
 
     >>> extract_answer("So the area is 4.8.")
     '4.8'
@@ -148,7 +148,7 @@ def boxed_content(s: str) -> str:
 
 
 def find_math_answer(s: str) -> str:
-    """Upstream `find_math_answer` (§2.3 step 5)."""
+    """Upstream `find_math_answer`."""
     ans = boxed_content(s.lower().replace("{}", ""))
     close, open_ = ans.find("}"), ans.find("{")
     if close != -1 and (open_ == -1 or close < open_):
@@ -160,7 +160,7 @@ def find_math_answer(s: str) -> str:
 
 
 def strip_string(s: str) -> str:
-    """Upstream `_strip_string` (§2.3 step 5f), including its quirk: `_fix_fracs` runs only if `sqrt` occurs."""
+    """Upstream `_strip_string`, including its quirk: `_fix_fracs` runs only if `sqrt` occurs."""
     for old, new in (("\n", ""), ("\\!", ""), ("\\\\", "\\"), ("tfrac", "frac"), ("dfrac", "frac")):
         s = s.replace(old, new)
     for old in ("\\left", "\\right", "^{\\circ}", "^\\circ", "\\$", "$"):
@@ -292,7 +292,7 @@ def judge(
                 todo.setdefault(tuple(rest), []).append(i)
     versions: dict[str, str] = {}
     if todo:
-        pool = eq.shared_pool(site, item_timeout)
+        pool = eq.shared_pool(eq.ensure_site(site), item_timeout)
         jobs = list(todo)
         for job, out in zip(jobs, pool.run([list(j) for j in jobs])):
             for i in todo[job]:
@@ -317,17 +317,15 @@ class MathVision(Bench):
     site: Path | None = None
     """Private site with the pinned latex2sympy2 (None: `_mathv_equal.default_site()`)."""
 
+    def setup(self) -> None:
+        """Install the pinned latex2sympy2 site on first use (`_mathv_equal.ensure_site`)."""
+        self.site = eq.ensure_site(self.site)
+
     def load(self, data_path: str | None, split: str) -> list[Record]:
         """`data/test.jsonl` / `data/testmini.jsonl` (or a JSON list, or an HF parquet file), else the hub."""
         if data_path is None:
             return [dict(r) for r in load_hub(self.hub_id, split)]
-        path = Path(data_path)
-        if path.suffix == ".parquet":
-            return read_parquet(path)
-        if path.suffix == ".jsonl":
-            return read_jsonl(path)
-        data = read_json(path)
-        return list(data.values()) if isinstance(data, dict) else list(data)
+        return read_records(data_path, split=split, id_field="id")
 
     def record_id(self, record: Record) -> str:
         return str(record["id"])

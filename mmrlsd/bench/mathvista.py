@@ -1,16 +1,16 @@
-"""MathVista (testmini; test for prediction export). Spec: BENCHMARKS.md §1.
+"""MathVista (testmini; test for prediction export). Rules and evidence: eval/README.md.
 
 Modes:
 * `official`  the upstream scorer `evaluation/calculate_score.py` (lupantech/MathVista@53d5258) applied to the
   **recorded** `extraction` field of an upstream-format output file (GPT extraction happened upstream).
   A row without `extraction` is scored as `""` and counted in `warnings`.
-* `rule-v1`   project-defined rule extraction (§1.6), then the official normalisation and matching.
+* `rule-v1`   project-defined rule extraction (`rule_v1_extract`), then the official normalisation and matching.
   NOT official: results carry `label` "... (rule-v1 extraction, not comparable to official)".
 * `llm`       the official protocol with a judge the user configures (`Judge`, any OpenAI-compatible
   endpoint): upstream `extract_answer.py` steps 1-4, then the 5-shot judge prompt; an API error gives "".
   Judge-dependent, so its label names the judge. Without a judge it fails; it never falls back to rules.
 
-Official quirks kept (§1.4): multiple choice always maps to some choice (Levenshtein fallback, ties to the
+Official quirks kept: multiple choice always maps to some choice (Levenshtein fallback, ties to the
 first choice); integers truncate (`str(int(float(x)))`); floats `str(round(float(x), int(precision)))`; lists
 compare as raw strings; the gold and the metadata come from the scored output record when present.
 """
@@ -38,7 +38,7 @@ from mmrlsd.bench.base import (
     open_image,
     read_json,
     read_jsonl,
-    read_parquet,
+    read_records,
     register,
     require,
     rows_by_id,
@@ -63,7 +63,7 @@ BREAKDOWN_KEYS = (
     "grade",
     "skills",
 )
-LEADERBOARD = {  # column -> (breakdown group, value), BENCHMARKS.md §1.5
+LEADERBOARD = {  # column -> (breakdown group, value), the leaderboard's columns
     "FQA": ("task", "figure question answering"),
     "GPS": ("task", "geometry problem solving"),
     "MWP": ("task", "math word problem"),
@@ -84,7 +84,7 @@ RULE_LABEL = "MathVista testmini (rule-v1 extraction, not comparable to official
 
 
 def build_query(record: Record) -> str:
-    """The official zero-shot prompt (§1.2); equals `data/query.json[pid]` for all 1000 testmini pids."""
+    """The official zero-shot prompt; equals `data/query.json[pid]` for all 1000 testmini pids."""
     if record["question_type"] == "multi_choice":
         hint = HINTS["multi_choice"]
     elif record["answer_type"] == "float":
@@ -113,7 +113,7 @@ def most_similar(extraction: str, choices: list[str]) -> str:
 def normalize_extracted_answer(
     extraction: Any, choices: list[str] | None, question_type: str, answer_type: str, precision: Any
 ) -> str | None:
-    """Official `normalize_extracted_answer` (§1.4): the prediction string compared with the gold, or None.
+    """Official `normalize_extracted_answer`: the prediction string compared with the gold, or None.
 
     >>> normalize_extracted_answer("(b) 102", ["97", "102"], "multi_choice", "text", None)
     '102'
@@ -180,7 +180,7 @@ def _last(pattern: re.Pattern[str], text: str) -> re.Match[str] | None:
 
 
 def rule_v1_extract(response: str, record: Record) -> str:
-    """`rule-v1` extraction (§1.6): official steps 1-4, quick-extract, then boxed / 'answer is' / by type."""
+    """`rule-v1` extraction: official steps 1-4, quick-extract, then boxed / 'answer is' / by type."""
     question_type, answer_type, choices = (
         record["question_type"],
         record["answer_type"],
@@ -339,13 +339,7 @@ class MathVista(Bench):
         """`data/testmini.json` (dict pid -> record), a JSON list / JSONL of records, or an HF parquet file."""
         if data_path is None:
             return [dict(r) for r in load_hub(self.hub_id, split)]
-        path = Path(data_path)
-        if path.suffix == ".parquet":
-            return read_parquet(path)
-        if path.suffix == ".jsonl":
-            return read_jsonl(path)
-        data = read_json(path)
-        return list(data.values()) if isinstance(data, dict) else list(data)
+        return read_records(data_path, split=split, id_field="pid")
 
     def record_id(self, record: Record) -> str:
         return str(record["pid"])
@@ -381,7 +375,7 @@ class MathVista(Bench):
         by_pid = {self.record_id(r): r for r in gold}
         recs = {
             pid: {**by_pid.get(pid, {}), **row} for pid, row in predictions.items()
-        }  # output record wins (§1.4)
+        }  # output record wins, as upstream
         for pid, rec in recs.items():
             for field in ("question_type", "answer_type", "answer"):
                 require(rec, field, pid)
@@ -434,7 +428,7 @@ class MathVista(Bench):
 
 
 def leaderboard(result: dict[str, Any]) -> dict[str, float]:
-    """Leaderboard columns (ALL, FQA, ..., STA) as percents with 1 decimal from the exact fractions (§1.5)."""
+    """Leaderboard columns (ALL, FQA, ..., STA) as percents with 1 decimal from the exact fractions."""
     cols = {"ALL": (result["correct"], result["n"])}
     for col, (group, value) in LEADERBOARD.items():
         cell = result["breakdown"].get(group, {}).get(value)

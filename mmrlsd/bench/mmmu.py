@@ -1,4 +1,4 @@
-"""MMMU (validation, dev). Spec: BENCHMARKS.md §4.
+"""MMMU (validation, dev). Rules and evidence: eval/README.md.
 
 Ported from MMMU-Benchmark/MMMU@bb0b95a `mmmu/utils/eval_utils.py` (`parse_multi_choice_response`,
 `parse_open_response`, `eval_multi_choice`, `eval_open`, `calculate_ins_level_acc`) and its two entry points:
@@ -34,7 +34,7 @@ from mmrlsd.bench.base import (
     open_image,
     read_json,
     read_jsonl,
-    read_parquet,
+    read_records,
     register,
     require,
     rows_by_id,
@@ -63,7 +63,7 @@ DISCIPLINES = {  # upstream `DOMAIN_CAT2SUB_CAT`, in its order
         "Mechanical_Engineering",
     ],
 }
-SUBJECTS = sorted(s for subs in DISCIPLINES.values() for s in subs)  # upstream CAT_SHORT2LONG order (§4.6)
+SUBJECTS = sorted(s for subs in DISCIPLINES.values() for s in subs)  # upstream CAT_SHORT2LONG order
 DISCIPLINE_OF = {s: d for d, subs in DISCIPLINES.items() for s in subs}
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPEN_INSTRUCTION = "Answer the question using a single word or phrase."
@@ -80,7 +80,7 @@ def subject_of(rid: str) -> str:
 def parse_multi_choice_response(
     response: str, all_choices: list[str], index2ans: dict[str, str], rng: random.Random
 ) -> tuple[str, bool]:
-    """Official multiple-choice parser (§4.3). Returns (letter, used_random_fallback)."""
+    """Official multiple-choice parser. Returns (letter, used_random_fallback)."""
     for char in [",", ".", "!", "?", ";", ":", "'"]:
         response = response.strip(char)
     response = " " + response + " "
@@ -144,7 +144,7 @@ def extract_numbers(s: str) -> list[str]:
 
 
 def key_subresponses(response: str) -> list[str]:
-    """Official `get_key_subresponses` (§4.4 steps 1-2)."""
+    """Official `get_key_subresponses`."""
     response = response.strip().strip(".").lower()
     pieces = re.split(r"\.\s(?=[A-Z])|\n", response)
     keys = []
@@ -261,33 +261,18 @@ class MMMU(Bench):
         a JSONL of records, or the gold-only `answer_dict_val.json` (enough for scoring, not for generation)."""
         if data_path is None:
             return [dict(r) for s in SUBJECTS for r in load_hub(self.hub_id, split, config=s)]
-        path = Path(data_path)
-        if path.is_dir():
-            files = sorted(path.glob(f"**/{split}-*.parquet"), key=lambda p: p.parts)
-            if not files:
-                raise FileNotFoundError(f"{path}: no {split}-*.parquet files")
-            return [r for f in files for r in read_parquet(f)]
-        if path.suffix == ".parquet":
-            return read_parquet(path)
-        if path.suffix == ".jsonl":
-            return read_jsonl(path)
-        data = read_json(path)
-        if isinstance(data, dict):  # answer_dict_val.json
-            return [
-                {
-                    "id": rid,
-                    "question_type": require(v, "question_type", rid),
-                    "answer": require(v, "ground_truth", rid),
-                }
-                for rid, v in data.items()
-            ]
-        return list(data)
+        records = read_records(data_path, split=split, id_field="id")
+        if not records or any("answer" in r or "ground_truth" not in r for r in records):
+            return records
+        # answer_dict_val.json: {id: {question_type, ground_truth}}
+        return [{"id": r["id"], "question_type": require(r, "question_type", r["id"]), "answer": r["ground_truth"]}
+                for r in records]  # fmt: skip
 
     def record_id(self, record: Record) -> str:
         return str(record["id"])
 
     def prompt(self, record: Record) -> str:
-        """`configs/llava1.5.yaml` prompt (§4.2)."""
+        """`configs/llava1.5.yaml` prompt."""
         if record["question_type"] == "multiple-choice":
             options = parse_options(record["options"], self.record_id(record))
             letters = "".join(f"({chr(ord('A') + i)}) {o}\n" for i, o in enumerate(options))

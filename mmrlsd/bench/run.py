@@ -6,26 +6,33 @@
     write scores.json and summary.md
 
 Scoring always re-reads `predictions.jsonl`, so `mmrlsd eval --predictions` on that file gives the same
-numbers. Protocol settings (split, mode, sampling, `max_new_tokens`) live in `eval/<bench>.yaml`.
+numbers. Protocol settings (split, mode, sampling, `max_new_tokens`) live in the package, one YAML per
+benchmark (`mmrlsd/bench/protocols/<bench>.yaml`, read with `importlib.resources`, so they ship with
+every install).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import types
 from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
 from mmrlsd.bench.base import Bench, Record, check_mode
 from mmrlsd.config import load_dataclass
+from mmrlsd.errors import ConfigError
 
-EVAL_DIR = Path(__file__).resolve().parents[2] / "eval"
+PROTOCOLS = "protocols"
+"""Folder of `mmrlsd.bench` holding the protocol files `<bench>.yaml` (package data)."""
 
 
 @dataclass
 class EvalConfig:
-    """Protocol settings of one benchmark run (`eval/<bench>.yaml`); CLI flags override them."""
+    """Protocol settings of one benchmark run (`protocols/<bench>.yaml`); CLI flags override them."""
 
     split: str = ""
     """Split to load; "" means the benchmark's default split."""
@@ -40,16 +47,27 @@ class EvalConfig:
     """Prompts per generation batch."""
     seed: int = 0
     """Sampling seed (only matters when temperature > 0)."""
+    samples: int = 0
+    """k: sampled answers per record besides the main one, for pass@k and k/k reliability (ZeroBench);
+    0 = none. Written to `predictions.jsonl` as `responses`."""
+    sample_temperature: float = 0.7
+    """Temperature of the k sampled answers."""
+    sample_top_p: float = 0.95
+    """top-p of the k sampled answers."""
 
 
-def load_eval_config(path: str | Path | None) -> EvalConfig:
-    """An `EvalConfig` from YAML (`mmrlsd.config.load_dataclass`: an unknown key fails with a suggestion)."""
-    return load_dataclass(EvalConfig, path)
+def load_eval_config(path: str | Path | Traversable | None) -> EvalConfig:
+    """An `EvalConfig` from YAML (`mmrlsd.config.load_dataclass`: an unknown key fails with a suggestion, a wrong
+    type names the key); `path` may be a packaged resource."""
+    cfg = load_dataclass(EvalConfig, None if path is None else Path(str(path)))
+    if cfg.samples < 0:
+        raise ConfigError(f"{path}: samples must be >= 0, got {cfg.samples}")
+    return cfg
 
 
-def default_config_path(bench_name: str) -> Path | None:
-    """`eval/<bench>.yaml` of this checkout, when it exists."""
-    path = EVAL_DIR / f"{bench_name}.yaml"
+def default_config_path(bench_name: str) -> Traversable | None:
+    """The packaged protocol file `mmrlsd/bench/protocols/<bench>.yaml`, when there is one."""
+    path = resources.files("mmrlsd.bench").joinpath(PROTOCOLS, f"{bench_name}.yaml")
     return path if path.is_file() else None
 
 
@@ -70,26 +88,26 @@ def hf_generate(model_path: str, prompts: list[tuple[str, list]], cfg: EvalConfi
 
 def vllm_generate(model_path: str, prompts: list[tuple[str, list]], cfg: EvalConfig, *, dtype: str, device: str,
                   progress: bool) -> list[str]:  # fmt: skip
-    """The same answers with vLLM (same chat template, images before the text in one user turn)."""
-    from transformers import AutoProcessor
-    from vllm import LLM, SamplingParams
+    """The same answers with vLLM: the chat text, images, EOS ids, blocked vision tokens, sampling settings and
+    decoding of `hf_generate` (greedy answers are the same tokens)."""
+    from transformers import AutoProcessor, GenerationConfig
 
     from mmrlsd.data.encoding import chat_text
+    from mmrlsd.rollout.generate import eos_token_ids
+    from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
     processor = AutoProcessor.from_pretrained(model_path)
+    try:
+        gen = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        gen = GenerationConfig()
+    eos = eos_token_ids(types.SimpleNamespace(generation_config=gen), processor)
     max_images = max((len(images) for _, images in prompts), default=1)
-    llm = LLM(model=model_path, dtype=dtype, seed=cfg.seed, limit_mm_per_prompt={"image": max(max_images, 1)})
-    inputs = [
-        {
-            "prompt": chat_text(processor, text, len(images)),
-            **({"multi_modal_data": {"image": images}} if images else {}),
-        }
-        for text, images in prompts
-    ]
-    params = SamplingParams(
-        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed
-    )
-    return [out.outputs[0].text for out in llm.generate(inputs, params, use_tqdm=progress)]
+    engine = VLLMEngine(model_path, processor=processor, dtype=dtype, seed=cfg.seed, max_images=max(max_images, 1),
+                        settings=VLLMSettings(gpu_memory_utilization=0.85, sleep="off"))  # fmt: skip
+    chats = [(chat_text(processor, text, len(images)), images) for text, images in prompts]
+    return engine.eval_sample(chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p, seed=cfg.seed, eos=eos)  # fmt: skip
 
 
 ENGINES = {"hf": hf_generate, "vllm": vllm_generate}
@@ -112,13 +130,24 @@ def pick_engine(name: str) -> str:
 def generate_predictions(bench: Bench, records: list[Record], model_path: str, cfg: EvalConfig, *,
                          data_root: Path | None = None, engine: str = "hf", dtype: str = "float32",
                          device: str = "cpu", progress: bool = True) -> list[dict[str, Any]]:  # fmt: skip
-    """One `predictions.jsonl` row per record: `{"id", "prompt", "response", **bench.prediction_fields}`."""
+    """One `predictions.jsonl` row per record: `{"id", "prompt", "response", **bench.prediction_fields}`, plus
+    `responses` (`cfg.samples` answers sampled at `sample_temperature`/`sample_top_p`) when `cfg.samples > 0`.
+    The sampled pass is a second engine call (the model is loaded again)."""
     prompts = [(bench.prompt(r), bench.images(r, data_root)) for r in records]
-    responses = ENGINES[engine](model_path, prompts, cfg, dtype=dtype, device=device, progress=progress)
-    return [
+    generate = ENGINES[engine]
+    responses = generate(model_path, prompts, cfg, dtype=dtype, device=device, progress=progress)
+    rows = [
         {"id": bench.record_id(r), "prompt": text, "response": resp, **bench.prediction_fields(r)}
         for r, (text, _), resp in zip(records, prompts, responses)
     ]
+    if cfg.samples > 0:
+        k = cfg.samples
+        sampling = dataclasses.replace(cfg, temperature=cfg.sample_temperature, top_p=cfg.sample_top_p)
+        flat = generate(model_path, [p for p in prompts for _ in range(k)], sampling, dtype=dtype, device=device,
+                        progress=progress)  # fmt: skip
+        for i, row in enumerate(rows):
+            row["responses"] = flat[i * k : (i + 1) * k]
+    return rows
 
 
 # ---------------------------------------------------------------- outputs

@@ -1,4 +1,4 @@
-"""We-Math testmini (1740 rows = 360 two-step x 3 + 165 three-step x 4 = 525 problems). Spec: BENCHMARKS.md §3.
+"""We-Math testmini (1740 rows = 360 two-step x 3 + 165 three-step x 4 = 525 problems). Rules and evidence: eval/README.md.
 
 Mode `official` ports `We-Math/We-Math@a57a0e8` `evaluation/four_dimensional_metrics.py` and
 `evaluation/accuracy.py` without pandas:
@@ -42,7 +42,7 @@ from mmrlsd.bench.base import (
     open_image,
     read_json,
     read_jsonl,
-    read_parquet,
+    read_records,
     register,
     require,
     rows_by_id,
@@ -89,7 +89,7 @@ Joker = bool | None
 
 
 def extract_letter(response: str) -> str | None:
-    """The official extraction (§3.3): text after the last `Answer`, stripped, ``>``/``<``/``:``/``.``
+    """The official extraction: text after the last `Answer`, stripped, ``>``/``<``/``:``/``.``
     deleted, stripped; its first character if that is one of A-H, else None.
 
     >>> [extract_letter(r) for r in ["<Answer>: <<C>>", "Answer: (C)", "ANSWER: C", "Ex: A", ""]]
@@ -136,7 +136,7 @@ def problems(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def four_dimensional(probs: Sequence[dict[str, Any]], total: int = TOTAL_PROBLEMS) -> dict[str, Any]:
-    """IK/IG/CM/RM counts (§3.4), rates, and Score (Strict/Loose) = (total - 0.5 IG - RM - IK) / total.
+    """IK/IG/CM/RM counts, rates, and Score (Strict/Loose) = (total - 0.5 IG - RM - IK) / total.
 
     A MISSING joker is neither True nor False, so an incomplete problem may fall in no category.
     Rates are fractions; an RM rate whose denominator (CM + RM) is 0 is None.
@@ -215,7 +215,7 @@ def accuracy_table(
     probs: Sequence[dict[str, Any]], nodes: Sequence[dict[str, Any]] | None
 ) -> dict[str, float]:
     """S1 (all present one-step jokers), S2/S3 (present multi-step jokers) and, when `nodes` is given, the
-    12 domain accuracies (§3.5): mean per leaf concept, then per `root2` the mean over its leaves (in
+    12 domain accuracies: mean per leaf concept, then per `root2` the mean over its leaves (in
     `nodes` order) that have scored items. Values are fractions (NaN where nothing was scored)."""
     one_step = [(j, c) for p in probs for j, c in zip(p["jokers"], p["concepts"]) if j is not None]
     out = {
@@ -288,12 +288,7 @@ class WeMath(Bench):
         nodes = path.parent / "knowledge_structure_nodes.json"
         if nodes.is_file():
             self.nodes = load_nodes(nodes)
-        if path.suffix == ".parquet":
-            return read_parquet(path)
-        if path.suffix == ".jsonl":
-            return read_jsonl(path)
-        data = read_json(path)
-        return list(data.values()) if isinstance(data, dict) else list(data)
+        return read_records(path, split=split)
 
     def record_id(self, record: Record) -> str:
         return str(record["question number"])

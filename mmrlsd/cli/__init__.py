@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrlsd", description="RLSD training and evaluation for Qwen-VL models.",
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         attach(sub, name, importlib.import_module(f"mmrlsd.cli.{module}"))
@@ -72,9 +73,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (MmrlsdError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (MmrlsdError, OSError) as e:
+        # our own errors name the file/key/record; OSError carries the path (missing, unwritable, a full disk)
+        if args.debug:
+            raise
+        print(f"error: {_os_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (the newest complete checkpoint, if any, is intact)", file=sys.stderr)
+        return 130
+
+
+def _os_message(e: OSError) -> str:
+    """`<path>: <reason>` for an OSError (a full disk, a read-only folder, a directory given as a file)."""
+    if e.filename is None:
+        return str(e)
+    where = f"{e.filename} -> {e.filename2}" if e.filename2 else str(e.filename)
+    return f"{where}: {e.strerror or e}"
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ def run(args: argparse.Namespace) -> int:
     from mmrlsd.bench import BENCHES
     from mmrlsd.config import CHOICES
     from mmrlsd.model.tiny import ARCHS
-    from mmrlsd.train.choices import registered_choices
+    from mmrlsd.train.preflight import registered_choices
 
     rows = {key: list(names) for key, names in registered_choices().items()}
     rows["algo.teacher_info (sibling = SDPO)"] = list(CHOICES["algo.teacher_info"])

@@ -18,6 +18,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.total_steps=3 algo.lam0=0")
     p.add_argument("--output-dir", help="run directory (default: trainer.output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    p.add_argument(
+        "--overwrite", action="store_true", help="delete a previous run in the output directory first"
+    )
+    p.add_argument("--allow-config-change", action="store_true",
+                   help="--resume even if the config changes keys that make it a different experiment")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -26,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from mmrlsd.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress)
+    run_dir = train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress,
+                    overwrite=args.overwrite, allow_config_change=args.allow_config_change)  # fmt: skip
     print(f"run directory: {run_dir}")
     return 0

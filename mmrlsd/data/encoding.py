@@ -13,10 +13,29 @@ from itertools import accumulate
 
 import torch
 
+IMAGE_MARKER = "<image>"
+
 
 def user_messages(text: str, n_images: int) -> list[dict]:
-    """One user turn: the images first, then the text (Qwen's convention)."""
-    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+    """One user turn. With one ``<image>`` marker per image, each image replaces its marker and the text pieces
+    between them are kept exactly (empty pieces dropped); otherwise the images come first, then the text (Qwen's
+    convention).
+
+    >>> [c.get("text", "IMG") for c in user_messages("Look:<image>What?", 1)[0]["content"]]
+    ['Look:', 'IMG', 'What?']
+    >>> [c.get("text", "IMG") for c in user_messages("What?", 2)[0]["content"]]
+    ['IMG', 'IMG', 'What?']
+    """
+    pieces = text.split(IMAGE_MARKER)
+    if n_images and len(pieces) - 1 == n_images:
+        content = []
+        for i, piece in enumerate(pieces):
+            if i:
+                content.append({"type": "image"})
+            if piece:
+                content.append({"type": "text", "text": piece})
+    else:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
     return [{"role": "user", "content": content}]
 
 

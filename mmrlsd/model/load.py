@@ -38,6 +38,21 @@ def check_checkpoint(path: str) -> None:
         )
 
 
+def set_pixel_budget(processor, min_pixels: int = 0, max_pixels: int = 0) -> None:
+    """Make the processor resize every image to between ``min_pixels`` and ``max_pixels`` pixels (0: keep the
+    processor's own bound), keeping the aspect ratio and rounding each side to whole vision patches: smaller
+    images are upscaled, larger ones downscaled. The bounds live in the image processor's ``size``
+    (``shortest_edge`` / ``longest_edge`` count pixels for the Qwen-VL processors)."""
+    if min_pixels or max_pixels:
+        ip = processor.image_processor
+        size = dict(getattr(ip, "size", None) or {})
+        if min_pixels:
+            size["shortest_edge"] = min_pixels
+        if max_pixels:
+            size["longest_edge"] = max_pixels
+        ip.size = size
+
+
 def load_model(
     path: str,
     *,
@@ -68,16 +83,7 @@ def load_model(
         raise ModelError(
             f"{path}: model_type {model.config.model_type!r} unsupported; supported: {SUPPORTED}"
         )
-    ip = processor.image_processor
-    if (
-        min_pixels or max_pixels
-    ):  # the pixel budget lives in `size` (min_pixels/max_pixels call kwargs are deprecated)
-        size = dict(getattr(ip, "size", None) or {})
-        if min_pixels:
-            size["shortest_edge"] = min_pixels
-        if max_pixels:
-            size["longest_edge"] = max_pixels
-        ip.size = size
+    set_pixel_budget(processor, min_pixels, max_pixels)
     processor.tokenizer.padding_side = "left"
     return model.to(device), processor
 

@@ -46,7 +46,8 @@ from mmrlsd.config import (
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.data.sources import FieldMap, load_dataset_files
+from mmrlsd.data.sanitize import PromptCheck, neutralize_special_tokens
+from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
 from mmrlsd.model.load import load_model, resolve_device
@@ -146,7 +147,8 @@ def solution_batch(processor, samples: list[Sample], texts: list[str]) -> SeqBat
     tok = processor.tokenizer
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     enc = encode(processor, texts, [s.pil_images for s in samples])
-    targets = [tok(s.solution or "", add_special_tokens=False)["input_ids"] + [eos] for s in samples]
+    clean = [neutralize_special_tokens(s.solution or "", processor) for s in samples]  # no forged <|im_end|>
+    targets = [tok(text, add_special_tokens=False)["input_ids"] + [eos] for text in clean]
     T = max(len(t) for t in targets)
     ids = torch.full((len(samples), T), tok.pad_token_id, dtype=torch.long)  # (N, T)
     mask = torch.zeros((len(samples), T), dtype=torch.long)  # (N, T)
@@ -217,7 +219,8 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
     torch.manual_seed(cfg.trainer.seed)
     max_pixels = cfg.model.max_pixels or 112 * 112
     train = load_dataset_files(cfg.data.train_files, FieldMap.from_config(cfg.data), cfg.data.train_split, seed=cfg.trainer.seed,
-                               shuffle=cfg.data.shuffle, max_pixels=max_pixels)  # fmt: skip
+                               shuffle=cfg.data.shuffle, max_pixels=max_pixels,
+                               limits=RecordLimits.from_config(cfg.data))  # fmt: skip
     train.samples = [s for s in train.samples if s.solution]
     if not train.samples:
         raise DataError(f"{cfg.data.train_files}: no records with a '{cfg.data.solution_key}' field")
@@ -230,8 +233,9 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
             shuffle=False,
             max_pixels=max_pixels,
             max_items=cfg.sft.val_items or cfg.data.max_val_items,
+            limits=RecordLimits.from_config(cfg.data),
         )
-        val = val_data.next_batch(len(val_data.samples))
+        val = val_data.load_all()
     model_path = cfg.model.path
     if not model_path:
         texts = [t for s in train.samples[: cfg.init.corpus_records] for t in (s.problem, s.solution or "")]
@@ -244,6 +248,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
     builders = {info: PromptBuilder(processor, cfg.data.student_template, cfg.data.teacher_template, info)
                 for info in ("answer", "solution")}  # fmt: skip
     prompts = builders["answer"]
+    train.check = PromptCheck(builders["solution"], processor, cfg.data.max_prompt_tokens)  # the longer teacher
     params = [p for p in policy.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                             betas=tuple(cfg.optim.betas))  # fmt: skip

@@ -63,6 +63,23 @@ class RowSeededSampler:
         return scores.float() + gumbel.to(scores.device, torch.float32)
 
 
+class PresencePenalty:
+    """vLLM's presence penalty as a logits processor: every token that already occurs in the response generated so
+    far (the first `prompt_len` columns, the prompt, do not count) has its logit lowered by `penalty`, once however
+    often it occurred. Runs before temperature, top-k and top-p, as in vLLM."""
+
+    def __init__(self, penalty: float, prompt_len: int):
+        self.penalty, self.prompt_len = penalty, prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_len :]  # (n, t)
+        if generated.shape[1] == 0:
+            return scores
+        seen = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)  # (n, V)
+        seen.scatter_(1, generated.to(scores.device), True)
+        return scores - self.penalty * seen.to(scores.dtype)
+
+
 def _warpers(temperature: float, top_p: float, top_k: int) -> list:
     from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -140,11 +157,12 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
 def generate(
     model, processor, enc, *, group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
     top_k: int = 0, gen_batch_size: int = 0, seed: int | None = None, progress: bool = False,
-    row_offset: int | None = None, share_prefill: bool = True,
+    row_offset: int | None = None, share_prefill: bool = True, presence_penalty: float = 0.0,
 ) -> Rollouts:  # fmt: skip
     """Sample responses for the N prompt rows of `enc` (already repeated G times per prompt).
 
-    `temperature == 0` means greedy decoding. Sampling is seeded per row (`RowSeededSampler`): row i of this
+    `temperature == 0` means greedy decoding. `presence_penalty` (`PresencePenalty`, 0: off) applies to sampling
+    and greedy decoding alike. Sampling is seeded per row (`RowSeededSampler`): row i of this
     call uses the stream (seed, row_offset + i), `row_offset` defaulting to rank * N. Returns right-padded response ids with a mask that covers the
     tokens up to and including the first EOS.
 
@@ -194,6 +212,8 @@ def generate(
                 # the other ranks' `generate` may encode images now, before its prefill
                 dummy_vision(model)
             procs = LogitsProcessorList()
+            if presence_penalty:
+                procs.append(PresencePenalty(presence_penalty, inputs["input_ids"].shape[1]))
             if sample:
                 base = 0 if seed is None else seed
                 rows = list(range(row_offset + start, row_offset + stop))

@@ -9,26 +9,29 @@ The training step itself is `mmrlsd.train.step.rlsd_step`; this module only runs
 from __future__ import annotations
 
 import copy
-import json
+import dataclasses
 import logging
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
 
 from mmrlsd import dist
 from mmrlsd.config import Config, ConfigError, dump_config
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.data.sources import DataError, FieldMap, Skip, load_dataset_files
-from mmrlsd.log import MetricsWriter, write_dump
+from mmrlsd.data.sanitize import PromptCheck
+from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, export_images, load_dataset_files
+from mmrlsd.errors import CheckpointError, TrainingError
+from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
 from mmrlsd.train import checkpoint as ckpt
-from mmrlsd.train import fsdp
-from mmrlsd.train.choices import check_registered
+from mmrlsd.train import fsdp, preflight, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
-from mmrlsd.train.validate import validate
+from mmrlsd.train.validate import ValidationStopped, validate
 
 log = logging.getLogger("mmrlsd.train")
 
@@ -43,32 +46,45 @@ def _sample_seed(cfg: Config, step: int) -> int:
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit cleanly."""
+    """SIGTERM/SIGINT, from setup to the end: finish the current step (or cut validation short), checkpoint, exit
+    cleanly. A second signal raises KeyboardInterrupt at once (the newest complete checkpoint stays intact).
+    Re-entrant: nested `with flag:` blocks share one state."""
 
     def __init__(self):
         self.stop = False
         self._old = {}
+        self._depth = 0
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread
-                pass
+        self._depth += 1
+        if self._depth == 1:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                try:
+                    self._old[sig] = signal.signal(sig, self._handle)
+                except ValueError:  # not the main thread
+                    pass
         return self
 
     def _handle(self, signum, frame):
-        log.warning("signal %s: checkpointing after this step, then exiting", signum)
+        if self.stop:
+            log.warning("second signal %s: exiting now", signum)
+            raise KeyboardInterrupt
+        log.warning(
+            "signal %s: stopping after this step (checkpointed; a second signal exits at once)", signum
+        )
         self.stop = True
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            self._old = {}
 
 
 def build(cfg: Config):
     """Model, teacher, processor, optimizer and prompts for a run (sharded with FSDP2 under torchrun)."""
-    check_registered(cfg)  # reward plugins imported; method, reward, ... names checked before any model work
+    preflight.check_registered(cfg)  # reward plugins imported; method, reward, ... names checked before any model
     distributed = dist.init_distributed(cfg.dist.backend)
     use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
     if distributed and not use_fsdp:
@@ -115,10 +131,14 @@ def build(cfg: Config):
     )
     engine = None
     if cfg.rollout.engine == "vllm":
-        from mmrlsd.rollout.vllm_engine import VLLMEngine
+        from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
-        engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype,
-                            seed=cfg.trainer.seed + dist.rank())  # fmt: skip
+        settings = VLLMSettings.from_config(cfg.rollout)
+        engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype, settings=settings,
+                            seed=cfg.trainer.seed + dist.rank() // settings.tensor_parallel_size,
+                            world_size=dist.world_size(),
+                            mm_processor_kwargs={k: v for k in ("min_pixels", "max_pixels")
+                                                 if (v := getattr(cfg.model, k))})  # fmt: skip
     return StepContext(cfg, policy, teacher, processor, optimizer, prompts, engine)
 
 
@@ -139,25 +159,52 @@ def shard(items: list, rank: int, world: int) -> list:
     return items[rank * k : (rank + 1) * k]
 
 
-def train(
-    cfg: Config, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True
-) -> Path:
-    """Run training; returns the run directory."""
+def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+          overwrite: bool = False, allow_config_change: bool = False) -> Path:  # fmt: skip
+    """Run training; returns the run directory. The directory is locked for the run; without `resume` it must be
+    empty or hold a run that `overwrite` clears; with `resume` the config must match the run's (see rundir)."""
+    preflight.check(cfg, output_dir=False)
     run_dir = Path(output_dir or cfg.trainer.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.make_run_dir(run_dir)
+    with rundir.RunLock(run_dir), _StopFlag() as flag:
+        if resume:
+            rundir.check_resume_config(run_dir, cfg, allow_config_change)
+        else:
+            rundir.check_fresh(run_dir, overwrite)
+        return _train(cfg, run_dir, resume, progress, flag)
+
+
+def _check_finite(policy, step: int, cfg: Config) -> None:
+    """Abort before a non-finite checkpoint can be written (one reduction over all parameters, all ranks)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
+    ok = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all().item()
+    if dist.any_rank(not ok):
+        raise TrainingError(
+            f"step {step}: the policy weights are no longer finite (NaN/inf) after the optimizer step "
+            f"(optim.lr={cfg.optim.lr:g}, optim.grad_clip={cfg.optim.grad_clip:g}); nothing was saved for this "
+            "step: lower optim.lr, then --resume from the newest checkpoint or start again"
+        )
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _StopFlag) -> Path:
     ctx = build(cfg)
     pix = ctx.processor.image_processor
     max_pixels = (
         cfg.model.max_pixels or getattr(pix, "max_pixels", None) or (pix.size or {}).get("longest_edge")
     )
-    load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28))
-    train_data = load_dataset_files(cfg.data.train_files, FieldMap.from_config(cfg.data), cfg.data.train_split,
+    load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28),
+                   limits=RecordLimits.from_config(cfg.data))  # fmt: skip
+    check = PromptCheck(ctx.prompts, ctx.processor, cfg.data.max_prompt_tokens)
+    train_fields = dataclasses.replace(FieldMap.from_config(cfg.data), require_solution=cfg.algo.teacher_info == "solution")
+    train_data = load_dataset_files(cfg.data.train_files, train_fields, cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
+    train_data.check = check
     val = []
     if cfg.data.val_files and cfg.trainer.val_every:
         val_data = load_dataset_files(cfg.data.val_files, FieldMap.from_config(cfg.data), cfg.data.val_split, shuffle=False,
                                       max_items=cfg.data.max_val_items, **load_kw)  # fmt: skip
-        val = val_data.next_batch(len(val_data.samples)) if val_data.samples else []
+        val_data.check = check
+        val = val_data.load_all()
         train_data.skipped += [Skip(s.id, f"[val] {s.reason}") for s in val_data.skipped]
     if not train_data.samples:
         raise DataError(
@@ -165,7 +212,9 @@ def train(
         )
 
     start = 0
-    latest, state = ckpt.resume_latest(run_dir, ctx.policy, ctx.optimizer, ctx.teacher) if resume else (None, {})
+    latest, state = (
+        ckpt.resume_latest(run_dir, ctx.policy, ctx.optimizer, ctx.teacher) if resume else (None, {})
+    )
     if latest is not None:
         start = state["step"]
         train_data.pos = state["data_pos"]
@@ -180,16 +229,26 @@ def train(
         dump_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, resume_step=start if latest is not None else None) if main else None
     n_skipped_reported = state.get("skipped_total", 0)
-    if latest is None and val:
-        with _compute(ctx):
-            v = validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed)
-        if main:
-            metrics.write({"step": 0, **v})
+    if latest is None and val and not flag.stop:
+        try:
+            with _compute(ctx):
+                v = validate(
+                    ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed, stop=lambda: flag.stop
+                )
+            if main:
+                metrics.write({"step": 0, **v})
+        except ValidationStopped:
+            pass
+    if dist.any_rank(flag.stop) and start < cfg.trainer.total_steps:
+        log.warning("stopped before step %d; nothing new to checkpoint%s", start + 1,
+                    "; resume with --resume" if latest is not None else "")  # fmt: skip
+        dist.destroy_distributed()
+        return run_dir
 
     bad_in_a_row = state.get("bad_in_a_row", 0)
     bar = tqdm(range(start + 1, cfg.trainer.total_steps + 1), desc="train", disable=not (progress and main),
                initial=start, total=cfg.trainer.total_steps)  # fmt: skip
-    with _StopFlag() as flag:
+    with flag:
         for step in bar:
             t0 = time.perf_counter()
             for group in ctx.optimizer.param_groups:
@@ -200,7 +259,11 @@ def train(
             m = {"step": step, **dist.reduce_metrics(result.metrics), "optim/lr": _lr_at(step - 1, cfg)}
             bad_in_a_row = bad_in_a_row + 1 if m["actor/skipped_updates"] >= cfg.optim.mini_batches else 0
             if bad_in_a_row >= cfg.trainer.max_bad_steps:
-                raise RuntimeError(f"{bad_in_a_row} consecutive steps skipped (non-finite loss or gradient)")
+                raise TrainingError(
+                    f"step {step}: {bad_in_a_row} consecutive steps skipped (non-finite loss or gradient; "
+                    "trainer.max_bad_steps); lower optim.lr or check the data"
+                )
+            _check_finite(ctx.policy, step, cfg)
             if ctx.engine is not None:  # push the new weights into the rollout engine, in memory
                 ctx.engine.sync_weights(fsdp.gathered_weights(ctx.policy))
             if cfg.algo.teacher_refresh > 0 and step % cfg.algo.teacher_refresh == 0:
@@ -211,12 +274,19 @@ def train(
             last = step == cfg.trainer.total_steps
             if val and (last or step % cfg.trainer.val_every == 0):  # collective under FSDP
                 t1 = time.perf_counter()
-                with _compute(ctx):
-                    m.update(validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed))
-                m["time/val_s"] = time.perf_counter() - t1
+                try:
+                    with _compute(ctx):
+                        m.update(validate(ctx.policy, ctx.processor, ctx.prompts, val, cfg, cfg.trainer.seed,
+                                          stop=lambda: flag.stop))  # fmt: skip
+                    m["time/val_s"] = time.perf_counter() - t1
+                except ValidationStopped:
+                    log.warning("validation of step %d cut short by the signal", step)
             if main:
                 metrics.write(m)
                 if cfg.trainer.dump_every and step % cfg.trainer.dump_every == 0:
+                    saved = export_images(samples, run_dir)  # embedded images get a file the dump can name
+                    for row in result.dump:
+                        row["images"] = [saved.get(i, i) for i in row["images"]]
                     write_dump(run_dir, step, result.dump)
                 if len(train_data.skipped) > n_skipped_reported:
                     _write_skips(run_dir, train_data.skipped)
@@ -229,8 +299,7 @@ def train(
                 state = {"data_pos": train_data.pos, "bad_in_a_row": bad_in_a_row, "lam": m["rlsd/lam"],
                          "skipped_total": len(train_data.skipped),
                          "skipped": [[s.id, s.reason] for s in train_data.skipped]}  # fmt: skip
-                ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer,
-                                     ctx.teacher, state, cfg.trainer.keep_last)  # fmt: skip
+                _save(run_dir, step, ctx, state, cfg)
             if stop:
                 log.warning("stopped cleanly at step %d; resume with --resume", step)
                 break
@@ -245,7 +314,20 @@ def train(
     return run_dir
 
 
+def _save(run_dir: Path, step: int, ctx: StepContext, state: dict, cfg: Config) -> None:
+    """A checkpoint, or an error naming the run directory and the cause (a full disk, a read-only folder)."""
+    try:
+        ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer, ctx.teacher, state,
+                             cfg.trainer.keep_last)  # fmt: skip
+    except (OSError, RuntimeError, CheckpointException) as e:
+        cause = next((x for x, _ in e.failures.values()), e) if isinstance(e, CheckpointException) else e
+        if dist.is_main():
+            shutil.rmtree(run_dir / f".checkpoint-{step}.tmp", ignore_errors=True)  # give the space back
+        raise CheckpointError(
+            f"{run_dir}: writing checkpoint-{step} failed ({type(cause).__name__}: {str(cause)[:200]}); the "
+            "complete checkpoints there are intact: free space or fix the folder, then --resume"
+        ) from e
+
+
 def _write_skips(run_dir: Path, skipped) -> None:
-    with open(run_dir / "skipped.jsonl", "w") as f:
-        for s in skipped:
-            f.write(json.dumps({"id": s.id, "reason": s.reason}) + "\n")
+    write_jsonl(run_dir / "skipped.jsonl", [{"id": s.id, "reason": s.reason} for s in skipped])

@@ -141,26 +141,32 @@ def update_mask(g: Groups, dynamic_sampling: bool) -> torch.Tensor:
 
 
 def teacher_pass(ctx: StepContext, g: Groups, fast: FastOptions) -> TeacherPass:
-    """log P_T(y_t | x, r) of every response, the teacher prompt carrying the privileged information r.
-
-    `teacher_info: answer | solution`: one teacher prompt per sample, repeated G times. `sibling` (SDPO): each row's
-    prompt carries the first other correct response of its group; rows without one get the student prompt and
-    no Δ_t. Those prompts differ within a group, so no shared prefix."""
-    G, sibling = g.group_size, ctx.cfg.algo.teacher_info == "sibling"
-    mask, demos = g.rollouts.response_mask, None
-    if not sibling:
-        texts = [ctx.prompts.teacher(s) for s in g.samples]
-        enc = repeat_encoding(encode(ctx.processor, texts, [s.pil_images for s in g.samples]), G)  # (B*G, P')
-    else:
-        demos = pick_demonstrations([x.accuracy >= 1.0 for x in g.results], G)
-        texts = [ctx.prompts.teacher(g.samples[i // G], demonstration=g.rollouts.texts[d]) if d is not None
-                 else ctx.prompts.student(g.samples[i // G]) for i, d in enumerate(demos)]  # fmt: skip
-        enc = encode(ctx.processor, texts, [g.samples[i // G].pil_images for i in range(len(texts))])
+    """log P_T(y_t | x, r) of every response, the teacher prompt carrying the privileged information r. SDPO rows
+    without a demonstration get no Δ_t; their prompts differ within a group, so no shared prefix there."""
+    enc, demos = teacher_encoding(ctx, g)  # (B*G, P')
+    mask = g.rollouts.response_mask  # (B*G, T)
+    if demos is not None:
         mask = mask * demonstration_mask(demos)[:, None].to(mask.dtype)  # (B*G, T)
     seq = build_sequences(enc, g.rollouts)  # (B*G, P'+T)
-    fast = dataclasses.replace(fast, share_prefix=fast.share_prefix and not sibling)
+    fast = dataclasses.replace(fast, share_prefix=fast.share_prefix and demos is None)
     logp, _ = token_logprobs(ctx.teacher, seq, ctx.cfg.optim.micro_batch_size, fast=fast)  # (B*G, T)
     return TeacherPass(logp, mask, seq, demos)
+
+
+def teacher_encoding(ctx: StepContext, g: Groups) -> tuple[dict, list[int | None] | None]:
+    """The teacher prompts of the B*G rows, and for `teacher_info: sibling` (SDPO) each row's demonstration.
+
+    `answer | solution`: one teacher prompt per sample, repeated G times. `sibling`: each row's prompt carries the
+    first other correct response of its group (`demos[i]`, its row index); rows without one get the student
+    prompt."""
+    G = g.group_size
+    if ctx.cfg.algo.teacher_info != "sibling":
+        texts = [ctx.prompts.teacher(s) for s in g.samples]
+        return repeat_encoding(encode(ctx.processor, texts, [s.pil_images for s in g.samples]), G), None
+    demos = pick_demonstrations([x.accuracy >= 1.0 for x in g.results], G)
+    texts = [ctx.prompts.teacher(g.samples[i // G], demonstration=g.rollouts.texts[d]) if d is not None
+             else ctx.prompts.student(g.samples[i // G]) for i, d in enumerate(demos)]  # fmt: skip
+    return encode(ctx.processor, texts, [g.samples[i // G].pil_images for i in range(len(texts))]), demos
 
 
 def update_settings(cfg: Config, step: int) -> dict:

@@ -49,7 +49,7 @@ class Run:
     def row(self, step: int, sample: int) -> dict:
         rows = self.rows(step)
         for r in rows:
-            if r["sample"] == sample:
+            if r.get("sample") == sample:
                 return r
         raise KeyError(
             f"{self.path}: step {step} has no sample {sample}; samples: {[r['sample'] for r in rows]}"
@@ -68,9 +68,15 @@ def open_run(path: str | Path) -> Run:
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: run directory not found")
     cfg_path = p / "config.yaml"
-    config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    try:
+        config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
+    except (UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{cfg_path}: not a readable YAML config ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, (dict, type(None))):
+        raise ValueError(f"{cfg_path}: not a mapping")
     metrics = read_metrics(p) if (p / "metrics.jsonl").is_file() else []
-    steps = sorted(int(f.stem.split("_")[1]) for f in (p / "rollouts").glob("step_*.jsonl"))
+    steps = sorted(int(f.stem.split("_")[1]) for f in (p / "rollouts").glob("step_*.jsonl")
+                   if f.stem.split("_")[1].isdigit())  # fmt: skip
     ckpts = {}
     for c in p.glob("checkpoint-*"):
         suffix = c.name.split("-", 1)[1]

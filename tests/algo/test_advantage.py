@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mmrlsd.algo import get_advantage, grpo_advantages
-from mmrlsd.algo.advantage import all_equal_groups
+from mmrlsd.algo.advantage import all_equal_groups, reinforce_pp_advantages
 
 
 def test_hand_computed():
@@ -35,3 +35,16 @@ def test_bad_shape_and_registry():
         grpo_advantages(torch.zeros(6), 4)
     with pytest.raises(KeyError, match="known: grpo"):
         get_advantage("ppo")
+
+
+def test_reinforce_pp_whitens_over_tokens():
+    # R = [1, 0, 0.5], lengths [2, 1, 1]: 4 tokens with returns 1, 1, 0, 0.5
+    # μ = (2·1 + 0 + 0.5)/4 = 0.625; Σ L (R-μ)² = 2·0.375² + 0.625² + 0.125² = 0.6875; σ² = 0.6875/3 (unbiased)
+    # A = (R - μ)/σ = [0.375, -0.625, -0.125]/0.478714 = [0.783349, -1.305582, -0.261116]
+    a = reinforce_pp_advantages(torch.tensor([1.0, 0.0, 0.5]), torch.tensor([2, 1, 1]))
+    torch.testing.assert_close(a, torch.tensor([0.783349, -1.305582, -0.261116]), rtol=0, atol=2e-6)
+    # no group baseline: a batch where every response has the same reward gives 0 (σ = 0, eps keeps it finite)
+    assert torch.equal(reinforce_pp_advantages(torch.ones(3), torch.tensor([4, 2, 1])), torch.zeros(3))
+    # token weighting: a longer response pulls the mean towards its reward
+    short_long = reinforce_pp_advantages(torch.tensor([1.0, 0.0]), torch.tensor([3, 1]))
+    torch.testing.assert_close(short_long, torch.tensor([0.5, -1.5]), rtol=0, atol=2e-6)

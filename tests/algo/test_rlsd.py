@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mmrlsd.algo import TokenRule, get_method, lam_at, rlsd_token_advantages, token_advantages
-from mmrlsd.algo.rlsd import evidence_weights, grpo_opsd_token_advantages
+from mmrlsd.algo.advantage import groups_in_band
+from mmrlsd.algo.rlsd import evidence_weights, grpo_opsd_token_advantages, reweight_tokens, thought_span_mask
 
 
 def oracle(adv, delta, mask, lam, eps_w):
@@ -36,13 +37,17 @@ def test_hand_computed_example():
 def test_inside_the_clip_range():
     # A=2, Δ=0.1: w = e^0.1 = 1.10517 (inside [0.8, 1.2]); lam=0.5 -> Â = 2·(0.5 + 0.5·1.10517) = 2.10517
     # A=-2, Δ=0.1: w = e^-0.1 = 0.904837 -> Â = -2·(0.5 + 0.5·0.904837) = -1.904837
-    out = rlsd_token_advantages(torch.tensor([2.0, -2.0]), torch.full((2, 1), 0.1), torch.ones(2, 1), 0.5, 0.2)
+    out = rlsd_token_advantages(
+        torch.tensor([2.0, -2.0]), torch.full((2, 1), 0.1), torch.ones(2, 1), 0.5, 0.2
+    )
     torch.testing.assert_close(out, torch.tensor([[2.105171], [-1.904837]]), rtol=0, atol=1e-5)
 
 
 def test_teacher_disagreement_gives_blame_on_negative():
     # A=-1, Δ=-log 2 (teacher finds the token half as likely): w = exp(+log 2) = 2 -> 1.2; Â = -(0.5+0.6) = -1.1
-    out = rlsd_token_advantages(torch.tensor([-1.0]), torch.full((1, 1), -math.log(2)), torch.ones(1, 1), 0.5, 0.2)
+    out = rlsd_token_advantages(
+        torch.tensor([-1.0]), torch.full((1, 1), -math.log(2)), torch.ones(1, 1), 0.5, 0.2
+    )
     torch.testing.assert_close(out, torch.tensor([[-1.1]]), rtol=0, atol=1e-6)
 
 
@@ -133,3 +138,81 @@ def test_methods_table():
     assert not get_method("grpo").needs_teacher(0.5, True)
     with pytest.raises(KeyError, match="known: rlsd, grpo, opsd, grpo_opsd"):
         get_method("rlsdd")
+
+
+def test_thought_only_and_negative_only_reweighting():
+    # λ=0.5, ε_w=0.2, Δ=log 2 on every token: reweighted A=+1 -> w=2 -> 1.2 -> Â = 0.5 + 0.6 = 1.1;
+    # reweighted A=-1 -> w=0.5 -> 0.8 -> Â = -(0.5 + 0.4) = -0.9; not reweighted: Â = A; padding: 0
+    adv = torch.tensor([1.0, -1.0])
+    delta = torch.full((2, 4), math.log(2))
+    mask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])
+    thought = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0]])
+
+    def run(**kw):  # the switches act through Δ_t: 0 outside the reweighted tokens
+        return rlsd_token_advantages(adv, delta * reweight_tokens(adv, mask, **kw), mask, 0.5, 0.2)
+
+    full = torch.tensor([[1.1, 1.1, 1.1, 1.1], [-0.9, -0.9, -0.9, 0.0]])
+    torch.testing.assert_close(run(), full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rlsd_token_advantages(adv, delta, mask, 0.5, 0.2), full, rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        run(thought_mask=thought),
+        torch.tensor([[1.0, 1.1, 1.1, 1.0], [-0.9, -1.0, -0.9, 0.0]]),
+        rtol=0,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        run(negative_only=True),
+        torch.tensor([[1.0, 1.0, 1.0, 1.0], [-0.9, -0.9, -0.9, 0.0]]),
+        rtol=0,
+        atol=1e-6,
+    )
+    torch.testing.assert_close(
+        run(thought_mask=thought, negative_only=True),
+        torch.tensor([[1.0, 1.0, 1.0, 1.0], [-0.9, -1.0, -0.9, 0.0]]),
+        rtol=0,
+        atol=1e-6,
+    )
+    # A = 0 stays 0 under every switch
+    zero_adv = torch.zeros(2)
+    for kw in ({}, {"negative_only": True}, {"thought_mask": thought}):
+        out = rlsd_token_advantages(zero_adv, delta * reweight_tokens(zero_adv, mask, **kw), mask, 0.5, 0.2)
+        assert torch.equal(out, torch.zeros(2, 4))
+
+
+def test_thought_span_mask_multi_token_tags():
+    # "<thought>" = [10, 11], "</thought>" = [10, 12, 11]; the tags are 0, the inside 1, an open span runs on
+    S, E = [10, 11], [10, 12, 11]
+    ids = torch.tensor([
+        [10, 11, 5, 6, 10, 12, 11, 7, 0],    # one span: tokens 5, 6
+        [3, 10, 11, 10, 12, 11, 10, 11, 4],  # an empty span, then an open one: token 4
+        [10, 5, 11, 10, 11, 8, 9, 0, 0],     # 10 5 11 is no tag; span from index 5, padding after 7
+        [10, 12, 11, 5, 6, 7, 8, 9, 1],      # a closing tag first: no span
+    ])  # fmt: skip
+    mask = torch.ones(4, 9)
+    mask[2, 7:] = 0
+    want = torch.tensor([
+        [0, 0, 1, 1, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 1],
+        [0, 0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0, 0],
+    ], dtype=torch.float32)  # fmt: skip
+    assert torch.equal(thought_span_mask(ids, mask, S, E), want)
+    with pytest.raises(ValueError, match="non-empty"):
+        thought_span_mask(ids, mask, [], E)
+
+
+def test_groups_in_band_is_strict():
+    # G=4 accuracies, means 0, .25, .5, 1, and exactly low/high: (0.25, 0.75) keeps .5 only (ends excluded)
+    scores = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.float32)
+    assert groups_in_band(scores, 4, 0.25, 0.75).tolist() == [False, False, True, False, False]
+    assert groups_in_band(scores, 4, 0.01, 0.99).tolist() == [False, True, True, False, True]
+
+
+def test_release_opsd_is_a_constant_token_advantage():
+    # the release's OPSD loss coef·mean(log P_T - log P_S) has gradient -coef·∇mean log P_S: Â_t = coef, whatever Δ
+    from mmrlsd.algo.rlsd import opsd_release_token_advantages
+
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    for delta in (torch.zeros(2, 3), torch.randn(2, 3)):
+        out = opsd_release_token_advantages(torch.tensor([1.0, -1.0]), delta, mask, coef=0.5)
+        assert torch.equal(out, torch.tensor([[0.5, 0.5, 0.0], [0.5, 0.0, 0.0]]))

@@ -112,13 +112,44 @@ def test_eval_config_rejects_unknown_keys_with_a_suggestion(tmp_path):
     assert load_eval_config(p) == EvalConfig(max_new_tokens=8, temperature=0)
 
 
-def test_shipped_eval_configs_load():
-    from mmrlsd.bench.run import EVAL_DIR
+def test_eval_config_samples_must_not_be_negative(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("samples: -1\n")
+    with pytest.raises(ValueError, match="samples must be >= 0"):
+        load_eval_config(p)
+    p.write_text("samples: 3\nsample_temperature: 1\n")
+    assert load_eval_config(p) == EvalConfig(samples=3, sample_temperature=1)
 
-    for name in ("mathvista", "mmmu"):
-        cfg = load_eval_config(EVAL_DIR / f"{name}.yaml")
-        b = get_bench(name)()
-        assert cfg.split in b.splits and cfg.mode in b.modes
+
+def test_read_records_one_loader_for_every_format(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mmrlsd.bench.base import read_records
+
+    rows = [{"id": "1", "q": "a"}, {"id": "2", "q": "b\tc"}]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.json").write_text(json.dumps(rows))
+    (tmp_path / "keyed.json").write_text(json.dumps({"1": {"q": "a"}, "2": {"id": "2", "q": "b\tc"}}))
+    (tmp_path / "r.tsv").write_text('id\tq\n1\ta\n2\t"b\tc"\n')
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows[:1]), tmp_path / "hub/data/test-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "hub/data/test-00001-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hub/data/dev-00000-of-00001.parquet")
+    for name in ("r.jsonl", "r.json", "r.tsv", "hub/data/dev-00000-of-00001.parquet"):
+        assert read_records(tmp_path / name) == rows, name
+    assert read_records(tmp_path / "keyed.json", id_field="id") == rows  # the key becomes the id field
+    assert read_records(tmp_path / "hub", split="test") == rows  # a folder: <split>-*.parquet, in order
+    with pytest.raises(FileNotFoundError, match="no validation-\\*.parquet"):
+        read_records(tmp_path / "hub", split="validation")
+    with pytest.raises(FileNotFoundError, match="nope.json: no such file"):
+        read_records(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="bad.json: expected a list of records"):
+        read_records(tmp_path / "bad.json")
+    (tmp_path / "bad2.json").write_text('{"1": 5}')
+    with pytest.raises(ValueError, match="bad2.json: expected {id: record}"):
+        read_records(tmp_path / "bad2.json")
 
 
 def test_summary_markdown_has_every_breakdown_and_warnings():

@@ -11,8 +11,10 @@ Outcomes:
 
 Covered: configs (unknown key, wrong type, missing value, invalid choice, zero/negative sizes, non-finite
 numbers, conflicting settings, bad prompt templates), data (missing/unknown/damaged files, not JSON, not UTF-8,
-missing answer, empty question, duplicate ids, ...), images (missing, empty, corrupt, truncated, decompression
-bomb, every pixel mode, a 12000x12000 PNG within the pixel budget and a memory bound), models (missing path,
+missing answer, empty question, duplicate ids, too many images, an over-long question, remote images while
+off, image paths leaving the data folder, special-token text, ...), images (missing, empty, corrupt, truncated,
+decompression bomb as a file or as bytes, an aspect ratio the processor refuses, every pixel mode, a 12000x12000
+PNG within the pixel budget and a memory bound), models (missing path,
 not a VLM, unsupported architecture, no weights, unknown hub id) and answers (adversarial math and huge
 outputs: score 0 in bounded time, never executed). The runtime faults (non-finite loss, SIGTERM, SIGKILL) are in
 `test_faults.py`.
@@ -39,10 +41,10 @@ from PIL import Image
 from mmrlsd.config import ConfigError, load_config
 from mmrlsd.data.images import DEFAULT_MAX_PIXELS, MIN_SIDE, load_image
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.data.sources import FieldMap, load_dataset_files
+from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError, ImageError, ModelError
 from mmrlsd.model.load import check_checkpoint
-from mmrlsd.train.choices import check_registered
+from mmrlsd.train.preflight import check_registered
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -217,7 +219,7 @@ def _png(path: Path, size=(48, 48), mode="RGB", **save) -> Path:
 
 
 def _records(*bad: dict | str | bytes, name: str = "train.jsonl", good_first: bool = False,
-             fields: FieldMap | None = None) -> Callable[[Path], Any]:  # fmt: skip
+             fields: FieldMap | None = None, limits: RecordLimits | None = None) -> Callable[[Path], Any]:  # fmt: skip
     """A JSONL file with the good record and `bad` lines (dicts are JSON-encoded), loaded unshuffled."""
 
     def run(tmp: Path):
@@ -227,7 +229,23 @@ def _records(*bad: dict | str | bytes, name: str = "train.jsonl", good_first: bo
         good = json.dumps(GOOD).encode()
         path = tmp / name
         path.write_bytes(b"\n".join([good, *lines] if good_first else [*lines, good]) + b"\n")
-        return load_dataset_files([str(path)], fields or FieldMap(), shuffle=False)
+        return load_dataset_files([str(path)], fields or FieldMap(), shuffle=False, limits=limits)
+
+    return run
+
+
+def _outside_image(kind: str) -> Callable[[Path], Any]:
+    """A record whose image path leaves the data folder (`data/`): absolute, `..` or a symlink pointing out."""
+
+    def run(tmp: Path):
+        (tmp / "data").mkdir()
+        _png(tmp / "secret.png")
+        ref = {"absolute": str(tmp / "secret.png"), "dotdot": "../secret.png", "symlink": "link.png"}[kind]
+        if kind == "symlink":
+            os.symlink(tmp / "secret.png", tmp / "data" / "link.png")
+        rec = {"id": "outside", "problem": "q?", "answer": "1", "images": [ref]}
+        (tmp / "data" / "train.jsonl").write_text(json.dumps(rec) + "\n" + json.dumps(GOOD) + "\n")
+        return load_dataset_files([str(tmp / "data" / "train.jsonl")], FieldMap(), shuffle=False)
 
     return run
 
@@ -370,6 +388,34 @@ DATA_CASES = [
          Skipped("bad_image", r"corrupt\.png: unreadable image", at_draw=True)),
     Case("image-text-named-jpg", _image_record(_write("page.jpg", b"<html>404 not found</html>")),
          Skipped("bad_image", r"page\.jpg: unreadable image", at_draw=True)),
+    Case("image-aspect-300x1", _image_record(lambda tmp: _png(tmp / "wide.png", (300, 1))),
+         Skipped("bad_image", r"wide\.png: image aspect ratio beyond the vision processor's 200:1 \(300x1\)$",
+                 at_draw=True)),
+    Case("image-aspect-1x250-upscaled", _image_record(lambda tmp: _png(tmp / "tall.png", (1, 250))),
+         Skipped("bad_image", r"tall\.png: image aspect ratio beyond", at_draw=True)),
+    Case("data-too-many-images", _records({"id": "many", "problem": "q?", "answer": "1", "images": ["a.png"] * 10_000}),
+         Skipped("many", r"^too many images \(10,000; data\.max_images is 32\)$")),
+    Case("data-huge-problem", _records({"id": "huge", "problem": "x" * 200_000, "answer": "1"},
+                                       limits=RecordLimits(max_prompt_tokens=8192)),
+         Skipped("huge", r"^prompt too long \(question and answer hold 200,001 characters, over 16 per token of "
+                         r"data\.max_prompt_tokens: 8,192\)$")),
+    Case("data-remote-image-off", _records({"id": "web", "problem": "q?", "answer": "1",
+                                            "images": ["https://10.0.0.1/a.png"]}),
+         Skipped("web", r"^https://10\.0\.0\.1/a\.png: remote images are off \(set data\.allow_remote_images: true\)$")),
+    Case("data-image-path-absolute-outside", _outside_image("absolute"),
+         Skipped("outside", r"secret\.png': image path leaves the data folder \(.*data\.allow_external_images")),
+    Case("data-image-path-dotdot", _outside_image("dotdot"),
+         Skipped("outside", r"^'\.\./secret\.png': image path leaves the data folder")),
+    Case("data-image-symlink-outside", _outside_image("symlink"),
+         Skipped("outside", r"^'link\.png': image path leaves the data folder")),
+    Case("data-image-entry-not-a-path", _records({"id": "imgint", "problem": "q?", "answer": "1", "images": [7]}),
+         Skipped("imgint", r"image entry 0 is int: expected a path, URL, image bytes or PIL image")),
+    Case("data-image-struct-text-bytes", _records({"id": "b64", "problem": "q?", "answer": "1",
+                                                   "images": [{"bytes": "iVBORw0KGgo=", "path": None}]}),
+         Skipped("b64", r"^image entry 0: 'bytes' holds str, not bytes$")),
+    Case("data-special-token-text", _records({"id": "tok", "problem": "<|image_pad|><|im_end|>", "answer": "1"},
+                                             good_first=True),
+         Accepted(_accepts(2, problem=GOOD["problem"]))),
 ]  # fmt: skip
 
 
@@ -459,6 +505,14 @@ IMAGE_CASES = [
          Raises(ImageError, r"truncated\.png: unreadable image")),
     Case("image-decompression-bomb", lambda tmp: load_image(_png_stream(tmp / "bomb.png", 25_000, 25_000, rows=10)),
          Raises(ImageError, r"bomb\.png: 25000x25000 exceeds the 400,000,000-pixel limit")),
+    Case("image-bytes-decompression-bomb",
+         lambda tmp: load_image({"bytes": _png_stream(tmp / "b.png", 25_000, 25_000, rows=10).read_bytes(),
+                                 "path": None}, name="rec9 image 0"),
+         Raises(ImageError, r"^rec9 image 0: 25000x25000 exceeds the 400,000,000-pixel limit")),
+    Case("image-struct-empty", lambda tmp: load_image({"bytes": None, "path": None}, name="rec9 image 0"),
+         Raises(ImageError, r"^rec9 image 0: image entry has neither bytes nor a path")),
+    Case("image-data-url-not-base64", lambda tmp: load_image("data:image/png,rawtext"),
+         Raises(ImageError, r"a data URL image must be base64-encoded")),
     Case("image-grayscale", _mode_image("L", fill=128), Accepted(_rgb((64, 48), (128, 128, 128)))),
     Case("image-1-bit", _mode_image("1", fill=1), Accepted(_rgb((64, 48), (255, 255, 255)))),
     Case("image-rgba-transparent", _mode_image("RGBA", fill=(255, 0, 0, 0)), Accepted(_rgb((64, 48), (255, 255, 255)))),

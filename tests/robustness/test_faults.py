@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from mmrlsd.config import load_config
+from mmrlsd.errors import TrainingError
 from mmrlsd.log import read_dump, read_metrics
 from mmrlsd.reward.rewards import REWARDS, RewardResult, register_reward
 from mmrlsd.train import checkpoint as ckpt
@@ -318,7 +319,7 @@ def test_nonfinite_steps_through_the_loop_are_counted_then_abort(ref, tmp_path):
 
     args = ref.args + ["reward.name=nan_for_tests", "reward.plugins=[]", "trainer.max_bad_steps=2",
                        "trainer.keep_last=0"]  # fmt: skip
-    with pytest.raises(RuntimeError, match="2 consecutive steps skipped"):
+    with pytest.raises(TrainingError, match="step 2: 2 consecutive steps skipped"):
         train(load_config(None, args), tmp_path / "nan", progress=False)
     (m,) = read_metrics(tmp_path / "nan")
     assert m["step"] == 1 and m["actor/skipped_updates"] == 1.0 and m["actor/grad_norm"] is None

@@ -40,3 +40,41 @@ def test_seeded_sampling_is_reproducible_and_greedy_is_deterministic(tiny_model)
     assert torch.equal(a.response_ids, b.response_ids)
     texts = generate_texts(model, proc, [("hi", [])] * 2, max_new_tokens=6, progress=False)
     assert texts[0] == texts[1]
+
+
+def test_presence_penalty_hand_values():
+    from mmrlsd.rollout.generate import PresencePenalty
+
+    # prompt [9, 9] (2 columns) then generated [5, 7, 5]: tokens 5 and 7 lose 1.5 once each; 9 (prompt only) keeps
+    ids = torch.tensor([[9, 9, 5, 7, 5], [9, 9, 3, 3, 3]])
+    scores = torch.arange(20, dtype=torch.float32).reshape(2, 10)
+    out = PresencePenalty(1.5, prompt_len=2)(ids, scores.clone())
+    expected = scores.clone()
+    expected[0, 5] -= 1.5
+    expected[0, 7] -= 1.5
+    expected[1, 3] -= 1.5
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert torch.equal(
+        PresencePenalty(1.5, prompt_len=5)(ids, scores.clone()), scores
+    )  # nothing generated yet
+
+
+def test_presence_penalty_in_generate(tiny_model):
+    model, proc = load_model(str(tiny_model("qwen2_vl")))
+    enc = encode(proc, [chat_text(proc, "hi", 0)] * 8, [[]] * 8)
+
+    def repeats(r) -> int:
+        return sum(
+            int(m.sum()) - len(set(ids[m.bool()].tolist())) for ids, m in zip(r.response_ids, r.response_mask)
+        )
+
+    plain = generate(model, proc, enc, group_size=8, max_new_tokens=24, temperature=1.0, seed=3)
+    assert repeats(plain) > 0  # this seed repeats tokens without the penalty
+    big = generate(
+        model, proc, enc, group_size=8, max_new_tokens=24, temperature=1.0, seed=3, presence_penalty=1e4
+    )
+    assert repeats(big) == 0  # a token once generated is never drawn again in that response
+    greedy = generate(
+        model, proc, enc, group_size=8, max_new_tokens=24, temperature=0.0, presence_penalty=1e4
+    )
+    assert repeats(greedy) == 0

@@ -33,9 +33,10 @@ def train_command(
 
 
 def mmrlsd_train(config: str, run_dir: Path, overrides: Sequence[str]) -> list[str]:
-    """`python -m mmrlsd train CONFIG --output-dir RUN_DIR --no-progress OVERRIDES...` in this interpreter."""
-    return [sys.executable, "-m", "mmrlsd", "train", config, "--output-dir", str(run_dir), "--no-progress",
-            *overrides]  # fmt: skip
+    """`python -m mmrlsd train CONFIG --output-dir RUN_DIR --overwrite --no-progress OVERRIDES...` in this
+    interpreter (a lab run regenerates its run directory)."""
+    return [sys.executable, "-m", "mmrlsd", "train", config, "--output-dir", str(run_dir), "--overwrite",
+            "--no-progress", *overrides]  # fmt: skip
 
 
 def run_all(
