@@ -94,7 +94,9 @@ register_method("grpo_opsd", Method(
 ))  # fmt: skip
 
 
-def token_advantages(rule: TokenRule, adv: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def token_advantages(
+    rule: TokenRule, adv: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Â_t `(N, T)` by `rule` from A `(N,)`, Δ_t `(N, T)` and the response mask `(N, T)`; 0 on masked tokens."""
     method = get_method(rule.method)
     if rule.distill == "jsd":  # the distillation is a loss term (`distill_coef`), not part of Â_t

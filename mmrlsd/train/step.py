@@ -75,10 +75,10 @@ def timed(times: dict[str, float], name: str):
 
 def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> StepResult:
     """Run optimizer step `step` (1-based) on B prompts; returns the metrics and the per-token dump."""
-    cfg, a, t = ctx.cfg, ctx.cfg.algo, {}
+    cfg, a, o, t = ctx.cfg, ctx.cfg.algo, ctx.cfg.optim, {}
     fast, method = fast_options(cfg, cfg.rollout.n), get_method(a.token_adv)
     lam = lam_at(step, a.lam0, a.lam_decay_steps, a.lam_warmup_steps)  # λ
-    rule = TokenRule(a.token_adv, lam=lam, eps_w=a.eps_w, coef=a.opsd_coef, distill=a.distill)  # Â_t's formula
+    rule = TokenRule(a.token_adv, lam=lam, eps_w=a.eps_w, coef=a.opsd_coef, distill=a.distill)  # Â_t rule
     g = sample_groups(ctx, samples, step, seed, t)  # x, y ~ π_θ(·|x), R (B*G,), A (B*G,)
     mask = update_mask(g, a.dynamic_sampling)  # (B*G, T) the tokens the update counts
     student = build_sequences(g.encoding, g.rollouts)  # (B*G, P+T) [x | y]
@@ -89,11 +89,11 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     teacher_logp = teacher.logp if teacher is not None else None
     teacher_mask = teacher.mask if teacher is not None else g.rollouts.response_mask  # (B*G, T)
     student_logp = delta = token_adv = credit = None
-    if fast.enabled and cfg.optim.mini_batches == 1:  # π_old = π_θ: the update's forward gives log P_S
+    if fast.enabled and o.mini_batches == 1:  # π_old = π_θ: the update's forward gives log P_S
         credit = Credit(g.adv, teacher_logp, teacher_mask, rule)
     else:
         with timed(t, "old_logp"):
-            student_logp, _ = token_logprobs(ctx.policy, student, cfg.optim.micro_batch_size, fast=fast)
+            student_logp, _ = token_logprobs(ctx.policy, student, o.micro_batch_size, fast=fast)  # log P_S
         delta = privileged_gain(teacher_logp, student_logp, teacher_mask)  # (B*G, T) Δ_t
         token_adv = token_advantages(rule, g.adv, delta, mask)  # (B*G, T) Â_t
     distill = None
@@ -111,7 +111,9 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     return StepResult(metrics={**u.stats, **metrics, **t}, dump=dump)
 
 
-def sample_groups(ctx: StepContext, samples: list[Sample], step: int, seed: int, t: dict[str, float]) -> Groups:
+def sample_groups(
+    ctx: StepContext, samples: list[Sample], step: int, seed: int, t: dict[str, float]
+) -> Groups:
     """Rollout, reward and group advantage of B prompts: G responses y ~ π_θ(·|x) each, their rewards R and
     A = (R - mean_G R) / (std_G R + eps). Call it again on other prompts to refill a filtered batch."""
     cfg, G = ctx.cfg, ctx.cfg.rollout.n

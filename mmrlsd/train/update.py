@@ -157,7 +157,9 @@ def ppo_update(
             weight = 1.0 if rows else 0.0  # an empty micro-batch keeps FSDP's collectives in step
             rows = rows or rows_mb[:1]
             if fast.enabled:
-                logp, ent = fast_forward_logprobs(policy, seq, rows, fast, positions, shared, with_entropy=True)
+                logp, ent = fast_forward_logprobs(
+                    policy, seq, rows, fast, positions, shared, with_entropy=True
+                )
             else:
                 sub = slice_seq(seq, rows[0], rows[-1] + 1)
                 logits = response_logits(policy, sub)  # (n, T, V)
@@ -178,9 +180,13 @@ def ppo_update(
             )  # fmt: skip
             if distill is not None:
                 with torch.no_grad():
-                    t_logits = response_logits(distill.teacher, slice_seq(distill.teacher_seq, rows[0], rows[-1] + 1))
+                    t_logits = response_logits(
+                        distill.teacher, slice_seq(distill.teacher_seq, rows[0], rows[-1] + 1)
+                    )
                 tm = m * distill.teacher_mask[rows].to(device)  # (n, T)
-                term = distill.coef * generalized_jsd(logits, t_logits, tm, distill.beta, max(num_tokens, 1.0))
+                term = distill.coef * generalized_jsd(
+                    logits, t_logits, tm, distill.beta, max(num_tokens, 1.0)
+                )
                 loss = loss + term
                 mb_sums["distill"] += float(term.detach())
             finite = finite and bool(torch.isfinite(loss))

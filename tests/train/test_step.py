@@ -56,7 +56,12 @@ def test_step_forms_delta_and_token_adv_from_the_two_log_prob_passes(tiny_model,
     from mmrlsd.data.sources import FieldMap, load_dataset_files
     from mmrlsd.train.loop import build
 
-    fast_keys = ["model.packing=true", "model.share_vision=true", "model.share_prefix=true", "optim.mini_batches=1"]
+    fast_keys = [
+        "model.packing=true",
+        "model.share_vision=true",
+        "model.share_prefix=true",
+        "optim.mini_batches=1",
+    ]
     cfg = tiny_step_config(tiny_model, tiny_records, *(fast_keys if fast else []))
     ctx = build(cfg)
     start = copy.deepcopy(ctx.policy)  # the behaviour policy: the weights before the step's update
@@ -71,7 +76,9 @@ def test_step_forms_delta_and_token_adv_from_the_two_log_prob_passes(tiny_model,
     for row in result.dump:
         s = samples[row["group"]]
         student = row_logprobs(start, ctx.processor, ctx.prompts.student(s), s.pil_images, row["token_ids"])
-        teacher = row_logprobs(ctx.teacher, ctx.processor, ctx.prompts.teacher(s), s.pil_images, row["token_ids"])
+        teacher = row_logprobs(
+            ctx.teacher, ctx.processor, ctx.prompts.teacher(s), s.pil_images, row["token_ids"]
+        )
         torch.testing.assert_close(torch.tensor(row["student_logp"]), student, rtol=0, atol=1e-5)
         torch.testing.assert_close(torch.tensor(row["teacher_logp"]), teacher, rtol=0, atol=1e-5)
         delta = torch.tensor(row["teacher_logp"]) - torch.tensor(row["student_logp"])  # Δ_t, response tokens
@@ -164,7 +171,9 @@ def test_step_arithmetic_by_hand_fused(monkeypatch):
     assert seen["old_logp"] is None and seen["token_adv"] is None  # π_old = π_θ: the update forms them
     credit = seen["credit"]
     assert credit.rule.method == "rlsd" and credit.rule.lam == 0.25 and credit.rule.eps_w == 0.2
-    d = privileged_gain(credit.teacher_logp, torch.tensor([[-1.0, -2.0, 0.0], [-1.5, -0.5, 0.0]]), credit.teacher_mask)
+    d = privileged_gain(
+        credit.teacher_logp, torch.tensor([[-1.0, -2.0, 0.0], [-1.5, -0.5, 0.0]]), credit.teacher_mask
+    )
     torch.testing.assert_close(d, HAND_DELTA * torch.tensor([[1.0, 1.0, 0.0]]), rtol=0, atol=1e-6)
     torch.testing.assert_close(token_advantages(credit.rule, credit.adv, d, credit.teacher_mask.float()),
                                HAND_TOKEN_ADV, rtol=0, atol=1e-6)  # fmt: skip

@@ -87,7 +87,9 @@ def test_the_split_into_micro_batches_leaves_every_mini_batch_step_unchanged(tin
     for mb in (1, 2, 4):
         _same(ref, _after(model, seq, mask, micro_batch_size=mb, **kw))
     for budget in (40, 120, 10_000):  # the fast forward: packed micro-batches of at most `budget` tokens
-        fast = FastOptions(packing=True, share_prefix=True, share_vision=True, token_budget=budget, group_size=3)
+        fast = FastOptions(
+            packing=True, share_prefix=True, share_vision=True, token_budget=budget, group_size=3
+        )
         _same(ref, _after(model, seq, mask, micro_batch_size=9, fast=fast, **kw))
     assert any(not torch.equal(ref[1][k], v) for k, v in model.state_dict().items())
 
@@ -105,7 +107,9 @@ def test_the_fused_update_is_split_invariant_and_reports_what_it_formed(tiny_mod
                     TokenRule("rlsd", lam=0.5, eps_w=0.2))  # fmt: skip
     runs = []
     for budget in (30, 80, 10_000):
-        fast = FastOptions(packing=True, share_prefix=True, share_vision=True, token_budget=budget, group_size=3)
+        fast = FastOptions(
+            packing=True, share_prefix=True, share_vision=True, token_budget=budget, group_size=3
+        )
         runs.append(_after(model, seq, mask, credit=credit, mini_batches=1, micro_batch_size=9, fast=fast))
     for other in runs[1:]:
         _same(runs[0], other)
