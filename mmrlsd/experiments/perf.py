@@ -36,25 +36,13 @@ from pathlib import Path
 
 import torch
 
-from mmrlsd.config import load_config, load_dataclass
+from mmrlsd.config import load_config, load_dataclass, packaged_prompt
 from mmrlsd.model.tiny import ARCHS, TinySize
 from mmrlsd.reward.rewards import REWARDS, RewardResult, register_reward
 from mmrlsd.types import Sample
 
 VARIANTS = ("naive", "grpo", "rlsd", "trl")
 PHASES = ("rollout", "reward", "old_logp", "teacher", "update")
-PROMPTS = "mmrlsd.experiments", "perf_configs/prompts"
-"""The benchmark's student and teacher templates ship with the package (copies of the default training ones)."""
-
-
-def template(name: str) -> Path:
-    """The packaged prompt template `name` (`student.jinja` or `teacher.jinja`)."""
-    from importlib.resources import files
-
-    package, folder = PROMPTS
-    return Path(str(files(package).joinpath(folder, name)))
-
-
 @dataclass
 class PerfConfig(TinySize):
     """One benchmark setting (`perf_configs/*.yaml` in this package); unknown keys are errors. The model's widths
@@ -225,7 +213,7 @@ def make_context(cfg, model, processor):
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)  # fmt: skip
     prompts = PromptBuilder(
-        processor, template("student.jinja"), template("teacher.jinja"), cfg.algo.teacher_info
+        processor, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), cfg.algo.teacher_info
     )
     return StepContext(cfg, policy, teacher, processor, opt, prompts)
 
@@ -279,7 +267,7 @@ def run_trl(pc: PerfConfig, model, processor, samples: list[Sample], device) -> 
     from mmrlsd.data.prompts import load_template
     from mmrlsd.rollout.generate import eos_token_ids, vision_token_ids
 
-    student = load_template(template("student.jinja"))
+    student = load_template(packaged_prompt("student.jinja"))
     rows = [{"prompt": [{"role": "user", "content": student.render(problem=s.problem)}], "image": s.pil_images[0]}
             for s in samples]  # fmt: skip
     rec = {"step_s": [], "phases": {"rollout": [], "update": []}, "response_len_mean": []}
@@ -501,7 +489,7 @@ def prompt_lengths(pc: PerfConfig, processor, sample: Sample) -> dict[str, int]:
     from mmrlsd.data.encoding import encode
     from mmrlsd.data.prompts import PromptBuilder
 
-    pb = PromptBuilder(processor, template("student.jinja"), template("teacher.jinja"), "answer")
+    pb = PromptBuilder(processor, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer")
     return {k: int(encode(processor, [f(sample)], [sample.pil_images])["input_ids"].shape[1])
             for k, f in (("student", pb.student), ("teacher", pb.teacher))}  # fmt: skip
 

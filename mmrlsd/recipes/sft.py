@@ -114,6 +114,8 @@ def load_sft_config(path: str | Path | None, overrides: list[str] | None = None)
                        ("optim.micro_batch_size", cfg.optim.micro_batch_size), ("optim.lr", cfg.optim.lr)):  # fmt: skip
         if value <= 0:
             raise ConfigError(f"{src}: '{key}' must be > 0, got {value!r}")
+    if cfg.optim.lr > 1:
+        raise ConfigError(f"{src}: 'optim.lr' must be <= 1, got {cfg.optim.lr!r}")
     if not 0 <= cfg.sft.teacher_frac <= 1:
         raise ConfigError(f"{src}: 'sft.teacher_frac' must be in [0, 1], got {cfg.sft.teacher_frac}")
     bad = [i for i in cfg.sft.teacher_infos if i not in ("answer", "solution")]
@@ -207,13 +209,21 @@ def init_model(cfg: SFTConfig, out_dir: Path, corpus: list[str]) -> str:
 
 
 def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
-    """Run SFT; returns the directory of the final model (`output_dir/model`)."""
+    """Run SFT; returns the directory of the final model (`output_dir/model`). The run directory is locked for
+    the run (a second writer stops with an error naming the first)."""
+    from mmrlsd.train import rundir
+
+    run_dir = Path(output_dir)
+    rundir.make_run_dir(run_dir)
+    with rundir.RunLock(run_dir):
+        return _sft(cfg, run_dir, progress)
+
+
+def _sft(cfg: SFTConfig, run_dir: Path, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
     from mmrlsd.data.synth import corpus as synth_corpus
 
-    run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)

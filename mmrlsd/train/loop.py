@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mmrlsd import dist
-from mmrlsd.config import Config, ConfigError, dump_config
+from mmrlsd.config import Config, ConfigError, dump_config, to_dict
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sanitize import PromptCheck
 from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, export_images, load_dataset_files
@@ -31,6 +32,8 @@ from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype
 from mmrlsd.train import checkpoint as ckpt
 from mmrlsd.train import fsdp, preflight, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
+from mmrlsd.train.summary import format_summary, run_summary, write_summary
+from mmrlsd.train.trackers import Trackers
 from mmrlsd.train.validate import ValidationStopped, validate
 
 log = logging.getLogger("mmrlsd.train")
@@ -177,7 +180,8 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
 def _check_finite(policy, step: int, cfg: Config) -> None:
     """Abort before a non-finite checkpoint can be written (one reduction over all parameters, all ranks)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
-    ok = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all().item()
+    # a sum is NaN/inf iff a weight is (or the weights are beyond ~1e38/numel): no bool copy of each tensor
+    ok = torch.isfinite(torch.stack([p.sum(dtype=torch.float32) for p in local if p.numel()])).all().item()
     if dist.any_rank(not ok):
         raise TrainingError(
             f"step {step}: the policy weights are no longer finite (NaN/inf) after the optimizer step "
@@ -187,6 +191,7 @@ def _check_finite(policy, step: int, cfg: Config) -> None:
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _StopFlag) -> Path:
+    t_start = time.perf_counter()
     ctx = build(cfg)
     pix = ctx.processor.image_processor
     max_pixels = (
@@ -228,6 +233,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     if main:
         dump_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, resume_step=start if latest is not None else None) if main else None
+    trackers = None
+    if main:  # trainer.logger: console / tensorboard / wandb / mlflow, rank 0 only
+        trackers = Trackers(cfg.trainer.logger, run_dir, to_dict(cfg), cfg.trainer.project_name,
+                            cfg.trainer.experiment_name, cfg.trainer.total_steps,
+                            resume_step=start if latest is not None else None)  # fmt: skip
     n_skipped_reported = state.get("skipped_total", 0)
     if latest is None and val and not flag.stop:
         try:
@@ -237,18 +247,21 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
                 )
             if main:
                 metrics.write({"step": 0, **v})
+                trackers.log({"step": 0, **v})
         except ValidationStopped:
             pass
     if dist.any_rank(flag.stop) and start < cfg.trainer.total_steps:
         log.warning("stopped before step %d; nothing new to checkpoint%s", start + 1,
                     "; resume with --resume" if latest is not None else "")  # fmt: skip
+        if main:
+            trackers.close()
         dist.destroy_distributed()
         return run_dir
 
     bad_in_a_row = state.get("bad_in_a_row", 0)
     bar = tqdm(range(start + 1, cfg.trainer.total_steps + 1), desc="train", disable=not (progress and main),
                initial=start, total=cfg.trainer.total_steps)  # fmt: skip
-    with flag:
+    with flag, logging_redirect_tqdm([logging.getLogger("mmrlsd")]):  # log lines above the progress bar
         for step in bar:
             t0 = time.perf_counter()
             for group in ctx.optimizer.param_groups:
@@ -283,6 +296,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
                     log.warning("validation of step %d cut short by the signal", step)
             if main:
                 metrics.write(m)
+                trackers.log(m)
                 if cfg.trainer.dump_every and step % cfg.trainer.dump_every == 0:
                     saved = export_images(samples, run_dir)  # embedded images get a file the dump can name
                     for row in result.dump:
@@ -310,6 +324,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             log.warning(
                 "skip reasons: %s", ", ".join(f"{k}: {v}" for k, v in train_data.skip_counts().items())
             )
+        trackers.close()
+        summary = run_summary(run_dir, total_steps=cfg.trainer.total_steps, wall_time_s=time.perf_counter() - t_start,
+                              skip_counts=train_data.skip_counts(), n_skipped=len(train_data.skipped),
+                              checkpoint=ckpt.latest_checkpoint(run_dir))  # fmt: skip
+        write_summary(run_dir, summary)
+        print(format_summary(summary), flush=True)
     dist.destroy_distributed()
     return run_dir
 
@@ -318,7 +338,7 @@ def _save(run_dir: Path, step: int, ctx: StepContext, state: dict, cfg: Config) 
     """A checkpoint, or an error naming the run directory and the cause (a full disk, a read-only folder)."""
     try:
         ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer, ctx.teacher, state,
-                             cfg.trainer.keep_last)  # fmt: skip
+                             cfg.trainer.keep_last, hf_dtype=cfg.model.dtype if cfg.trainer.save_hf else None)  # fmt: skip
     except (OSError, RuntimeError, CheckpointException) as e:
         cause = next((x for x, _ in e.failures.values()), e) if isinstance(e, CheckpointException) else e
         if dist.is_main():

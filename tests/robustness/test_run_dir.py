@@ -451,3 +451,15 @@ def test_export_into_a_file_is_an_error_line(ref, tmp_path, capsys):
     code, err = _cli(["export", str(ref.run / "checkpoint-2"), "--out", str(tmp_path / "afile")], capsys)
     assert code == 2 and f"error: --out {tmp_path / 'afile'}: exists and is not a folder" in err
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_sft_on_a_locked_run_dir_is_refused(tmp_path, capsys):
+    from mmrlsd.train.rundir import RunLock
+
+    run = tmp_path / "sft"
+    run.mkdir()
+    cfg = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_sft.yaml")
+    with RunLock(run):
+        code, err = _cli(["sft", cfg, "--output-dir", str(run)], capsys)
+    assert code == 2 and f"error: {run}: another trainer (pid {os.getpid()}) is writing" in err
+    assert list(run.iterdir()) == [run / ".lock"]
