@@ -50,13 +50,17 @@ def _sample_seed(cfg: Config, step: int) -> int:
 
 class _StopFlag:
     """SIGTERM/SIGINT, from setup to the end: finish the current step (or cut validation short), checkpoint, exit
-    cleanly. A second signal raises KeyboardInterrupt at once (the newest complete checkpoint stays intact).
-    Re-entrant: nested `with flag:` blocks share one state."""
+    cleanly. A second Ctrl-C (SIGINT, at least `FORCE_AFTER_S` after the first) raises KeyboardInterrupt at once;
+    the newest complete checkpoint stays intact. Repeated SIGTERMs, and a SIGINT that arrives twice at once (the
+    terminal's and torchrun's copy), only stop cleanly. Re-entrant: nested `with flag:` blocks share one state."""
+
+    FORCE_AFTER_S = 0.5
 
     def __init__(self):
         self.stop = False
         self._old = {}
         self._depth = 0
+        self._first = 0.0
 
     def __enter__(self):
         self._depth += 1
@@ -70,12 +74,15 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.stop:
-            log.warning("second signal %s: exiting now", signum)
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT and time.monotonic() - self._first >= self.FORCE_AFTER_S:
+                log.warning("second Ctrl-C: exiting now")
+                raise KeyboardInterrupt
+            log.warning("signal %s: already stopping after this step", signum)
+            return
         log.warning(
-            "signal %s: stopping after this step (checkpointed; a second signal exits at once)", signum
+            "signal %s: stopping after this step (checkpointed; a second Ctrl-C exits at once)", signum
         )
-        self.stop = True
+        self.stop, self._first = True, time.monotonic()
 
     def __exit__(self, *exc):
         self._depth -= 1

@@ -34,6 +34,7 @@ HARMLESS = {
     "data.val_files", "data.val_split", "data.max_val_items", "rollout.val_temperature", "rollout.val_n",
     "rollout.val_top_p", "rollout.val_top_k", "rollout.val_presence_penalty",
     "dist.fsdp", "dist.backend", "dist.teacher_offload",
+    "trainer.logger", "trainer.project_name", "trainer.experiment_name", "trainer.save_hf",
 }  # fmt: skip
 HARMLESS_SECTIONS = ("log.", "logging.", "tracker.", "trackers.")
 
