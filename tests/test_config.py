@@ -135,3 +135,30 @@ def test_validate_command_accepts_every_shipped_config(capsys):
         assert validate.run(argparse.Namespace(config=str(c), overrides=[])) == 0, c
     out = capsys.readouterr().out
     assert out.count(": OK (") == len(configs) and "tiny_sft.yaml: OK" in out
+
+
+def test_registry_backed_choices_come_from_the_registries(monkeypatch):
+    """`algo.token_adv`, `algo.adv`, `reward.name` and `model.packed_attention` accept exactly what their registries
+    hold: an unknown name fails listing them, and a newly registered one is accepted without touching the config."""
+    from mmrlsd.algo.methods import METHODS, get_method
+    from mmrlsd.train.preflight import check_registered, registered_choices
+
+    for key, value in (("algo.token_adv", "ppo"), ("algo.adv", "rloo"), ("model.packed_attention", "sdpa")):
+        names = registered_choices()[key]
+        with pytest.raises(ConfigError, match=f"'{key}' is '{value}'; valid choices: {', '.join(names)}$"):
+            check_registered(load_config(None, BASE + [f"{key}={value}"]))
+    rewards = ", ".join(sorted(registered_choices()["reward.name"]))
+    with pytest.raises(ConfigError, match=f"reward.name: unknown reward 'maths'; known: {rewards}$"):
+        check_registered(load_config(None, BASE + ["reward.name=maths"]))
+    assert registered_choices()["algo.token_adv"] == ["rlsd", "grpo", "opsd", "grpo_opsd"]
+    monkeypatch.setitem(METHODS, "ppo", get_method("grpo"))
+    assert check_registered(load_config(None, BASE + ["algo.token_adv=ppo"])).algo.token_adv == "ppo"
+
+
+def test_field_map_reads_every_data_key():
+    from mmrlsd.data.sources import FieldMap
+
+    keys = ["problem", "answer", "images", "problem_type", "solution", "id", "options"]
+    cfg = load_config(None, BASE + [f"data.{k}_key=col_{k}" for k in keys])
+    assert FieldMap.from_config(cfg.data) == FieldMap(**{k: f"col_{k}" for k in keys})
+    assert FieldMap.from_config(load_config(None, BASE).data) == FieldMap()  # the same defaults

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from mmrlsd import __version__
+import mmrlsd
 
 EXAMPLES = """examples:
   mmrlsd train configs/tiny_cpu.yaml --output-dir runs/tiny      # the built-in tiny default, CPU only
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {mmrlsd.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         attach(sub, name, importlib.import_module(f"mmrlsd.cli.{module}"))
