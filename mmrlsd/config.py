@@ -13,15 +13,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from mmrlsd.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -71,7 +74,8 @@ class DataConfig:
     answer_key: str = "answer"
     """Field holding the reference final answer (the privileged information r)."""
     images_key: str = "images"
-    """Field holding a list of image paths/URLs relative to the data file (may be absent: text-only)."""
+    """Field holding the record's images: paths relative to the data file, `{bytes, path}` structs (parquet
+    written by `datasets`, hub datasets), PIL images or URLs (may be absent: text-only)."""
     problem_type_key: str = "problem_type"
     """Optional field: numeric | multiple_choice | ... (chooses the reward's matcher)."""
     solution_key: str = "solution"
@@ -82,10 +86,10 @@ class DataConfig:
     """Optional field: record id (default: `<file>:<line>`)."""
     options_key: str = "options"
     """Optional field: a list of answer options, listed under the question by templates that use `options`."""
-    student_template: str = "configs/prompts/student.jinja"
+    student_template: str = "student.jinja"
     """Jinja template of the student's user turn (variables: problem, problem_type, options); images go where
     the rendered text has `<image>` markers, else first."""
-    teacher_template: str = "configs/prompts/teacher.jinja"
+    teacher_template: str = "teacher.jinja"
     """Jinja template of the teacher's user turn (variables: problem, problem_type, options, reference, answer,
     solution)."""
     max_val_items: int = 0
@@ -140,6 +144,25 @@ class RolloutConfig:
     val_presence_penalty: float = 0.0
     """Presence penalty of the `val/sample_accuracy` samples: each token already in the response has its logit
     lowered by this much before temperature, top-k and top-p (vLLM's definition; the released script: 1.5)."""
+    vllm_gpu_memory_utilization: float = 0.5
+    """vLLM: fraction of the GPU's memory its engine may take (weights + KV cache), in (0, 1]; the policy, teacher
+    and optimizer state need the rest. Ignored on CPU (see vllm_cpu_kvcache_gb)."""
+    vllm_max_model_len: int = 0
+    """vLLM: longest prompt + response in tokens (0: the model's own limit); at most the model's positions."""
+    vllm_tensor_parallel_size: int = 1
+    """vLLM: GPUs per engine; under torchrun the ranks of one tensor-parallel group share one engine and
+    must divide the world size."""
+    vllm_enforce_eager: bool = False
+    """vLLM: no CUDA graphs (faster start, slower decoding)."""
+    vllm_max_num_seqs: int = 0
+    """vLLM: most sequences decoded at once (0: vLLM's default)."""
+    vllm_cpu_kvcache_gb: float = 1.0
+    """vLLM's CPU build: KV-cache size in GiB (its default takes a large share of RAM)."""
+    vllm_sleep: str = "auto"
+    """vLLM: release its weights and KV cache while the policy trains: auto (on CUDA) | on | off."""
+    vllm_in_process: bool = True
+    """vLLM: run its engine core inside the training process (weights pushed through `reload_weights`); false
+    runs it in its own process (single-process runs; weights through vLLM's RL weight transfer, CUDA IPC)."""
 
 
 @dataclass
@@ -252,6 +275,9 @@ class TrainerConfig:
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     """Checkpoints to keep (0: all)."""
+    save_hf: bool = True
+    """Also write `checkpoint-N/hf/`, a plain Hugging Face model folder (weights in `model.dtype`) that
+    `from_pretrained`, vLLM, lmms-eval and VLMEvalKit load unchanged; off: `mmrlsd export` makes it later."""
     val_every: int = 0
     """Validate every N steps, plus before the first and after the last (0: never)."""
     dump_every: int = 1
@@ -268,6 +294,13 @@ class TrainerConfig:
     """torch CPU threads (0: torch's default)."""
     max_bad_steps: int = 10
     """Abort after this many consecutive skipped steps (non-finite loss, empty batch)."""
+    logger: list[str] = field(default_factory=lambda: ["console"])
+    """Experiment trackers besides `metrics.jsonl` (always written): console | tensorboard | wandb | mlflow (each
+    needs its package: `pip install 'mmrlsd[tensorboard]'` etc.). Scalars keep their `metrics.jsonl` names."""
+    project_name: str = "mmrlsd"
+    """W&B project / MLflow experiment."""
+    experiment_name: str = ""
+    """W&B / MLflow run name (empty: the run directory's name)."""
 
 
 @dataclass
@@ -296,31 +329,69 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
+# Keys whose choices are a registry's names (algo.token_adv, algo.adv, reward.name, model.packed_attention) are
+# checked by `mmrlsd.train.preflight.check_registered`, which can see the registries.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
-    "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
+    "rollout.vllm_sleep": ("auto", "on", "off"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
     "algo.filter_key": ("reward", "accuracy"),
     "algo.sdpo_pick": ("first", "shortest"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
-    "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
             "optim.mini_batches", "trainer.total_steps", "algo.lam_decay_steps", "optim.lr", "reward.timeout",
             "trainer.max_bad_steps", "rollout.val_n", "data.remote_image_timeout",
-            "data.remote_image_max_bytes", "algo.max_refill_tries")  # fmt: skip
+            "data.remote_image_max_bytes", "algo.max_refill_tries", "rollout.vllm_tensor_parallel_size",
+            "rollout.vllm_cpu_kvcache_gb")  # fmt: skip
 NON_NEGATIVE = ("model.logprob_chunk", "optim.token_budget", "algo.eps_w", "algo.clip_low", "algo.clip_high", "algo.lam0", "algo.teacher_refresh",
                 "trainer.save_every", "trainer.val_every", "trainer.keep_last", "optim.grad_clip",
                 "optim.weight_decay", "rollout.temperature", "optim.warmup_steps", "algo.lam_warmup_steps",
                 "rollout.top_k", "rollout.gen_batch_size", "model.min_pixels", "model.max_pixels",
                 "data.max_val_items", "trainer.dump_every", "trainer.dump_max", "trainer.threads",
                 "rollout.val_temperature", "rollout.val_top_k", "rollout.val_presence_penalty",
-                "data.max_prompt_tokens", "data.max_images")  # fmt: skip
+                "data.max_prompt_tokens", "data.max_images", "rollout.vllm_max_model_len",
+                "rollout.vllm_max_num_seqs")  # fmt: skip
+
+
+AT_MOST = {"optim.lr": 1.0, "optim.weight_decay": 1.0, "optim.grad_clip": 1e6, "rollout.temperature": 10.0,
+           "rollout.val_temperature": 10.0, "algo.clip_low": 0.99, "algo.clip_high": 10.0, "algo.clip_c": 1e3,
+           "reward.timeout": 3600.0, "algo.opsd_coef": 1e3}  # fmt: skip
+"""Upper bounds on values no run can mean (an lr of 1e308 writes an all-NaN checkpoint)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """`yaml.safe_load` semantics, but a key given twice in one mapping is an error (not a silent overwrite)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: let SafeLoader report it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (lines {first} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+        return super().construct_mapping(node, deep=deep)
+
+
+def _safe_load(text: str, where: str):
+    """YAML -> Python with SafeLoader semantics; every failure is a ConfigError naming `where`."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no Python objects
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config") from None
 
 
 def _check_type(value: Any, tp: Any, key: str, src: str) -> Any:
@@ -379,6 +450,16 @@ def _validate(cfg: Config, src: str) -> None:
     for key in NON_NEGATIVE:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
+    for key, hi in AT_MOST.items():
+        if get_key(cfg, key) > hi:
+            raise ConfigError(f"{src}: '{key}' must be <= {hi:g}, got {get_key(cfg, key)!r}")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"{src}: 'optim.betas' must be in [0, 1), got {cfg.optim.betas}")
+    if 0 < cfg.algo.clip_c <= 1:
+        raise ConfigError(f"{src}: 'algo.clip_c' must be 0 (off) or > 1, got {cfg.algo.clip_c}")
+    for key in ("reward.acc_weight", "reward.format_weight"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"{src}: '{key}' must be >= 0, got {get_key(cfg, key)!r}")
     if not cfg.model.path:
         raise ConfigError(f"{src}: 'model.path' is required (a hub id or a local checkpoint directory)")
     if not cfg.data.train_files:
@@ -401,7 +482,7 @@ def _validate(cfg: Config, src: str) -> None:
         )
     if cfg.algo.eps_w >= 1:
         raise ConfigError(f"{src}: 'algo.eps_w' must be < 1 (the clip floor 1-eps_w must stay > 0)")
-    for key in ("rollout.top_p", "rollout.val_top_p"):
+    for key in ("rollout.top_p", "rollout.val_top_p", "rollout.vllm_gpu_memory_utilization"):
         if not 0 < get_key(cfg, key) <= 1:
             raise ConfigError(f"{src}: '{key}' must be in (0, 1], got {get_key(cfg, key)}")
     if cfg.reward.acc_weight + cfg.reward.format_weight <= 0:
@@ -412,7 +493,27 @@ def _validate(cfg: Config, src: str) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"{src}: 'optim.betas' must have 2 values, got {cfg.optim.betas}")
+    _validate_trackers(cfg, src)
     _validate_conflicts(cfg, src)
+
+
+TRACKERS = {"console": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""`trainer.logger` choices and the package each one imports (installed by the extra of the same name)."""
+
+
+def _validate_trackers(cfg: Config, src: str) -> None:
+    import importlib.util
+
+    for i, name in enumerate(cfg.trainer.logger):
+        if name not in TRACKERS:
+            valid = ", ".join(TRACKERS)
+            raise ConfigError(f"{src}: 'trainer.logger[{i}]' is {name!r}; valid choices: {valid}")
+        package = TRACKERS[name]
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"{src}: 'trainer.logger' {name} needs the {package!r} package, which is not installed: "
+                f"pip install 'mmrlsd[{name}]'"
+            )
 
 
 def _validate_conflicts(cfg: Config, src: str) -> None:
@@ -436,6 +537,12 @@ def _validate_conflicts(cfg: Config, src: str) -> None:
         raise ConfigError(
             f"{src}: 'algo.distill' jsd runs on the plain update path; set {', '.join(fast)} to false/0"
         )
+    r = cfg.rollout
+    if r.vllm_max_model_len and r.vllm_max_model_len <= r.max_new_tokens:
+        raise ConfigError(
+            f"{src}: 'rollout.vllm_max_model_len' ({r.vllm_max_model_len}) must exceed 'rollout.max_new_tokens' "
+            f"({r.max_new_tokens}): it holds the prompt and the response"
+        )
     if cfg.trainer.val_every and not cfg.data.val_files:
         raise ConfigError(f"{src}: 'trainer.val_every' needs 'data.val_files' (it is empty)")
 
@@ -455,33 +562,136 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = tree
         parts = key.strip().split(".")
-        for part in parts[:-1]:
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: {key!r} is not a dotted key like section.key")
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"override {item!r}: '{'.'.join(parts[: i + 1])}' was already set to a value by another "
+                    "override, so it has no keys"
+                )
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(
+                f"override {item!r}: '{key}' is a section already given keys by another override"
+            )
+        shown = item if len(item) <= 80 else item[:77] + "..."
+        node[parts[-1]] = _safe_load(raw, f"override {shown!r}") if raw.strip() else ""
     return tree
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate."""
-    cfg = Config()
+PATH_KEYS = (
+    "model.path",
+    "data.train_files",
+    "data.val_files",
+    "data.student_template",
+    "data.teacher_template",
+)
+"""Config values that name local files or folders (a model folder, data sources, prompt templates)."""
+TEMPLATE_KEYS = ("data.student_template", "data.teacher_template")
+
+
+def packaged_prompt(name: str) -> Path:
+    """A prompt template shipped with the package (`mmrlsd/prompts/<name>`)."""
+    from importlib.resources import files
+
+    return Path(str(files("mmrlsd").joinpath("prompts", name)))
+
+
+def _resolve_path(value: str, bases: list[Path], template: bool) -> str:
+    """An absolute path for `value` when it names an existing file or folder: an absolute path as it is, a
+    relative one tried against each of `bases` in order. A template given by file name alone (or under the old
+    `configs/prompts/` folder) that is found nowhere else is the packaged one. Anything else is returned unchanged
+    (a hub id, a `hub:` dataset, a missing path that training's pre-flight check reports)."""
+    if not value or value.startswith("hub:"):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    for base in bases:
+        if (base / p).exists():
+            return os.path.abspath(base / p)
+    if template and (len(p.parts) == 1 or p.parent == Path("configs/prompts")):
+        if packaged_prompt(p.name).is_file():
+            return str(packaged_prompt(p.name))
+    return value
+
+
+def _resolve_keys(cfg, keys, bases: list[Path]) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        if not hasattr(getattr(cfg, section, None), name):
+            continue
+        value = get_key(cfg, key)
+        values = [
+            _resolve_path(v, bases, key in TEMPLATE_KEYS)
+            for v in (value if isinstance(value, list) else [value])
+        ]
+        setattr(getattr(cfg, section), name, values if isinstance(value, list) else values[0])
+
+
+def resolve_paths(cfg, file_data: dict | None, file_path: Path | None, override_data: dict | None) -> None:
+    """Resolve the path keys (see `load_config`): those set in the file against its folder then the current
+    directory, those set by overrides against the current directory, and default templates to the packaged ones."""
+
+    def set_in(data: dict | None) -> list[str]:
+        return [k for k in PATH_KEYS if data and k.split(".")[1] in (data.get(k.split(".")[0]) or {})]
+
+    overridden = set_in(override_data)
+    if file_path is not None:
+        file_keys = [k for k in set_in(file_data) if k not in overridden]
+        _resolve_keys(cfg, file_keys, [Path(file_path).resolve().parent, Path.cwd()])
+    _resolve_keys(cfg, overridden, [Path.cwd()])
+    _resolve_keys(cfg, TEMPLATE_KEYS, [])  # anything still a bare file name: the packaged template
+
+
+def read_yaml_file(path: str | Path) -> dict:
+    """A config file's top-level mapping; a missing file, a directory, non-UTF-8 bytes, invalid or too deeply
+    nested YAML, a key given twice and a non-mapping top level are ConfigErrors naming the file."""
+    src, p = str(path), Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{src}: is a directory, not a config file")
+    if not p.is_file():
+        raise ConfigError(f"{src}: config file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
+    data = _safe_load(text, src) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_dataclass(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """`cls()` with the YAML mapping at `path` (may be None) and the dotted overrides merged in, type-checked, paths
+    resolved: the one loader of every dataclass config (training, SFT, perf, eval). An unknown key, a wrong type or
+    an unreadable file raises `ConfigError` naming the file and the key; range checks are the caller's.
+
+    Paths (`PATH_KEYS`, where `cls` has them): a relative path in the file is tried against the config file's folder
+    first, then the current directory; one in an override against the current directory. Found paths become
+    absolute (the run's `config.yaml` then works from anywhere); absolute paths, hub ids and `hub:` datasets are
+    left as they are. Prompt templates given by file name alone are the packaged ones (`mmrlsd/prompts/`) unless
+    such a file exists there. Whether the files exist is checked before training (`mmrlsd.train.preflight`)."""
+    cfg = cls()
     src = str(path) if path else "<defaults>"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{src}: config file not found")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{src}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"
-            )
+    data = read_yaml_file(path) if path is not None else None
+    if data:
         _merge(cfg, data, "", src)
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
+    tree = parse_overrides(overrides) if overrides else None
+    if tree:
+        _merge(cfg, tree, "", f"{src} (command-line override)")
+    resolve_paths(cfg, data, Path(path) if path is not None else None, tree)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """The training config at `path` (may be None) with dotted overrides (`load_dataclass`), validated."""
+    cfg = load_dataclass(Config, path, overrides)
     if validate:
-        _validate(cfg, src)
+        _validate(cfg, str(path) if path else "<defaults>")
     return cfg
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: the `../shared` folder and tiny random Qwen-VL checkpoints built locally (nothing downloaded)."""
+"""Shared fixtures: tiny random Qwen-VL checkpoints built locally (nothing downloaded)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,9 @@ import pytest
 from tinydata import write_records  # noqa: F401  (re-exported for older imports)
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = (REPO / ".." / "shared").resolve()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-@pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    """`../shared` beside the checkout; tests that need it skip with the reason when it is absent."""
-    if not (SHARED / "benchdata").is_dir():
-        pytest.skip(f"../shared/benchdata not found at {SHARED} (reference data lives outside the repo)")
-    return SHARED
 
 
 @pytest.fixture(scope="session")

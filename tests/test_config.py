@@ -55,6 +55,13 @@ def test_values_and_overrides():
         ("algo.lam0=1.5", "'algo.lam0' must be in \\[0, 1\\]"),
         ("optim.micro_batch_size=0", "'optim.micro_batch_size' must be > 0"),
         ("model.dtype=fp32", "'model.dtype' is 'fp32'; valid choices"),
+        ("rollout.vllm_gpu_memory_utilization=1.2", "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]"),
+        ("rollout.vllm_gpu_memory_utilization=0", "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]"),
+        ("rollout.vllm_tensor_parallel_size=0", "'rollout.vllm_tensor_parallel_size' must be > 0"),
+        ("rollout.vllm_max_model_len=-1", "'rollout.vllm_max_model_len' must be >= 0"),
+        ("rollout.vllm_max_model_len=200", "'rollout.vllm_max_model_len' \\(200\\) must exceed 'rollout.max_new_tokens'"),
+        ("rollout.vllm_sleep=always", "'rollout.vllm_sleep' is 'always'; valid choices: auto, on, off"),
+        ("rollout.vllm_enforce_eager=3", "'rollout.vllm_enforce_eager' must be bool"),
     ],
 )
 def test_invalid_values(override, msg):
@@ -84,9 +91,13 @@ def test_shipped_configs_validate():
 
 
 def test_validate_cli_and_help():
-    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.lam0=0"],
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/tiny_cpu.yaml", "algo.lam0=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    # validate runs train's pre-model checks: a 7B recipe's data must exist on this machine
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0 and "warning: data.train_files: data/mmfinereason/" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.eps_W=0"],
                        capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 2 and "did you mean 'algo.eps_w'" in r.stderr
@@ -124,3 +135,30 @@ def test_validate_command_accepts_every_shipped_config(capsys):
         assert validate.run(argparse.Namespace(config=str(c), overrides=[])) == 0, c
     out = capsys.readouterr().out
     assert out.count(": OK (") == len(configs) and "tiny_sft.yaml: OK" in out
+
+
+def test_registry_backed_choices_come_from_the_registries(monkeypatch):
+    """`algo.token_adv`, `algo.adv`, `reward.name` and `model.packed_attention` accept exactly what their registries
+    hold: an unknown name fails listing them, and a newly registered one is accepted without touching the config."""
+    from mmrlsd.algo.methods import METHODS, get_method
+    from mmrlsd.train.preflight import check_registered, registered_choices
+
+    for key, value in (("algo.token_adv", "ppo"), ("algo.adv", "rloo"), ("model.packed_attention", "sdpa")):
+        names = registered_choices()[key]
+        with pytest.raises(ConfigError, match=f"'{key}' is '{value}'; valid choices: {', '.join(names)}$"):
+            check_registered(load_config(None, BASE + [f"{key}={value}"]))
+    rewards = ", ".join(sorted(registered_choices()["reward.name"]))
+    with pytest.raises(ConfigError, match=f"reward.name: unknown reward 'maths'; known: {rewards}$"):
+        check_registered(load_config(None, BASE + ["reward.name=maths"]))
+    assert registered_choices()["algo.token_adv"] == ["rlsd", "grpo", "opsd", "grpo_opsd"]
+    monkeypatch.setitem(METHODS, "ppo", get_method("grpo"))
+    assert check_registered(load_config(None, BASE + ["algo.token_adv=ppo"])).algo.token_adv == "ppo"
+
+
+def test_field_map_reads_every_data_key():
+    from mmrlsd.data.sources import FieldMap
+
+    keys = ["problem", "answer", "images", "problem_type", "solution", "id", "options"]
+    cfg = load_config(None, BASE + [f"data.{k}_key=col_{k}" for k in keys])
+    assert FieldMap.from_config(cfg.data) == FieldMap(**{k: f"col_{k}" for k in keys})
+    assert FieldMap.from_config(load_config(None, BASE).data) == FieldMap()  # the same defaults

@@ -195,7 +195,12 @@ def read_text(path: str | Path) -> str:
 
 
 def read_json(path: str | Path) -> Any:
-    """A JSON document (invalid UTF-8 tolerated, see `read_text`)."""
+    """A JSON document (invalid UTF-8 tolerated, see `read_text`); a file that does not start like JSON is
+    refused from its first bytes, without reading the rest."""
+    with open(path, "rb") as f:
+        head = f.read(256).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head and not head.startswith((b"[", b"{")):
+        raise ValueError(f"{path}: not JSON (starts with {head[:16]!r})")
     try:
         return json.loads(read_text(path))
     except json.JSONDecodeError as e:
@@ -203,19 +208,45 @@ def read_json(path: str | Path) -> Any:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """One JSON object per non-empty line; a bad line is reported with its line number."""
+    """One JSON object per non-empty line, read line by line (a bad line stops the read, naming its number)."""
     rows = []
-    for i, line in enumerate(read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace")
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
     return rows
+
+
+def restrict_to_gold(bench: Bench, gold: list[Record], predictions: Predictions) -> tuple[Predictions, list[str]]:
+    """The prediction rows that belong to a gold record, with every field the gold record also has (the answer,
+    question type, choices, ...) taken from the gold record: a predictions file is never scored against answers
+    it carries itself. Rows of ids that are not in `gold` are dropped and counted in the returned warnings; when
+    no row matches, that is an error. We-Math's upstream rows are matched by their `ID/key`."""
+    by_id = {bench.record_id(r): r for r in gold}
+    alias = {f"{r['ID']}/{r['key']}": rid for rid, r in by_id.items() if "ID" in r and "key" in r}
+    kept: Predictions = {}
+    unknown = []
+    for pid, row in predictions.items():
+        gid = pid if pid in by_id else alias.get(pid)
+        if gid is None:
+            unknown.append(pid)
+            continue
+        rec = by_id[gid]
+        kept[pid] = {**row, **{k: rec[k] for k in row if k in rec}}
+    if predictions and not kept:
+        raise ValueError(f"none of the {len(predictions)} prediction ids is in the gold data (first: "
+                         f"{unknown[0]!r}); check --bench, --split and --data")  # fmt: skip
+    warnings = [f"{len(unknown)} prediction ids are not in the gold data and were not scored (first: "
+                f"{unknown[0]!r})"] if unknown else []  # fmt: skip
+    return kept, warnings
 
 
 def is_own_predictions(rows: list[dict[str, Any]]) -> bool:

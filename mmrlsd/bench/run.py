@@ -14,17 +14,17 @@ every install).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import types
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mmrlsd.bench.base import Bench, Record, check_mode
+from mmrlsd.config import load_dataclass
+from mmrlsd.errors import ConfigError
 
 PROTOCOLS = "protocols"
 """Folder of `mmrlsd.bench` holding the protocol files `<bench>.yaml` (package data)."""
@@ -57,26 +57,12 @@ class EvalConfig:
 
 
 def load_eval_config(path: str | Path | Traversable | None) -> EvalConfig:
-    """Read an `EvalConfig` from YAML (`yaml.safe_load`); an unknown key fails with a suggestion."""
-    if path is None:
-        return EvalConfig()
-    if isinstance(path, str):
-        path = Path(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
-    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(fields)}"
-            raise ValueError(f"{path}: unknown key {key!r}{hint}")
-        want = {"str": str, "int": int, "float": (int, float)}[str(fields[key].type)]
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise ValueError(f"{path}: {key} must be {fields[key].type}, got {value!r}")
-    if data.get("samples", 0) < 0:
-        raise ValueError(f"{path}: samples must be >= 0, got {data['samples']}")
-    return EvalConfig(**data)
+    """An `EvalConfig` from YAML (`mmrlsd.config.load_dataclass`: an unknown key fails with a suggestion, a wrong
+    type names the key); `path` may be a packaged resource."""
+    cfg = load_dataclass(EvalConfig, None if path is None else Path(str(path)))
+    if cfg.samples < 0:
+        raise ConfigError(f"{path}: samples must be >= 0, got {cfg.samples}")
+    return cfg
 
 
 def default_config_path(bench_name: str) -> Traversable | None:
@@ -102,26 +88,26 @@ def hf_generate(model_path: str, prompts: list[tuple[str, list]], cfg: EvalConfi
 
 def vllm_generate(model_path: str, prompts: list[tuple[str, list]], cfg: EvalConfig, *, dtype: str, device: str,
                   progress: bool) -> list[str]:  # fmt: skip
-    """The same answers with vLLM (same chat template, images before the text in one user turn)."""
-    from transformers import AutoProcessor
-    from vllm import LLM, SamplingParams
+    """The same answers with vLLM: the chat text, images, EOS ids, blocked vision tokens, sampling settings and
+    decoding of `hf_generate` (greedy answers are the same tokens)."""
+    from transformers import AutoProcessor, GenerationConfig
 
     from mmrlsd.data.encoding import chat_text
+    from mmrlsd.rollout.generate import eos_token_ids
+    from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
     processor = AutoProcessor.from_pretrained(model_path)
+    try:
+        gen = GenerationConfig.from_pretrained(model_path)
+    except OSError:
+        gen = GenerationConfig()
+    eos = eos_token_ids(types.SimpleNamespace(generation_config=gen), processor)
     max_images = max((len(images) for _, images in prompts), default=1)
-    llm = LLM(model=model_path, dtype=dtype, seed=cfg.seed, limit_mm_per_prompt={"image": max(max_images, 1)})
-    inputs = [
-        {
-            "prompt": chat_text(processor, text, len(images)),
-            **({"multi_modal_data": {"image": images}} if images else {}),
-        }
-        for text, images in prompts
-    ]
-    params = SamplingParams(
-        temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed
-    )
-    return [out.outputs[0].text for out in llm.generate(inputs, params, use_tqdm=progress)]
+    engine = VLLMEngine(model_path, processor=processor, dtype=dtype, seed=cfg.seed, max_images=max(max_images, 1),
+                        settings=VLLMSettings(gpu_memory_utilization=0.85, sleep="off"))  # fmt: skip
+    chats = [(chat_text(processor, text, len(images)), images) for text, images in prompts]
+    return engine.eval_sample(chats, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                              top_p=cfg.top_p, seed=cfg.seed, eos=eos)  # fmt: skip
 
 
 ENGINES = {"hf": hf_generate, "vllm": vllm_generate}

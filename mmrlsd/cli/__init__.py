@@ -12,6 +12,8 @@ import importlib
 import logging
 import sys
 
+import mmrlsd
+
 EXAMPLES = """examples:
   mmrlsd train configs/tiny_cpu.yaml --output-dir runs/tiny      # the built-in tiny default, CPU only
   mmrlsd train configs/qwen2vl_7b.yaml trainer.total_steps=3 algo.lam0=0
@@ -52,10 +54,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    p.add_argument("--version", action="version", version=f"%(prog)s {mmrlsd.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         attach(sub, name, importlib.import_module(f"mmrlsd.cli.{module}"))
     return p
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One stderr handler on the `mmrlsd` logger only. The root logger is left unconfigured, so other libraries'
+    records (which often have their own handler and propagate) are printed once, by their own handler."""
+    logger = logging.getLogger("mmrlsd")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(getattr(h, "_mmrlsd", False) for h in logger.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._mmrlsd = True
+        logger.addHandler(handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    setup_logging(verbose=args.verbose)
     from mmrlsd.errors import MmrlsdError
 
     try:

@@ -75,15 +75,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _score_only(bench, args: argparse.Namespace) -> int:
+    from mmrlsd.bench.base import restrict_to_gold
     from mmrlsd.bench.run import summary_markdown, write_json, write_result
 
     split = args.split or bench.default_split
-    result = bench.score(
-        bench.load(args.data, split),
-        bench.read_predictions(args.predictions),
-        mode=args.mode or "official",
-        split=split,
-    )
+    if args.output and Path(args.output).is_dir():
+        print(f"error: --output {args.output}: is a directory (give a file name for the result JSON)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        gold = bench.load(args.data, split)
+        predictions, warnings = restrict_to_gold(bench, gold, bench.read_predictions(args.predictions))
+        result = bench.score(gold, predictions, mode=args.mode or "official", split=split)
+    except (ValueError, KeyError) as e:  # duplicate ids, damaged rows, missing fields: named by the readers
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    if warnings:
+        result["warnings"] = [*result.get("warnings", []), *warnings]
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(args.output), result)
@@ -97,7 +107,9 @@ def _generate(bench, args: argparse.Namespace) -> int:
     import dataclasses
 
     from mmrlsd.bench.run import default_config_path, evaluate, load_eval_config, pick_engine
+    from mmrlsd.model.load import resolve_model_path
 
+    model = resolve_model_path(args.model)  # RUN/checkpoint-N (or RUN) -> its Hugging Face folder
     cfg = load_eval_config(args.config or default_config_path(bench.name))
     overrides = {"split": args.split, "mode": args.mode, "max_new_tokens": args.max_new_tokens,
                  "batch_size": args.batch_size, "samples": args.samples}  # fmt: skip
@@ -115,7 +127,7 @@ def _generate(bench, args: argparse.Namespace) -> int:
     data_root = Path(args.image_root) if args.image_root else (Path(args.data).parent if args.data else None)
     out_dir = Path(args.output_dir or f"runs/eval/{bench.name}_{split}")
     engine = pick_engine(args.engine)
-    result = evaluate(bench, records, args.model, out_dir, cfg, data_root=data_root, engine=engine, dtype=dtype,
+    result = evaluate(bench, records, model, out_dir, cfg, data_root=data_root, engine=engine, dtype=dtype,
                       device=device, progress=not args.no_progress)  # fmt: skip
     if result is None:
         print(
@@ -127,15 +139,28 @@ def _generate(bench, args: argparse.Namespace) -> int:
     return 0
 
 
-def missing_local_model(model: str) -> bool:
-    """True when `model` is written as a local path and nothing is there. Local-looking: absolute, starting
-    with ``.`` or ``~``, or with two or more ``/`` (a hub id is ``ORG/NAME``); ``ORG/NAME`` and bare names
-    are left to the loader, which may find them on the hub."""
+def model_problem(model: str) -> str | None:
+    """Why `model` cannot load, found without reading anything heavy, else None.
+
+    A path that exists is fine. One written as a local path (absolute, starting with ``.`` or ``~``, or with
+    two or more ``/``; a hub id is ``ORG/NAME``) that does not exist is an error. A hub id is left to the
+    loader, except offline (``HF_HUB_OFFLINE``), where it must already be in the Hugging Face cache."""
     import os
 
     if Path(model).expanduser().exists():
-        return False
-    return os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") >= 2
+        return None
+    if os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") >= 2:
+        return "no such file or directory (hub ids have the form ORG/NAME)"
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # noqa: BLE001 - an id the hub would reject is not in the cache either
+            cached = None
+        if not isinstance(cached, str):
+            return "no such folder, and not in the Hugging Face cache (HF_HUB_OFFLINE is set)"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -171,9 +196,9 @@ def run(args: argparse.Namespace) -> int:
         bench.judge = Judge(
             url=args.judge_url, model=args.judge_model, api_key=os.environ.get(args.judge_key_env, "")
         )
-    if args.model and missing_local_model(args.model):
-        print(f"error: --model {args.model}: no such file or directory (hub ids have the form ORG/NAME)",
-              file=sys.stderr)  # fmt: skip
+    problem = model_problem(args.model) if args.model else None
+    if problem:
+        print(f"error: --model {args.model}: {problem}", file=sys.stderr)
         return 2
     try:
         bench.setup()  # before any data is read: a missing dependency fails here, not after generation

@@ -4,8 +4,9 @@ and report, without running anything."""
 from __future__ import annotations
 
 import argparse
+import sys
 
-HELP = "check a config without running it"
+HELP = "check a config (and its templates, data files, model directory) without running it"
 EXAMPLES = """example:
   mmrlsd validate configs/qwen2vl_7b.yaml
   mmrlsd validate configs/tiny_cpu.yaml algo.lam0=0
@@ -24,13 +25,14 @@ def _is_sft(path: str) -> bool:
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError):
         return False  # the training loader reports the problem, naming the file
     return isinstance(data, dict) and "sft" in data
 
 
 def run(args: argparse.Namespace) -> int:
     from mmrlsd.config import load_config, to_dict
+    from mmrlsd.train import preflight
 
     if _is_sft(args.config):
         from mmrlsd.recipes.sft import load_sft_config
@@ -38,5 +40,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_sft_config(args.config, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
+        # registry names, reward, templates, data files, model directory: what train checks before loading a model
+        for line in preflight.check(cfg, data=False):
+            print(f"warning: {line} (train stops here unless it is created first)", file=sys.stderr)
     print(f"{args.config}: OK ({sum(len(v) for v in to_dict(cfg).values())} keys)")
     return 0

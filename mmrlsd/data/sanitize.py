@@ -108,9 +108,12 @@ class PromptCheck:
         if not self.max_tokens:
             self.image_tokens(sample)
             return
-        texts = [self.prompts.student(sample), self.prompts.teacher(sample, demonstration="")]
+        try:
+            texts = [self.prompts.student(sample), self.prompts.teacher(sample, demonstration="")]
+        except ValueError as e:  # e.g. teacher_info solution and a record without one
+            raise RecordError(str(e)) from None
         tok = self.processor.tokenizer
-        longest = max(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
+        longest = max(len(tok(t, add_special_tokens=False, verbose=False)["input_ids"]) for t in texts)
         n = longest - len(sample.pil_images) + self.image_tokens(sample)  # one placeholder token per image
         if n > self.max_tokens:
             raise RecordError(f"prompt too long ({n:,} tokens with its images; data.max_prompt_tokens is "

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -44,6 +46,8 @@ MAX_CHARS_PER_TOKEN = 16
 
 @dataclass
 class FieldMap:
+    """Which record field holds each part of a `Sample` (the config's `data.<part>_key` settings)."""
+
     problem: str = "problem"
     answer: str = "answer"
     images: str = "images"
@@ -54,6 +58,12 @@ class FieldMap:
     require_solution: bool = False
     """Skip (and count) records without a non-empty `solution` text: it is the teacher's privileged information
     (`algo.teacher_info: solution`, OPSD), and a silent fallback to the answer would change the method."""
+
+    @classmethod
+    def from_config(cls, data) -> FieldMap:
+        """From a `DataConfig` (training or SFT): each part from its `data.<part>_key` setting."""
+        return cls(**{f.name: getattr(data, f"{f.name}_key") for f in dataclasses.fields(cls)
+                      if hasattr(data, f"{f.name}_key")})  # fmt: skip
 
 
 @dataclass
@@ -84,7 +94,7 @@ class Skip:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: never compare the Arrow column
 class EmbeddedImage:
     """An image inside a table column (`column[row]`, or item `index` of that row's list), read on demand."""
 
@@ -99,7 +109,7 @@ class EmbeddedImage:
         return value.as_py()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _TableImages:
     """A row's image cell in a table, counted without reading any image."""
 
@@ -143,6 +153,11 @@ def _table_rows(table, label: str, fields: FieldMap) -> list[tuple[str, dict]]:
     if fields.images in table.column_names:
         col = table.column(fields.images)
         is_list = pa.types.is_list(col.type) or pa.types.is_large_list(col.type)
+        item = col.type.value_type if is_list else col.type
+        if pa.types.is_string(item) or pa.types.is_large_string(item):  # paths/URLs: checked like JSON rows
+            for row, value in zip(rows, col.to_pylist()):
+                row[fields.images] = value
+            return [(f"{label}:{i}", r) for i, r in enumerate(rows)]
         if is_list:
             counts = pc.fill_null(pc.list_value_length(col), 0).to_pylist()
         else:
@@ -249,26 +264,33 @@ def _read_rows(source: str, split: str, fields: FieldMap) -> _Rows:
     return _Rows(rows, [path.parent], source)
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: Path) -> str:
+    real = os.path.realpath(root)
+    return real if real.endswith(os.sep) else real + os.sep
+
+
 def resolve_image_path(img: str, roots: list[Path], allow_external: bool) -> str:
     """`img` relative to the first root (absolute paths unchanged); unless `allow_external`, an `ImageError`
     when the path, with `..` and symlinks resolved, lies outside every root."""
-    p = Path(img)
-    full = p if p.is_absolute() else roots[0] / p
+    full = img if os.path.isabs(img) else str(roots[0] / img)
     if not allow_external:
-        real = full.resolve()
-        if not any(real.is_relative_to(r.resolve()) for r in roots):
+        real = os.path.realpath(full)
+        if not any((real + os.sep).startswith(_real_root(r)) for r in roots):
             raise ImageError(
                 f"{img!r}: image path leaves the data folder (an absolute path, '..' or a symlink outside "
                 f"{roots[0]}; set data.allow_external_images: true to allow it)"
             )
-    return str(full)
+    return full
 
 
 def _image_entry(img, j: int, rid: str, roots: list[Path], limits: RecordLimits) -> tuple[str, Any]:
     """`(display name, what to load)` of one image entry of a JSON row; `ImageError` when it is unusable."""
     if isinstance(img, dict):  # {"path": ...} or {"bytes": ...}
         if img.get("bytes"):
-            return f"{rid} image {j} (embedded)", img["bytes"]
+            if not isinstance(img["bytes"], (bytes, bytearray)):
+                raise ImageError(f"image entry {j}: 'bytes' holds {type(img['bytes']).__name__}, not bytes")
+            return f"{rid} image {j} (embedded)", bytes(img["bytes"])
         img = img.get("path") or ""
     if isinstance(img, (bytes, bytearray)) and img:
         return f"{rid} image {j} (embedded)", bytes(img)
@@ -411,6 +433,8 @@ class Dataset:
                     src = src.get()
                 except Exception as e:  # pyarrow errors for a damaged column
                     raise ImageError(f"{name}: unreadable image ({type(e).__name__}: {e})") from None
+                if src is None:
+                    raise ImageError(f"{name}: empty image entry (null)")
                 if isinstance(src, dict) and not src.get("bytes") and isinstance(src.get("path"), str):
                     src = _struct_path(src["path"], self.roots.get(sample.id, []), self.limits)
             pil.append(load_image(src, self.max_pixels, name=name, remote=remote))
@@ -419,6 +443,17 @@ class Dataset:
             self.check(loaded)
             self._checked.add(sample.id)
         return loaded
+
+    def load_all(self) -> list[Sample]:
+        """Every sample once, in order, with its images loaded; unusable ones are skipped and counted (a
+        validation set: no record is drawn twice to make up for a skipped one)."""
+        out = []
+        for sample in self.samples:
+            try:
+                out.append(self.load(sample))
+            except RecordError as e:
+                self.record_skip(Skip(sample.id, str(e)))
+        return out
 
     def next_batch(self, size: int) -> list[Sample]:
         """The next `size` samples with their images loaded; unusable ones are skipped and counted."""
@@ -447,6 +482,27 @@ class Dataset:
     def skip_counts(self) -> dict[str, int]:
         """Skips per kind of reason, most frequent first: `{"line is not JSON": 2, "unreadable image": 1}`."""
         return dict(Counter(skip_kind(s.reason) for s in self.skipped).most_common())
+
+
+def export_images(samples: list[Sample], run_dir: Path, folder: str = "rollouts/images") -> dict[str, str]:
+    """Save the loaded images of `samples` that have no file of their own (bytes, PIL, table cells, URLs) as PNG
+    under `run_dir/folder`, once each, so a rollout dump can point at them. Returns `{label: path relative to
+    run_dir}` for `Sample.images` labels."""
+    import hashlib
+
+    out = {}
+    for s in samples:
+        for j, (label, img) in enumerate(zip(s.images, s.pil_images)):
+            src = s.image_data[j] if j < len(s.image_data) else label
+            if isinstance(src, str) and not src.startswith(("data:", "http://", "https://")):
+                continue  # a file: the dump keeps its path
+            rel = f"{folder}/{hashlib.sha256(label.encode()).hexdigest()[:20]}.png"
+            path = run_dir / rel
+            if not path.is_file():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img.save(path, format="PNG")
+            out[label] = rel
+    return out
 
 
 def skip_kind(reason: str) -> str:

@@ -60,7 +60,9 @@ class RewardResult:
     format: float
     """1.0 when the response matches ``<thought>...</thought> ... <answer>...</answer>``, else 0.0."""
     extracted: str | None
-    """The extracted final answer (None when the response has neither ``<answer>`` nor ``\\boxed{}``)."""
+    """The extracted final answer (``math``/``accuracy``: None when the response has neither ``<answer>`` nor
+    ``\\boxed{}``; ``unified``: its extraction, ``""`` for a math response with neither, the whole response for
+    other types)."""
 
 
 RewardFn = Callable[..., list[RewardResult]]

@@ -1,7 +1,7 @@
 """The math-equivalence worker: a standalone script that `mmrlsd.reward.verify` runs as a child process.
 
-It imports only the standard library, math-verify and sympy (never mmrlsd, torch or the parent's
-``__main__``), so a restart costs one interpreter start plus the math-verify import (about a second),
+It imports only the standard library, math-verify, mathruler and sympy (never mmrlsd, torch or the parent's
+``__main__``), so a restart costs one interpreter start plus those imports (about a second),
 and the parent can kill it at any moment without losing anything.
 
 Protocol, over two pipes wrapped in `multiprocessing.connection.Connection` (JSON bytes, never pickle):
@@ -110,6 +110,7 @@ def _die_with_parent() -> None:
 def serve(requests: Connection, results: Connection) -> None:
     """Answer requests until the request pipe closes."""
     equal("1", "1")  # warm-up: math-verify builds its parsers lazily on the first call
+    equal("x/2", "0.5*x", "mathruler")  # and mathruler's first sympy parse (~0.1 s): not inside a pair's time limit
     results.send_bytes(json.dumps({"ready": True, "engine": ENGINE}).encode())
     while True:
         try:

@@ -24,7 +24,10 @@ def test_matches_loop_and_zero_for_equal_groups():
         want = (grp - grp.mean()) / (grp.std() + 1e-6)
         torch.testing.assert_close(a[b * 4 : b * 4 + 4], want, rtol=0, atol=1e-6)
     assert torch.all(a[:4] == 0)
-    assert all_equal_groups(r, 4)[0] and all_equal_groups(r, 4).sum() == int(all_equal_groups(r, 4).sum())
+    # groups [1,1,1,1], [0,1,0,0], [.5,.5,.5,.5], [0,0,0,1]: the first and third are all equal
+    hand = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0.5, 0.5, 0.5, 0.5, 0, 0, 0, 1])
+    assert all_equal_groups(hand, 4).tolist() == [True, False, True, False]
+    assert all_equal_groups(hand, 2).tolist() == [True, True, False, True, True, True, True, False]
 
 
 def test_bad_shape_and_registry():

@@ -1,16 +1,36 @@
-"""Fixtures for the benchmark tests: the shared reference data and adversarial model outputs."""
+"""Fixtures for the benchmark tests: the reference files (two tiers) and adversarial model outputs.
+
+* `eval/fixtures/<bench>/`: small subsets of the official files, in the repository; every parity test runs
+  on them (`TIERS[0]`), so a clone alone runs the whole suite.
+* the full official files, in a folder named by ``$MMRLSD_EVAL_REFERENCE`` (same layout as `eval/fixtures`,
+  see `eval/fixtures/README.md`): the same tests again plus the whole-file checks (published totals, every
+  breakdown), all marked `reference_files`. Without the variable they are deselected, not skipped; with it
+  set to a folder that lacks a file, they fail.
+"""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+from reference_files import REFERENCE_ENV, reference_root
 
 
 @pytest.fixture(scope="session")
-def benchdata(shared_dir: Path) -> Path:
-    """`../shared/benchdata` (skips with the reason when `../shared` is absent)."""
-    return shared_dir / "benchdata"
+def reference_dir() -> Path:
+    """The full reference folder, for tests marked `reference_files`."""
+    return reference_root()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect the `reference_files` tests when `$MMRLSD_EVAL_REFERENCE` is unset (a clone without them)."""
+    if os.environ.get(REFERENCE_ENV):
+        return
+    drop = [item for item in items if item.get_closest_marker("reference_files")]
+    if drop:
+        items[:] = [item for item in items if not item.get_closest_marker("reference_files")]
+        config.hook.pytest_deselected(items=drop)
 
 
 ADVERSARIAL = {

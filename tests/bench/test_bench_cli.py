@@ -1,4 +1,5 @@
-"""`mmrlsd eval`: argument handling, usage errors and score-only mode on the shared files."""
+"""`mmrlsd eval`: argument handling, usage errors, score-only mode on the official files (the in-repo subsets,
+and the full files when present), packaged protocols, fail-fast on a missing model path."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from reference_files import FIXTURES, TIERS, tier_root
 
 from mmrlsd.cli import build_parser, main
 
@@ -55,51 +57,64 @@ def test_usage_errors(capsys):
         build_parser().parse_args(["eval", "--bench", "mmmu", "--model", "m", "--predictions", "p"])
 
 
-def test_score_only_mathvista(benchdata, tmp_path, capsys):
-    root = benchdata / "mathvista"
+@pytest.mark.parametrize("tier", TIERS)
+def test_score_only_mathvista(tier, tmp_path, capsys):
+    root = tier_root(tier) / "mathvista"
     out = tmp_path / "o" / "bard.json"
     rc = run(["--bench", "mathvista", "--predictions", str(root / "results/bard/output_bard.json"),
               "--data", str(root / "data/testmini.json"), "--mode", "official", "--output", str(out)])  # fmt: skip
     assert rc == 0
     result = json.loads(out.read_text())
-    assert SCHEMA <= set(result) and (result["n"], result["correct"], result["accuracy"]) == (
-        1000,
-        348,
-        0.348,
-    )
+    official = json.loads((root / "official_rerun/per_item_bard.json").read_text())
+    n, correct = len(official), sum(ref["true_false"] for ref in official.values())
+    assert SCHEMA <= set(result) and (result["n"], result["correct"]) == (n, correct)
+    assert (n, correct) in ((26, 7), (1000, 348))  # the subset, or the whole file (34.8%)
     assert result["mode"] == "official" and result["split"] == "testmini"
     assert result["items"]["5"]["prediction"] == "97" and result["items"]["5"]["correct"] is True
-    assert "| 1000 | 348 | 34.80% |" in capsys.readouterr().out
+    assert f"| {n} | {correct} | {100 * correct / n:.2f}% |" in capsys.readouterr().out
 
 
-def test_score_only_mathvista_rule_mode_is_labelled(benchdata, tmp_path):
-    root = benchdata / "mathvista"
+@pytest.mark.parametrize("tier", TIERS)
+def test_score_only_mathvista_rule_mode_is_labelled(tier, tmp_path):
+    root = tier_root(tier) / "mathvista"
     rc = run(["--bench", "mathvista", "--predictions", str(root / "results/gpt4/output_gpt4.json"),
               "--data", str(root / "data/testmini.json"), "--mode", "rule-v1", "--output-dir", str(tmp_path)])  # fmt: skip
     assert rc == 0
     result = json.loads((tmp_path / "scores.json").read_text())
-    assert result["mode"] == "rule-v1" and result["correct"] == 254
-    assert "not comparable to official" in (tmp_path / "summary.md").read_text()
+    assert (
+        result["mode"] == "rule-v1" and "not comparable to official" in (tmp_path / "summary.md").read_text()
+    )
+    if result["n"] == 1000:
+        assert result["correct"] == 254
 
 
+@pytest.mark.parametrize("tier", TIERS)
 @pytest.mark.parametrize(
-    "preds, correct",
-    [("llava1.5_13b", 330), ("llava1.5_13b/total_val_output.json", 330), ("llava1.5_13b_val.json", 324)],
-)
-def test_score_only_mmmu_both_input_forms(benchdata, tmp_path, preds, correct):
-    root = benchdata / "mmmu" / "mmmu"
+    "preds, ref, correct",
+    [("llava1.5_13b", "eval_only_llava1.5_13b_total_val_output.json", 330),
+     ("llava1.5_13b/total_val_output.json", "eval_only_llava1.5_13b_total_val_output.json", 330),
+     ("llava1.5_13b_val.json", "eval_only_llava1.5_13b_val.json", 324)],
+)  # fmt: skip
+def test_score_only_mmmu_both_input_forms(tier, tmp_path, preds, ref, correct):
+    root = tier_root(tier) / "mmmu"
     out = tmp_path / "mmmu.json"
-    rc = run(["--bench", "mmmu", "--predictions", str(root / "example_outputs" / preds),
-              "--data", str(root / "answer_dict_val.json"), "--output", str(out)])  # fmt: skip
+    rc = run(["--bench", "mmmu", "--predictions", str(root / "mmmu/example_outputs" / preds),
+              "--data", str(root / "mmmu/answer_dict_val.json"), "--output", str(out)])  # fmt: skip
     assert rc == 0
     result = json.loads(out.read_text())
-    assert SCHEMA <= set(result) and (result["n"], result["correct"]) == (900, correct)
+    assert SCHEMA <= set(result) and result["n"] in (120, 900)
+    if result["n"] == 900:
+        assert result["correct"] == correct
+    else:  # 4 whole subjects: the official per-subject accuracies (3 d.p. of 30 items) give the count
+        official = json.loads((root / "official_rerun" / ref).read_text())
+        subjects = ("Design", "Geography", "Pharmacy", "Psychology")
+        assert result["correct"] == sum(round(official[s]["acc"] * official[s]["num"]) for s in subjects)
     assert result["split"] == "validation" and result["mode"] == "official"
     assert set(result["breakdown"]) == {"subject", "discipline", "question_type"}
 
 
-def test_score_only_reads_our_predictions_jsonl(benchdata, tmp_path):
-    root = benchdata / "mathvista"
+def test_score_only_reads_our_predictions_jsonl(tmp_path):
+    root = FIXTURES / "mathvista"
     pred = tmp_path / "predictions.jsonl"
     pred.write_text(json.dumps({"id": "1", "prompt": "p", "response": "so d = \\boxed{1.2} m"}) + "\n")
     rc = run(["--bench", "mathvista", "--predictions", str(pred), "--data", str(root / "data/testmini.json"),
@@ -146,23 +161,23 @@ def test_protocols_are_in_the_built_wheel(tmp_path):
     assert expected and expected <= names
 
 
-def test_missing_local_model_fails_before_reading_data(tmp_path, capsys, monkeypatch):
+def test_missing_model_fails_before_reading_data(tmp_path, capsys, monkeypatch):
     from mmrlsd.bench.base import Bench
+    from mmrlsd.cli.eval import model_problem
 
     def no_reads(*args, **kwargs):
         raise AssertionError("data was read before the model path was checked")
 
     monkeypatch.setattr(Bench, "load", no_reads)
-    for model in (
-        str(tmp_path / "run" / "checkpoint-7"),
-        "runs/nope/checkpoint-100",
-        "./ckpt",
-        "~/nowhere/m",
-    ):
+    local = [str(tmp_path / "run" / "checkpoint-7"), "runs/nope/checkpoint-100", "./ckpt", "~/nowhere/m"]
+    for model in local:
         assert run(["--bench", "zerobench", "--model", model, "--data", "gold.parquet"]) == 2
         err = capsys.readouterr().err
         assert f"--model {model}: no such file or directory" in err, err
-    from mmrlsd.cli.eval import missing_local_model
-
-    assert not missing_local_model("Qwen/Qwen2.5-VL-7B-Instruct")  # a hub id: left to the loader
-    assert not missing_local_model(str(tmp_path))  # exists
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, a hub id must be in the cache
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    assert run(["--bench", "zerobench", "--model", "no-such-org/no-such-model", "--data", "g.parquet"]) == 2
+    assert "not in the Hugging Face cache (HF_HUB_OFFLINE is set)" in capsys.readouterr().err
+    assert model_problem(str(tmp_path)) is None  # exists
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    assert model_problem("Qwen/Qwen2.5-VL-7B-Instruct") is None  # online, a hub id is left to the loader

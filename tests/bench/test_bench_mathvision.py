@@ -1,5 +1,6 @@
-"""MATH-V (`mmrlsd/bench/mathvision.py`, `_mathv_equal.py`): official-scorer parity on the shared reference
-outputs, the extraction rules of BENCHMARKS.md §2.3, the restricted evaluator, and adversarial inputs.
+"""MATH-V (`mmrlsd/bench/mathvision.py`, `_mathv_equal.py`): official-scorer parity (in the repository: the
+whole testmini result of LLaVA-v1.5-13B and 48 Gemini-Pro-CoT items; with the full files: all five published
+output files), the extraction rules, the restricted evaluator, and adversarial inputs.
 
 Tests marked by the `mathv_site` fixture need the pinned latex2sympy2 environment; the fixture installs it
 once with pip (about 15 s) into the default cache directory, or skips with the reason.
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from reference_files import FIXTURES, TIERS, tier_root
 
 from mmrlsd.bench import _mathv_equal as eq
 from mmrlsd.bench.mathvision import (
@@ -38,15 +40,24 @@ MODELS = {  # official output file (under outputs/) -> model name of its result 
 }
 
 
+IN_REPO = ("open-source/LLavA/LLaVA-v1.5-13B.jsonl", "closed-source/Gemini/Gemini-Pro-CoT.jsonl")
+"""The output files with a subset in `eval/fixtures/mathvision` (LLaVA: its 304 testmini rows; Gemini: 48)."""
+
+
 @pytest.fixture(scope="session")
-def mathv_dir(benchdata: Path) -> Path:
-    return benchdata / "mathvision"
+def mathv_dir(reference_dir: Path) -> Path:
+    return reference_dir / "mathvision"
 
 
 @pytest.fixture(scope="session")
 def gold(mathv_dir: Path) -> dict[str, list[dict]]:
     bench = MathVision()
     return {s: bench.load(str(mathv_dir / f"data/{s}.jsonl"), s) for s in ("test", "testmini")}
+
+
+@pytest.fixture(scope="session")
+def gold_small() -> dict[str, list[dict]]:
+    return {"testmini": MathVision().load(str(FIXTURES / "mathvision/data/testmini.jsonl"), "testmini")}
 
 
 @pytest.fixture(scope="session")
@@ -146,17 +157,20 @@ def test_strip_string_steps():
     assert strip_string("\\sqrt2\\frac1") == "\\sqrt{2}\\frac1"  # bare \frac with < 2 chars: unfixed
 
 
-def test_extraction_reproduces_every_stored_model_answer(mathv_dir):
-    # 5 x 3040 stored `model_answer`s were written by the official re-extraction (regen_answer=True)
+@pytest.mark.parametrize("tier", TIERS)
+def test_extraction_reproduces_every_stored_model_answer(tier):
+    # the stored `model_answer`s were written by the official re-extraction (regen_answer=True):
+    # 5 x 3040 in the full files, 304 + 48 in the repository
+    root = tier_root(tier) / "mathvision"
     bench = MathVision()
     n = 0
-    for rel in MODELS:
-        preds = bench.read_predictions(mathv_dir / "outputs" / rel)
+    for rel in MODELS if tier == "reference" else IN_REPO:
+        preds = bench.read_predictions(root / "outputs" / rel)
         bad = {pid: (row["model_answer"], extract_answer(row["response"])) for pid, row in preds.items()
                if extract_answer(row["response"]) != row["model_answer"]}  # fmt: skip
         assert not bad, (rel, list(bad.items())[:5])
         n += len(preds)
-    assert n == 15_200
+    assert n == (15_200 if tier == "reference" else 352)
 
 
 def test_gold_answers_and_result_dict_format():
@@ -317,15 +331,34 @@ def check_parity(rel: str, mathv_dir: Path, gold: dict, splits: tuple[str, ...])
         )
         assert mini["official"] == mini_rerun and list(mini["official"]) == list(mini_rerun)  # 148 keys
         assert mini["n"] == 304 and sum(preds[pid]["correct"] for pid in mini["items"]) == mini["correct"]
-        assert all(mini["items"][pid]["correct"] == preds[pid]["correct"] for pid in mini["items"])
+        assert all((it["prediction"], it["correct"]) == (preds[pid]["model_answer"], preds[pid]["correct"])
+                   for pid, it in mini["items"].items())  # fmt: skip
 
 
+def test_official_parity_testmini_in_repo(gold_small, mathv_site):
+    # LLaVA-v1.5-13B on the 304 testmini ids: all 148 keys of the official testmini result, every stored verdict
+    check_parity(IN_REPO[0], FIXTURES / "mathvision", gold_small, ("testmini",))
+
+
+def test_stored_verdicts_in_repo(gold_small, mathv_site):
+    # 48 Gemini-Pro-CoT items (long \\boxed answers, fractions, options): every stored model_answer and correct
+    bench = MathVision()
+    preds = bench.read_predictions(FIXTURES / "mathvision/outputs" / IN_REPO[1])
+    res = bench.score(gold_small["testmini"], preds, split="testmini")
+    assert res["n"] == len(preds) == 48 and 0 < res["correct"] < 48
+    assert {pid: (it["prediction"], it["correct"]) for pid, it in res["items"].items()} == {
+        pid: (row["model_answer"], row["correct"]) for pid, row in preds.items()
+    }
+
+
+@pytest.mark.reference_files
 @pytest.mark.parametrize("rel", sorted(MODELS))
 def test_official_parity_testmini(rel, mathv_dir, gold, mathv_site):
     check_parity(rel, mathv_dir, gold, ("testmini",) if rel not in FAST_PARITY else ("test", "testmini"))
 
 
 @pytest.mark.slow
+@pytest.mark.reference_files
 @pytest.mark.parametrize("rel", sorted(set(MODELS) - set(FAST_PARITY)))
 def test_official_parity_test_slow(rel, mathv_dir, gold, mathv_site):
     # 4 x 3040 items; about 3-22 s of worker CPU each (Random-Chance is the slowest)
@@ -374,13 +407,14 @@ print(json.dumps(out))
 """
 
 
-def test_local_verdicts_agree_with_pinned_latex2sympy2(mathv_site, gold):
+def test_local_verdicts_agree_with_pinned_latex2sympy2(mathv_site, gold_small):
     # `local_verdict` skips the worker for single letters (never a value) and plain numerals (p/q);
     # check both against round(eval(str(latex2sympy(s))), 2) computed with the pinned packages
     import subprocess
 
     rng = random.Random(0)
-    numerals = {r["answer"].lower() for r in gold["test"] if eq.plain_value(r["answer"].lower()) is not None}
+    answers = (r["answer"].lower() for r in gold_small["testmini"])
+    numerals = {a for a in answers if eq.plain_value(a) is not None}
     for _ in range(300):
         whole = str(rng.randint(0, 10 ** rng.randint(1, 15)))
         frac = "".join(rng.choice("0123456789") for _ in range(rng.randint(1, 15)))

@@ -1,4 +1,5 @@
-"""MMMU: parity for both official entry points, the parsers' quirks, the seeded fallback, the prompt."""
+"""MMMU: parity for both official entry points (4 whole subjects in the repository, all 30 when the full
+files are present), the parsers' quirks, the seeded fallback, the prompt."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 import time
 
 import pytest
+from reference_files import FIXTURES, TIERS, tier_root
 
 from mmrlsd.bench.mmmu import (
     MMMU,
@@ -26,10 +28,19 @@ from mmrlsd.bench.mmmu import (
 BENCH = MMMU()
 
 
-@pytest.fixture(scope="module")
-def mm(benchdata):
-    root = benchdata / "mmmu"
+def load_gold(root):
     return root, BENCH.load(str(root / "mmmu" / "answer_dict_val.json"), "validation")
+
+
+@pytest.fixture(scope="module", params=TIERS)
+def mm(request):
+    """(root, gold) of the in-repo subset (Design, Geography, Pharmacy, Psychology), then of the full files."""
+    return load_gold(tier_root(request.param) / "mmmu")
+
+
+@pytest.fixture(scope="module")
+def mm_small():
+    return load_gold(FIXTURES / "mmmu")
 
 
 def _as_set(xs):
@@ -42,7 +53,7 @@ def test_parse_and_eval_parity(mm):
     result = BENCH.score(gold, BENCH.read_predictions(root / "mmmu/example_outputs/llava1.5_13b"))
     assert time.perf_counter() - t0 < 10
     per_item = json.loads((root / "official_rerun/parse_and_eval_llava1.5_13b_per_item.json").read_text())
-    assert set(result["items"]) == set(per_item) and len(per_item) == 900
+    assert set(result["items"]) == set(per_item) and len(per_item) in (120, 900)
     for rid, ref in per_item.items():
         item = result["items"][rid]
         if isinstance(ref["parsed_pred"], list):
@@ -53,18 +64,22 @@ def test_parse_and_eval_parity(mm):
     subjects = json.loads(
         (root / "official_rerun/parse_and_eval_llava1.5_13b_subject_results.json").read_text()
     )
-    assert result["subject_results"] == subjects
-    # aggregated, parse-and-eval gives exactly the eval-only result of total_val_output.json
-    eval_only = json.loads((root / "official_rerun/eval_only_llava1.5_13b_total_val_output.json").read_text())
-    assert result["official"] == eval_only and list(result["official"]) == list(eval_only)
-    # 330/900: MC 328/847, open 2/53; the fallback is reached twice, and draws "A" both times
-    assert (result["correct"], result["n"]) == (330, 900)
-    assert result["breakdown"]["question_type"]["multiple-choice"]["correct"] == 328
-    assert result["breakdown"]["question_type"]["open"] == {"correct": 2, "total": 53, "accuracy": 2 / 53}
+    assert result["subject_results"] == {s: subjects[s] for s in result["subject_results"]}
+    assert len(result["subject_results"]) == len(per_item) // 30
+    # the fallback is reached twice (both subjects are in the subset), and draws "A" both times
     assert result["fallbacks"] == ["validation_Design_4", "validation_Psychology_4"] and result["seed"] == 42
     assert result["items"]["validation_Design_4"]["prediction"] == "A"
     assert result["items"]["validation_Geography_22"] == {"prediction": [3.0], "correct": True}
     assert result["items"]["validation_Pharmacy_19"] == {"prediction": ["step b"], "correct": True}
+    if len(per_item) == 900:  # aggregated, parse-and-eval gives exactly the eval-only result
+        eval_only = json.loads(
+            (root / "official_rerun/eval_only_llava1.5_13b_total_val_output.json").read_text()
+        )
+        assert result["official"] == eval_only and list(result["official"]) == list(eval_only)
+        # 330/900: MC 328/847, open 2/53
+        assert (result["correct"], result["n"]) == (330, 900)
+        assert result["breakdown"]["question_type"]["multiple-choice"]["correct"] == 328
+        assert result["breakdown"]["question_type"]["open"] == {"correct": 2, "total": 53, "accuracy": 2 / 53}
 
 
 @pytest.mark.parametrize(
@@ -78,27 +93,33 @@ def test_eval_only_parity(mm, preds, ref, correct):
     root, gold = mm
     result = BENCH.score(gold, BENCH.read_predictions(root / "mmmu/example_outputs" / preds))
     expected = json.loads((root / "official_rerun" / ref).read_text())
-    assert result["official"] == expected and list(result["official"]) == list(
-        expected
-    )  # num, acc (3 d.p.), order
-    assert (result["correct"], result["n"], result["fallbacks"]) == (correct, 900, [])
+    if result["n"] == 900:  # num, acc (3 d.p.) and order of every key
+        assert result["official"] == expected and list(result["official"]) == list(expected)
+        assert (result["correct"], result["fallbacks"]) == (correct, [])
+    else:  # the subset's subjects: their {num, acc} entries
+        subjects = ["Design", "Geography", "Pharmacy", "Psychology"]
+        assert result["n"] == 120 and result["fallbacks"] == []
+        assert {s: result["official"][s] for s in subjects} == {s: expected[s] for s in subjects}
 
 
-def test_single_subject_file_and_missing_gold(mm):
-    root, gold = mm
-    preds = BENCH.read_predictions(root / "mmmu/example_outputs/llava1.5_13b/Art/output.json")
+def test_single_subject_file_and_missing_gold(mm_small):
+    root, gold = mm_small
+    preds = BENCH.read_predictions(root / "mmmu/example_outputs/llava1.5_13b/Design/output.json")
     result = BENCH.score(gold, preds)
-    assert result["n"] == 30 and list(result["official"]) == ["Overall-Art and Design", "Art"] + [
+    assert result["n"] == 30 and list(result["official"]) == ["Overall-Art and Design", "Design"] + [
         f"Overall-{d}" for d in ("Business", "Science", "Health and Medicine", "Humanities and Social Science",
                                  "Tech and Engineering")] + ["Overall"]  # fmt: skip
     assert result["official"]["Overall-Business"] == {"num": 0, "acc": 0}
-    with pytest.raises(KeyError, match="record 'validation_Art_99'"):
-        BENCH.score(gold, {"validation_Art_99": {"id": "validation_Art_99", "prediction": "A"}})
+    with pytest.raises(KeyError, match="record 'validation_Design_99'"):
+        BENCH.score(gold, {"validation_Design_99": {"id": "validation_Design_99", "prediction": "A"}})
 
 
 def test_random_fallback_stream():
     rng = random.Random(42)
-    assert [rng.choice(["A", "B", "C", "D"]) for _ in range(2)] == ["A", "A"]  # spec §4.6
+    assert [rng.choice(["A", "B", "C", "D"]) for _ in range(2)] == [
+        "A",
+        "A",
+    ]  # the draws of the two fallbacks
     rng = random.Random(42)
     # "A) Josef Albers": no "(A)", no " A " (padding gives " A) Josef Albers "), 3 words -> fallback
     assert parse_multi_choice_response("A) Josef Albers", ["A", "B", "C", "D"], {}, rng) == ("A", True)
@@ -189,12 +210,13 @@ def test_subject_order_and_ids():
     assert subject_of("validation_Art_Theory_3") == "Art_Theory"
 
 
-def test_adversarial_responses_are_wrong_fast(mm, adversarial):
-    _, gold = mm
+def test_adversarial_responses_are_wrong_fast(mm_small, adversarial):
+    _, gold = mm_small
+    gold = gold + [{"id": "validation_Math_15", "question_type": "short-answer", "answer": ["24/7", "3.429"]}]
     name, response = adversarial
     rows = {
         # multiple choice with options given as a parse-and-eval row, and two open questions
-        "validation_Accounting_1": {"response": response, "all_choices": LETTERS, "index2ans": IDX},
+        "validation_Design_1": {"response": response, "all_choices": LETTERS, "index2ans": IDX},
         "validation_Math_15": {"response": response},  # gold ['24/7', '3.429']
         "validation_Geography_22": {"response": response},  # gold '3'
     }
@@ -203,12 +225,12 @@ def test_adversarial_responses_are_wrong_fast(mm, adversarial):
     assert time.perf_counter() - t0 < 2.0, name
     assert not result["items"]["validation_Math_15"]["correct"], name
     assert not result["items"]["validation_Geography_22"]["correct"], name
-    assert result["items"]["validation_Accounting_1"]["prediction"] in LETTERS
+    assert result["items"]["validation_Design_1"]["prediction"] in LETTERS
 
 
-def test_raw_response_without_options_names_the_record(mm):
-    _, gold = mm
-    with pytest.raises(KeyError, match="record 'validation_Accounting_1'.*needs the options"):
-        BENCH.score(gold, {"validation_Accounting_1": {"response": "(A)"}})
+def test_raw_response_without_options_names_the_record(mm_small):
+    _, gold = mm_small
+    with pytest.raises(KeyError, match="record 'validation_Design_1'.*needs the options"):
+        BENCH.score(gold, {"validation_Design_1": {"response": "(A)"}})
     result = BENCH.score(gold, {"validation_Geography_22": {"id": "validation_Geography_22", "other": 1}})
     assert "no response or prediction" in result["warnings"][0]

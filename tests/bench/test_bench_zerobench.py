@@ -189,6 +189,11 @@ def test_load_parquet_and_images(tmp_path):
     Image.new("RGB", (8, 8), "white").save(tmp_path / "images" / "1_0.png")
     by_path = {"question_id": "1", "question_images": ["images/1_0.png"]}  # no decoded images: paths
     assert BENCH.images(by_path, tmp_path)[0].getpixel((0, 0)) == (255, 255, 255)
+    decoded = {"question_id": "3", "question_images_decoded": [Image.new("L", (4, 4), 200)]}  # PIL (datasets)
+    (pil,) = BENCH.images(decoded, None)
+    assert (pil.mode, pil.getpixel((0, 0))) == ("RGB", (200, 200, 200))
+    with pytest.raises(ValueError, match="record '4': question images must be a list"):
+        BENCH.images({"question_id": "4", "question_images_decoded": "x.png"}, None)
     with pytest.raises(FileNotFoundError, match="no zerobench_subquestions-\\*.parquet"):
         BENCH.load(str(tmp_path), "zerobench_subquestions")
 

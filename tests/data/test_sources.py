@@ -279,3 +279,53 @@ def test_geometry3k_recipe_reads_easyr1_layout_through_hub(tmp_path, monkeypatch
     assert (
         s.problem.startswith("<image>Find x") and len(s.pil_images) == 1 and s.pil_images[0].size == (60, 40)
     )
+
+
+def test_parquet_with_path_strings_resolves_like_jsonl(tmp_path):
+    """A parquet whose `images` column holds path strings: relative to the parquet's folder, the folder rule
+    applied at load time (a `..` path skipped, named), exactly as for JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "d" / "images").mkdir(parents=True)
+    _picture((40, 40)).save(tmp_path / "d" / "images" / "a.png")
+    _picture((40, 40)).save(tmp_path / "b.png")
+    table = pa.table({"id": ["in", "out"], "problem": ["q?", "q?"], "answer": ["1", "2"],
+                      "images": [["images/a.png"], ["../b.png"]]})  # fmt: skip
+    pq.write_table(table, tmp_path / "d" / "t.parquet")
+    data = load_dataset_files([str(tmp_path / "d" / "t.parquet")], FieldMap())
+    assert [s.id for s in data.skipped] == ["out"] and "image path leaves the data folder" in data.skipped[
+        0
+    ].reason
+    (s,) = data.next_batch(1)
+    assert s.images == [str(tmp_path / "d" / "images" / "a.png")] and s.pil_images[0].size == (40, 40)
+
+
+def test_null_and_empty_structs_in_a_table_are_named_skips(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    png = _png_bytes(_picture((40, 40)))
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    rows = [[None], [{"bytes": None, "path": None}], [{"bytes": png, "path": None}]]
+    table = pa.table({"id": ["null", "empty", "good"], "problem": ["q?"] * 3, "answer": ["1"] * 3,
+                      "images": pa.array(rows, pa.list_(struct))})  # fmt: skip
+    pq.write_table(table, tmp_path / "t.parquet")
+    data = load_dataset_files([str(tmp_path / "t.parquet")], FieldMap(), shuffle=False)
+    assert [s.id for s in data.next_batch(1)] == ["good"]
+    assert [(s.id, s.reason) for s in data.skipped] == [
+        ("null", "null image 0 (embedded): empty image entry (null)"),
+        ("empty", "empty image 0 (embedded): image entry has neither bytes nor a path")]  # fmt: skip
+
+
+def test_validation_set_loads_each_record_once(tmp_path):
+    """`load_all`: a skipped validation record is counted, and no other record is drawn twice in its place."""
+    path = tmp_path / "val.jsonl"
+    recs = [{"id": "a", "problem": "q?", "answer": "1"}, {"id": "bad", "problem": "q?", "answer": "1",
+            "images": ["missing.png"]}, {"id": "c", "problem": "q?", "answer": "1"}]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    data = load_dataset_files([str(path)], FieldMap(), shuffle=False)
+    assert [s.id for s in data.load_all()] == ["a", "c"]
+    assert [(s.id, s.reason) for s in data.skipped] == [
+        ("bad", f"{tmp_path / 'missing.png'}: image file not found")
+    ]

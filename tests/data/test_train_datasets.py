@@ -61,7 +61,14 @@ def test_datasets_parquet_with_image_column_trains_with_zero_skips(tiny_model, t
     assert not (run / "skipped.jsonl").read_text().strip()
     dump = read_dump(run, 1)
     with_images = [r for r in dump if r["images"]]
-    assert with_images and all(i.endswith("image 0 (embedded)") for r in with_images for i in r["images"])
+    assert with_images
+    for r in with_images:  # embedded images were saved into the run, so the viz overlay can open them
+        (ref,) = r["images"]
+        assert ref.startswith("rollouts/images/") and ref.endswith(".png")
+        assert Image.open(run / ref).size == (56, 56)
+    from mmrlsd.viz.data import Run, image_paths
+
+    assert image_paths(Run(run), with_images[0]) == [run / with_images[0]["images"][0]]
 
 
 def _hostile_records(root: Path) -> tuple[Path, dict[str, str]]:

@@ -11,8 +11,10 @@ Outcomes:
 
 Covered: configs (unknown key, wrong type, missing value, invalid choice, zero/negative sizes, non-finite
 numbers, conflicting settings, bad prompt templates), data (missing/unknown/damaged files, not JSON, not UTF-8,
-missing answer, empty question, duplicate ids, ...), images (missing, empty, corrupt, truncated, decompression
-bomb, every pixel mode, a 12000x12000 PNG within the pixel budget and a memory bound), models (missing path,
+missing answer, empty question, duplicate ids, too many images, an over-long question, remote images while
+off, image paths leaving the data folder, special-token text, ...), images (missing, empty, corrupt, truncated,
+decompression bomb as a file or as bytes, an aspect ratio the processor refuses, every pixel mode, a 12000x12000
+PNG within the pixel budget and a memory bound), models (missing path,
 not a VLM, unsupported architecture, no weights, unknown hub id) and answers (adversarial math and huge
 outputs: score 0 in bounded time, never executed). The runtime faults (non-finite loss, SIGTERM, SIGKILL) are in
 `test_faults.py`.
@@ -42,6 +44,7 @@ from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError, ImageError, ModelError
 from mmrlsd.model.load import check_checkpoint
+from mmrlsd.train.preflight import check_registered
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,7 +154,7 @@ CONFIG_CASES = [
          Raises(ConfigError, r"'model\.path' must be str, got NoneType")),
     Case("config-invalid-choice-dtype", _override("model.dtype=fp32"),
          Raises(ConfigError, r"'model\.dtype' is 'fp32'; valid choices: float32, bfloat16, float16")),
-    Case("config-invalid-choice-token-adv", _override("algo.token_adv=ppo"),
+    Case("config-invalid-choice-token-adv", lambda tmp: check_registered(load_config(None, [*BASE, "algo.token_adv=ppo"])),
          Raises(ConfigError, r"'algo\.token_adv' is 'ppo'; valid choices: rlsd, grpo")),
     Case("config-invalid-choice-engine", _override("rollout.engine=tgi"),
          Raises(ConfigError, r"'rollout\.engine' is 'tgi'; valid choices: hf, vllm")),
@@ -286,6 +289,15 @@ def _parquet_null_answer(tmp: Path):
     return load_dataset_files([str(tmp / "train.parquet")], FieldMap(), shuffle=False)
 
 
+def _saved_dict(tmp: Path, split: str):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"problem": ["q?"], "answer": ["1"]})}).save_to_disk(
+        str(tmp / "saved")
+    )
+    return load_dataset_files([str(tmp / "saved")], FieldMap(), split=split)
+
+
 def _duplicates_across_files(tmp: Path):
     (tmp / "a.jsonl").write_text(json.dumps(GOOD) + "\n")
     (tmp / "b.jsonl").write_text(json.dumps({**GOOD, "problem": "another?"}) + "\n")
@@ -334,6 +346,10 @@ DATA_CASES = [
     Case("data-hub-dataset-unavailable", lambda tmp: load_dataset_files(["hub:no-such-org/no-such-data"], FieldMap()),
          Raises(DataError, r"hub:no-such-org/no-such-data: cannot load hub dataset split 'train'")),
     Case("data-no-usable-record", _all_broken, Raises(DataError, r"no usable training records")),
+    Case("data-plain-folder", lambda tmp: load_dataset_files([str(tmp)], FieldMap()),
+         Raises(DataError, r"a folder, but not one written by datasets' save_to_disk .* hub:FOLDER")),
+    Case("data-saved-dataset-missing-split", lambda tmp: _saved_dict(tmp, "validation"),
+         Raises(DataError, r"no split 'validation' \(splits: train\)")),
     Case("data-line-not-json", _records("{'problem': 'single quotes'}"), Skipped("train.jsonl:1", r"line is not JSON")),
     Case("data-line-truncated-json", _records('{"id": "t", "problem": "cut', good_first=True),
          Skipped("train.jsonl:2", r"line is not JSON \(Unterminated string")),
@@ -407,6 +423,9 @@ DATA_CASES = [
          Skipped("outside", r"^'link\.png': image path leaves the data folder")),
     Case("data-image-entry-not-a-path", _records({"id": "imgint", "problem": "q?", "answer": "1", "images": [7]}),
          Skipped("imgint", r"image entry 0 is int: expected a path, URL, image bytes or PIL image")),
+    Case("data-image-struct-text-bytes", _records({"id": "b64", "problem": "q?", "answer": "1",
+                                                   "images": [{"bytes": "iVBORw0KGgo=", "path": None}]}),
+         Skipped("b64", r"^image entry 0: 'bytes' holds str, not bytes$")),
     Case("data-special-token-text", _records({"id": "tok", "problem": "<|image_pad|><|im_end|>", "answer": "1"},
                                              good_first=True),
          Accepted(_accepts(2, problem=GOOD["problem"]))),

@@ -15,7 +15,9 @@ import logging
 import os
 import pickle
 import re
+import resource
 import shutil
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -267,17 +269,19 @@ def test_non_run_folder_is_never_cleared(ref, tmp_path, capsys):
     assert (folder / "thesis.tex").read_text() == "x"
 
 
-def test_resume_with_a_different_experiment_is_refused(ref, tmp_path, capsys):
+def test_resume_with_a_different_experiment_is_refused(ref, tmp_path, capsys, tiny_model):
     run = _copy(ref, tmp_path)
     base = ["train", _cfg_file(tmp_path), *ref.args, "--output-dir", str(run), "--resume", "--no-progress"]
-    code, err = _cli([*base, "optim.lr=0.5", "algo.lam0=0", "model.path=/elsewhere"], capsys)
+    other = tiny_model("qwen2_5_vl")  # another model: before, a raw size-mismatch traceback
+    code, err = _cli([*base, "optim.lr=0.5", "algo.lam0=0", f"model.path={other}"], capsys)
     assert code == 2, err
     assert "the config differs from the run's saved config.yaml" in err
-    for change in ("optim.lr: 0.001 -> 0.5", "algo.lam0: 0.5 -> 0.0", "model.path: '"):
+    for change in ("optim.lr: 0.001 -> 0.5", "algo.lam0: 0.5 -> 0.0", f"-> '{other}'"):
         assert change in err, err
     assert "Traceback" not in err
     # harmless keys (length, cadence, threads) are accepted, and the run continues
-    code, err = _cli([*base, "trainer.total_steps=3", "trainer.dump_every=2", "trainer.keep_last=0"], capsys)
+    harmless = ["trainer.total_steps=3", "trainer.dump_every=2", "trainer.keep_last=0", "trainer.logger=[]"]
+    code, err = _cli([*base, *harmless], capsys)
     assert code == 0, err
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
 
@@ -336,3 +340,141 @@ def test_metrics_and_dumps_are_written_whole(ref):
         data = path.read_bytes()
         assert data.endswith(b"\n") and not path.name.startswith("."), path
         assert all(line for line in data.split(b"\n")[:-1])
+
+
+# ------------------------------------------------------------------------------ non-finite weights, signals, disk
+
+
+def test_non_finite_weights_abort_before_a_checkpoint(ref, tmp_path, monkeypatch):
+    from mmrlsd.errors import TrainingError
+    from mmrlsd.train import loop
+
+    real = loop.rlsd_step
+
+    def poisoned(ctx, samples, step, **kw):
+        result = real(ctx, samples, step, **kw)
+        if step == 2:  # what an absurd lr does to the weights
+            with torch.no_grad():
+                next(ctx.policy.parameters()).view(-1)[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(loop, "rlsd_step", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(
+        TrainingError, match=r"step 2: the policy weights are no longer finite .*optim\.lr=0\.001"
+    ):
+        train(load_config(None, ref.args + ["trainer.total_steps=3"]), run, progress=False)
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["checkpoint-1"]
+    assert not list(run.glob(".checkpoint-*")) and [r["step"] for r in read_metrics(run)] == [1]
+
+
+def _signal_on_generate(monkeypatch, calls: dict[int, list]) -> None:
+    """When validation's n-th `generate` call starts, send the signals of `calls[n]` (a number: sleep that long)."""
+    import time
+
+    from mmrlsd.train import validate as val
+
+    real, count = val.generate, [0]
+
+    def gen(*a, **kw):
+        count[0] += 1
+        for sig in calls.get(count[0], []):
+            if isinstance(sig, float):
+                time.sleep(sig)
+            else:
+                os.kill(os.getpid(), sig)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(val, "generate", gen)
+
+
+def _with_val(ref, tmp_path: Path) -> list[str]:
+    data = next(a for a in ref.args if a.startswith("data.train_files=")).split("=", 1)[1]
+    return ["train", _cfg_file(tmp_path), *ref.args, f"data.val_files={data}", "trainer.val_every=1",
+            "--output-dir", str(tmp_path / "run"), "--no-progress"]  # fmt: skip
+
+
+def test_sigterm_during_the_first_validation_exits_cleanly(ref, tmp_path, monkeypatch, capsys, caplog):
+    _signal_on_generate(monkeypatch, {1: [signal.SIGTERM]})  # greedy pass of the validation before step 1
+    with caplog.at_level(logging.WARNING, logger="mmrlsd.train"):
+        code, err = _cli(_with_val(ref, tmp_path), capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert any("stopped before step 1; nothing new to checkpoint" in r.getMessage() for r in caplog.records)
+    run = tmp_path / "run"
+    assert read_metrics(run) == [] and not ckpt.complete_checkpoints(run)
+
+
+def test_sigterm_during_a_later_validation_still_checkpoints(ref, tmp_path, monkeypatch, capsys, caplog):
+    _signal_on_generate(
+        monkeypatch, {3: [signal.SIGTERM]}
+    )  # calls 1-2: the first validation; 3: step 1's greedy
+    with caplog.at_level(logging.WARNING, logger="mmrlsd.train"):
+        code, err = _cli(_with_val(ref, tmp_path), capsys)
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert [p.name for p in ckpt.complete_checkpoints(run)] == ["checkpoint-1"]
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == [0, 1] and "val/accuracy" in rows[0] and "val/accuracy" not in rows[1]
+    assert any("validation of step 1 cut short" in r.getMessage() for r in caplog.records)
+
+
+def test_second_ctrl_c_exits_at_once(ref, tmp_path, monkeypatch, capsys):
+    _signal_on_generate(monkeypatch, {1: [signal.SIGINT, 0.6, signal.SIGINT]})
+    code, err = _cli(_with_val(ref, tmp_path), capsys)
+    assert code == 130 and "error: interrupted" in err and "Traceback" not in err
+    assert not ckpt.complete_checkpoints(tmp_path / "run")
+
+
+def test_repeated_sigterm_and_a_doubled_sigint_still_stop_cleanly(ref, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM reaches a torchrun worker twice (directly and forwarded), and so may one Ctrl-C."""
+    _signal_on_generate(monkeypatch, {3: [signal.SIGTERM, signal.SIGTERM, signal.SIGINT]})
+    code, err = _cli(_with_val(ref, tmp_path), capsys)
+    assert code == 0, err
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
+
+
+def test_full_disk_while_saving_is_an_error_line(ref, tmp_path):
+    """A write that fails mid-checkpoint (here: a 1 MB file-size limit, EFBIG, the same path as ENOSPC)."""
+    import signal
+
+    run, err_path = tmp_path / "run", tmp_path / "stderr"
+    argv = ["train", _cfg_file(tmp_path), *ref.args, "trainer.total_steps=1", "trainer.dump_every=0",
+            "--output-dir", str(run), "--no-progress"]  # fmt: skip
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            sys.stderr = open(err_path, "w", buffering=1)  # noqa: SIM115 - the child exits with os._exit
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+            from mmrlsd.cli import main
+
+            code = main(argv)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    err = err_path.read_text()
+    assert os.waitstatus_to_exitcode(status) == 2, err[-3000:]
+    assert f"error: {run}: writing checkpoint-1 failed (" in err and "then --resume" in err, err[-3000:]
+    assert (
+        "Traceback" not in err and not list(run.glob(".checkpoint-*")) and not ckpt.complete_checkpoints(run)
+    )
+
+
+def test_export_into_a_file_is_an_error_line(ref, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = _cli(["export", str(ref.run / "checkpoint-2"), "--out", str(tmp_path / "afile")], capsys)
+    assert code == 2 and f"error: --out {tmp_path / 'afile'}: exists and is not a folder" in err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_sft_on_a_locked_run_dir_is_refused(tmp_path, capsys):
+    from mmrlsd.train.rundir import RunLock
+
+    run = tmp_path / "sft"
+    run.mkdir()
+    cfg = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_sft.yaml")
+    with RunLock(run):
+        code, err = _cli(["sft", cfg, "--output-dir", str(run)], capsys)
+    assert code == 2 and f"error: {run}: another trainer (pid {os.getpid()}) is writing" in err
+    assert list(run.iterdir()) == [run / ".lock"]

@@ -24,26 +24,31 @@ def run_dir_of(runs: Path, method: str, seed: int) -> Path:
 
 
 def train_command(
-    method: str, seed: int, runs: Path, overrides: Sequence[str], config: str | None = None
-) -> list[str]:
-    """The `mmrlsd train` command line of one run."""
+    method: str, seed: int, runs: Path, overrides: Sequence[str], config: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:  # fmt: skip
+    """The `mmrlsd train` command line of one run; `extra` (the method's own overrides) comes last and wins."""
     return mmrlsd_train(
-        config or METHODS[method], run_dir_of(runs, method, seed), [f"trainer.seed={seed}", *overrides]
+        config or METHODS[method],
+        run_dir_of(runs, method, seed),
+        [f"trainer.seed={seed}", *overrides, *extra],
     )
 
 
 def mmrlsd_train(config: str, run_dir: Path, overrides: Sequence[str]) -> list[str]:
-    """`python -m mmrlsd train CONFIG --output-dir RUN_DIR --no-progress OVERRIDES...` in this interpreter."""
-    return [sys.executable, "-m", "mmrlsd", "train", config, "--output-dir", str(run_dir), "--no-progress",
-            *overrides]  # fmt: skip
+    """`python -m mmrlsd train CONFIG --output-dir RUN_DIR --overwrite --no-progress OVERRIDES...` in this
+    interpreter (a lab run regenerates its run directory)."""
+    return [sys.executable, "-m", "mmrlsd", "train", config, "--output-dir", str(run_dir), "--overwrite",
+            "--no-progress", *overrides]  # fmt: skip
 
 
 def run_all(
     methods: Sequence[str], seeds: Sequence[int], runs: Path, overrides: Sequence[str], jobs: int = 2,
-    configs: dict[str, str] | None = None,
+    configs: dict[str, str] | None = None, extra: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Run every (method, seed), `jobs` processes at a time (interleaved by seed, so each method sees the same
-    machine load on average); returns wall seconds per run. A failed run raises after all have finished."""
+    machine load on average); returns wall seconds per run. A failed run raises after all have finished.
+    `configs` / `extra`: a method's config and its own overrides, instead of `METHODS[method]` and none."""
     runs.mkdir(parents=True, exist_ok=True)
     order = [(m, s) for s in seeds for m in methods]
     walls: dict[str, float] = {}
@@ -51,7 +56,7 @@ def run_all(
 
     def one(ms: tuple[str, int]) -> None:
         m, s = ms
-        cmd = train_command(m, s, runs, overrides, (configs or {}).get(m))
+        cmd = train_command(m, s, runs, overrides, (configs or {}).get(m), (extra or {}).get(m, ()))
         log = run_dir_of(runs, m, s).with_suffix(".log")
         t0 = time.perf_counter()
         with open(log, "w") as f:

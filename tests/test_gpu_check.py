@@ -1,0 +1,62 @@
+"""The GPU check's reduced form on CPU: every part runs and writes its numbers (perf variants with step times,
+bf16-compute training on float32 master weights that moves the weights at lr 1e-6, packed-attention parity)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mmrlsd.experiments.gpu_check import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# what the GPU machine lacks: the check must not need any of it
+ABSENT = ["datasets", "math_verify", "qwen_vl_utils", "mathruler", "Levenshtein", "rouge_score", "pylatexenc", "trl",
+          "vllm", "flash_attn", "latex2sympy2_extended", "accelerate"]  # fmt: skip
+RUN = "import sys\nfor m in {absent}: sys.modules[m] = None\nfrom mmrlsd.experiments.gpu_check import main\n" \
+      "raise SystemExit(main(['--reduced', '--device', 'cpu', '--out', {out!r}]))"  # fmt: skip
+
+
+def test_reduced_gpu_check_on_cpu_with_torch_and_transformers_only(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-c", RUN.format(absent=ABSENT, out=str(tmp_path))], env=env,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    (path,) = tmp_path.glob("*-cpu.json")
+    assert f"wrote {path}" in p.stdout
+    result = json.loads(path.read_text())
+    assert result["gpu_check"]["reduced"] is True
+    assert result["gpu_check"]["errors"] == {}
+    assert set(result["variants"]) == {"naive", "grpo", "rlsd"}  # no TRL here
+    assert all(v["step_median_s"] > 0 for v in result["variants"].values())
+    assert result["rlsd_over_grpo_step_time"] > 0 and "speedup_vs_trl" in result
+    t = result["train"]
+    assert (t["compute_dtype"], t["master_dtype"], t["lr"]) == ("bfloat16", "float32", 1e-6) and t["finite"]
+    # float32 master weights take a 1e-6 step: nearly every entry of a weight with a gradient moves
+    # (bf16 parameters would keep most of them: one bf16 ulp at these weights' scale is ~1e-4)
+    assert t["moved_fraction"] > 0.9
+    parity = result["packed_attention_parity"]
+    assert parity["response_tokens"] > 0
+    assert (
+        parity["varlen_sdpa_max_abs_diff"] < 1e-5 and parity["varlen_sdpa_shared_prefix_max_abs_diff"] < 1e-5
+    )
+
+
+def test_gpu_check_reports_a_failing_part(tmp_path, monkeypatch, capsys):
+    import mmrlsd.experiments.gpu_check as gc
+
+    def boom(*a, **k):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(gc, "check_parity", boom)
+    monkeypatch.setattr(gc, "run", boom)
+    assert main(["--reduced", "--device", "cpu", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "RuntimeError: no kernel" in out and "wrote" in out
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert (
+        set(result["gpu_check"]["errors"]) == {"perf", "packed_attention_parity"}
+        and result["train"]["finite"]
+    )
