@@ -18,11 +18,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from mmrlsd.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -327,19 +329,19 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
+# Keys whose choices are a registry's names (algo.token_adv, algo.adv, reward.name, model.packed_attention) are
+# checked by `mmrlsd.train.preflight.check_registered`, which can see the registries.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
     "rollout.vllm_sleep": ("auto", "on", "off"),
-    "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
     "algo.filter_key": ("reward", "accuracy"),
     "algo.sdpo_pick": ("first", "shortest"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
-    "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
@@ -663,25 +665,33 @@ def read_yaml_file(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate.
+def load_dataclass(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """`cls()` with the YAML mapping at `path` (may be None) and the dotted overrides merged in, type-checked, paths
+    resolved: the one loader of every dataclass config (training, SFT, perf, eval). An unknown key, a wrong type or
+    an unreadable file raises `ConfigError` naming the file and the key; range checks are the caller's.
 
-    Paths (`PATH_KEYS`): a relative path in the file is tried against the config file's folder first, then the
-    current directory; one in an override against the current directory. Found paths become absolute (the run's
-    `config.yaml` then works from anywhere); absolute paths, hub ids and `hub:` datasets are left as they are.
-    Prompt templates given by file name alone are the packaged ones (`mmrlsd/prompts/`) unless such a file exists
-    there. Whether the files exist is checked before training (`mmrlsd.train.preflight`, also run by validate)."""
-    cfg = Config()
+    Paths (`PATH_KEYS`, where `cls` has them): a relative path in the file is tried against the config file's folder
+    first, then the current directory; one in an override against the current directory. Found paths become
+    absolute (the run's `config.yaml` then works from anywhere); absolute paths, hub ids and `hub:` datasets are
+    left as they are. Prompt templates given by file name alone are the packaged ones (`mmrlsd/prompts/`) unless
+    such a file exists there. Whether the files exist is checked before training (`mmrlsd.train.preflight`)."""
+    cfg = cls()
     src = str(path) if path else "<defaults>"
-    if path is not None:
-        data = read_yaml_file(path)
+    data = read_yaml_file(path) if path is not None else None
+    if data:
         _merge(cfg, data, "", src)
     tree = parse_overrides(overrides) if overrides else None
     if tree:
         _merge(cfg, tree, "", f"{src} (command-line override)")
-    resolve_paths(cfg, data if path is not None else None, Path(path) if path is not None else None, tree)
+    resolve_paths(cfg, data, Path(path) if path is not None else None, tree)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """The training config at `path` (may be None) with dotted overrides (`load_dataclass`), validated."""
+    cfg = load_dataclass(Config, path, overrides)
     if validate:
-        _validate(cfg, src)
+        _validate(cfg, str(path) if path else "<defaults>")
     return cfg
 
 
