@@ -18,17 +18,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from mmrlsd.errors import ConfigError
 
+T = TypeVar("T")
+
 
 @dataclass
 class ModelConfig:
     path: str = ""
-    """Hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint."""
+    """Hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (also `RUN/checkpoint-N`). A
+    relative path in a config file is looked up next to the file, then in the current directory."""
     dtype: str = "float32"
     """Compute dtype of the forward and backward passes: float32 | bfloat16 | float16 (bf16 is ~16x slower than
     fp32 on CPUs). Parameters, gradients and AdamW states stay float32 unless `dist.mixed_precision` is off."""
@@ -60,7 +63,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Local JSONL/parquet files, or one hub dataset id (`hub:org/name`)."""
+    """Local JSONL/parquet files, or one hub dataset id (`hub:org/name`). Relative paths in a config file: next
+    to the file first, then the current directory (overrides: the current directory)."""
     val_files: list[str] = field(default_factory=list)
     """Validation files (same format); empty: no validation."""
     train_split: str = "train"
@@ -86,10 +90,11 @@ class DataConfig:
     """Optional field: a list of answer options, listed under the question by templates that use `options`."""
     student_template: str = "student.jinja"
     """Jinja template of the student's user turn (variables: problem, problem_type, options); images go where
-    the rendered text has `<image>` markers, else first."""
+    the rendered text has `<image>` markers, else first. A path (relative: to the config file, then the current
+    directory), or the file name of a template shipped in `mmrlsd/prompts/`."""
     teacher_template: str = "teacher.jinja"
     """Jinja template of the teacher's user turn (variables: problem, problem_type, options, reference, answer,
-    solution)."""
+    solution). Found like `student_template`."""
     max_val_items: int = 0
     """Cap on validation items (0: all)."""
     shuffle: bool = True
@@ -327,19 +332,19 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
+# Keys whose choices are a registry's names (algo.token_adv, algo.adv, reward.name, model.packed_attention) are
+# checked by `mmrlsd.train.preflight.check_registered`, which can see the registries.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
     "rollout.vllm_sleep": ("auto", "on", "off"),
-    "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
     "algo.filter_key": ("reward", "accuracy"),
     "algo.sdpo_pick": ("first", "shortest"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
-    "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
@@ -663,25 +668,33 @@ def read_yaml_file(path: str | Path) -> dict:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate.
+def load_dataclass(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """`cls()` with the YAML mapping at `path` (may be None) and the dotted overrides merged in, type-checked, paths
+    resolved: the one loader of every dataclass config (training, SFT, perf, eval). An unknown key, a wrong type or
+    an unreadable file raises `ConfigError` naming the file and the key; range checks are the caller's.
 
-    Paths (`PATH_KEYS`): a relative path in the file is tried against the config file's folder first, then the
-    current directory; one in an override against the current directory. Found paths become absolute (the run's
-    `config.yaml` then works from anywhere); absolute paths, hub ids and `hub:` datasets are left as they are.
-    Prompt templates given by file name alone are the packaged ones (`mmrlsd/prompts/`) unless such a file exists
-    there. Whether the files exist is checked before training (`mmrlsd.train.preflight`, also run by validate)."""
-    cfg = Config()
+    Paths (`PATH_KEYS`, where `cls` has them): a relative path in the file is tried against the config file's folder
+    first, then the current directory; one in an override against the current directory. Found paths become
+    absolute (the run's `config.yaml` then works from anywhere); absolute paths, hub ids and `hub:` datasets are
+    left as they are. Prompt templates given by file name alone are the packaged ones (`mmrlsd/prompts/`) unless
+    such a file exists there. Whether the files exist is checked before training (`mmrlsd.train.preflight`)."""
+    cfg = cls()
     src = str(path) if path else "<defaults>"
-    if path is not None:
-        data = read_yaml_file(path)
+    data = read_yaml_file(path) if path is not None else None
+    if data:
         _merge(cfg, data, "", src)
     tree = parse_overrides(overrides) if overrides else None
     if tree:
         _merge(cfg, tree, "", f"{src} (command-line override)")
-    resolve_paths(cfg, data if path is not None else None, Path(path) if path is not None else None, tree)
+    resolve_paths(cfg, data, Path(path) if path is not None else None, tree)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """The training config at `path` (may be None) with dotted overrides (`load_dataclass`), validated."""
+    cfg = load_dataclass(Config, path, overrides)
     if validate:
-        _validate(cfg, src)
+        _validate(cfg, str(path) if path else "<defaults>")
     return cfg
 
 

@@ -12,7 +12,7 @@ import importlib
 import logging
 import sys
 
-from mmrlsd import __version__
+import mmrlsd
 
 EXAMPLES = """examples:
   mmrlsd train configs/tiny_cpu.yaml --output-dir runs/tiny      # the built-in tiny default, CPU only
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"%(prog)s {mmrlsd.__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     for name, module in COMMANDS.items():
         attach(sub, name, importlib.import_module(f"mmrlsd.cli.{module}"))
@@ -66,11 +66,22 @@ def setup_logging(verbose: bool = False) -> None:
     records (which often have their own handler and propagate) are printed once, by their own handler."""
     logger = logging.getLogger("mmrlsd")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not any(getattr(h, "_mmrlsd", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._mmrlsd = True
         logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (a caller may swap it, as pytest does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; ignored
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,8 @@ MAX_CHARS_PER_TOKEN = 16
 
 @dataclass
 class FieldMap:
+    """Which record field holds each part of a `Sample` (the config's `data.<part>_key` settings)."""
+
     problem: str = "problem"
     answer: str = "answer"
     images: str = "images"
@@ -56,6 +58,12 @@ class FieldMap:
     require_solution: bool = False
     """Skip (and count) records without a non-empty `solution` text: it is the teacher's privileged information
     (`algo.teacher_info: solution`, OPSD), and a silent fallback to the answer would change the method."""
+
+    @classmethod
+    def from_config(cls, data) -> FieldMap:
+        """From a `DataConfig` (training or SFT): each part from its `data.<part>_key` setting."""
+        return cls(**{f.name: getattr(data, f"{f.name}_key") for f in dataclasses.fields(cls)
+                      if hasattr(data, f"{f.name}_key")})  # fmt: skip
 
 
 @dataclass

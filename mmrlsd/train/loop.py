@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import logging
 import shutil
 import signal
@@ -30,7 +29,6 @@ from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, export_
 from mmrlsd.errors import CheckpointError, TrainingError
 from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
-from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
 from mmrlsd.train import fsdp, preflight, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
@@ -39,13 +37,6 @@ from mmrlsd.train.trackers import Trackers
 from mmrlsd.train.validate import ValidationStopped, validate
 
 log = logging.getLogger("mmrlsd.train")
-
-
-def _fields(cfg: Config) -> FieldMap:
-    d = cfg.data
-    return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key,
-                    options=d.options_key)  # fmt: skip
 
 
 def _lr_at(step: int, cfg: Config) -> float:
@@ -59,13 +50,17 @@ def _sample_seed(cfg: Config, step: int) -> int:
 
 class _StopFlag:
     """SIGTERM/SIGINT, from setup to the end: finish the current step (or cut validation short), checkpoint, exit
-    cleanly. A second signal raises KeyboardInterrupt at once (the newest complete checkpoint stays intact).
-    Re-entrant: nested `with flag:` blocks share one state."""
+    cleanly. A second Ctrl-C (SIGINT, at least `FORCE_AFTER_S` after the first) raises KeyboardInterrupt at once;
+    the newest complete checkpoint stays intact. Repeated SIGTERMs, and a SIGINT that arrives twice at once (the
+    terminal's and torchrun's copy), only stop cleanly. Re-entrant: nested `with flag:` blocks share one state."""
+
+    FORCE_AFTER_S = 0.5
 
     def __init__(self):
         self.stop = False
         self._old = {}
         self._depth = 0
+        self._first = 0.0
 
     def __enter__(self):
         self._depth += 1
@@ -79,12 +74,15 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.stop:
-            log.warning("second signal %s: exiting now", signum)
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT and time.monotonic() - self._first >= self.FORCE_AFTER_S:
+                log.warning("second Ctrl-C: exiting now")
+                raise KeyboardInterrupt
+            log.warning("signal %s: already stopping after this step", signum)
+            return
         log.warning(
-            "signal %s: stopping after this step (checkpointed; a second signal exits at once)", signum
+            "signal %s: stopping after this step (checkpointed; a second Ctrl-C exits at once)", signum
         )
-        self.stop = True
+        self.stop, self._first = True, time.monotonic()
 
     def __exit__(self, *exc):
         self._depth -= 1
@@ -96,9 +94,9 @@ class _StopFlag:
 
 def build(cfg: Config):
     """Model, teacher, processor, optimizer and prompts for a run (sharded with FSDP2 under torchrun)."""
-    for module in cfg.reward.plugins:
-        importlib.import_module(module)
-    get_reward(cfg.reward.name)  # fail now, listing the valid names, not after the first rollout
+    preflight.check_registered(
+        cfg
+    )  # reward plugins imported; method, reward, ... names checked before any model
     distributed = dist.init_distributed(cfg.dist.backend)
     use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
     if distributed and not use_fsdp:
@@ -211,13 +209,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28),
                    limits=RecordLimits.from_config(cfg.data))  # fmt: skip
     check = PromptCheck(ctx.prompts, ctx.processor, cfg.data.max_prompt_tokens)
-    train_fields = dataclasses.replace(_fields(cfg), require_solution=cfg.algo.teacher_info == "solution")
+    train_fields = dataclasses.replace(
+        FieldMap.from_config(cfg.data), require_solution=cfg.algo.teacher_info == "solution"
+    )
     train_data = load_dataset_files(cfg.data.train_files, train_fields, cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
     train_data.check = check
     val = []
     if cfg.data.val_files and cfg.trainer.val_every:
-        val_data = load_dataset_files(cfg.data.val_files, _fields(cfg), cfg.data.val_split, shuffle=False,
+        val_data = load_dataset_files(cfg.data.val_files, FieldMap.from_config(cfg.data), cfg.data.val_split, shuffle=False,
                                       max_items=cfg.data.max_val_items, **load_kw)  # fmt: skip
         val_data.check = check
         val = val_data.load_all()
@@ -277,9 +277,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             t0 = time.perf_counter()
             for group in ctx.optimizer.param_groups:
                 group["lr"] = _lr_at(step - 1, cfg)
-            samples = shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
+
+            def draw():  # this rank's share of the next global batch (online filtering draws more)
+                return shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
+
+            samples = draw()
             with _compute(ctx):  # bf16 compute over float32 master weights (a no-op for float32 runs)
-                result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step))
+                result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step), more_prompts=draw)
             m = {"step": step, **dist.reduce_metrics(result.metrics), "optim/lr": _lr_at(step - 1, cfg)}
             bad_in_a_row = bad_in_a_row + 1 if m["actor/skipped_updates"] >= cfg.optim.mini_batches else 0
             if bad_in_a_row >= cfg.trainer.max_bad_steps:

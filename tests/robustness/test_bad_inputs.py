@@ -44,6 +44,7 @@ from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError, ImageError, ModelError
 from mmrlsd.model.load import check_checkpoint
+from mmrlsd.train.preflight import check_registered
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,7 +154,7 @@ CONFIG_CASES = [
          Raises(ConfigError, r"'model\.path' must be str, got NoneType")),
     Case("config-invalid-choice-dtype", _override("model.dtype=fp32"),
          Raises(ConfigError, r"'model\.dtype' is 'fp32'; valid choices: float32, bfloat16, float16")),
-    Case("config-invalid-choice-token-adv", _override("algo.token_adv=ppo"),
+    Case("config-invalid-choice-token-adv", lambda tmp: check_registered(load_config(None, [*BASE, "algo.token_adv=ppo"])),
          Raises(ConfigError, r"'algo\.token_adv' is 'ppo'; valid choices: rlsd, grpo")),
     Case("config-invalid-choice-engine", _override("rollout.engine=tgi"),
          Raises(ConfigError, r"'rollout\.engine' is 'tgi'; valid choices: hf, vllm")),

@@ -211,3 +211,38 @@ def test_missing_tracker_package_fails_at_config_time(monkeypatch, tmp_path, cap
     assert cli_main(["train", str(cfg), "--output-dir", str(tmp_path / "run")]) == 2
     assert "pip install 'mmrlsd[wandb]'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_resume_continues_the_tracker_runs(tiny_model, tmp_path, monkeypatch):
+    """`--resume` logs into the same MLflow run (ids in trackers.json), TensorBoard purges the events written after
+    the checkpoint (one value per step), and the tracker list may change on resume."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tinydata import write_records
+
+    data = write_records(tmp_path / "data")
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = tiny_model("qwen2_5_vl")
+    run = tmp_path / "run"
+    first = {"trainer.logger": "[tensorboard,mlflow]", "trainer.save_every": 1, "trainer.total_steps": 2,
+             "trainer.keep_last": 0}  # fmt: skip
+    train(load_config(None, tiny_overrides(model, data, **first)), run, progress=False)
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]
+    shutil.rmtree(run / "checkpoint-2")  # as if killed before checkpoint-2: resume from checkpoint-1
+    again = {**first, "trainer.logger": "[console,tensorboard,mlflow]", "trainer.total_steps": 3}
+    train(load_config(None, tiny_overrides(model, data, **again)), run, resume=True, progress=False)
+    assert json.loads((run / "trackers.json").read_text())["mlflow"] == run_id
+    client = MlflowClient(uri)
+    (r,) = client.search_runs([client.get_experiment_by_name("mmrlsd").experiment_id])
+    assert r.info.run_id == run_id and r.info.status == "FINISHED"
+    final = {m["step"]: m["loss"] for m in read_metrics(run)}
+    assert sorted(final) == [1, 2, 3]
+    assert {h.step for h in client.get_metric_history(run_id, "loss")} == {1, 2, 3}
+    ea = EventAccumulator(str(run / "tensorboard"))
+    ea.Reload()
+    events = ea.Scalars("loss")
+    assert [e.step for e in events] == [1, 2, 3]  # step 2 once: the first run's was purged
+    assert {e.step: e.value for e in events} == pytest.approx(final, rel=1e-6)
