@@ -161,7 +161,8 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
                                 max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
                                 top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
                                 gen_batch_size=cfg.rollout.gen_batch_size,
-                                share_prefill=cfg.rollout.share_prefill)  # fmt: skip
+                                share_prefill=cfg.rollout.share_prefill,
+                                decode=cfg.rollout.hf_decode)  # fmt: skip
     faults.point("rollout", step)
     with timed(t, "reward"):
         answers = [s.answer for s in samples for _ in range(G)]
