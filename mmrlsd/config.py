@@ -13,15 +13,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from mmrlsd.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -83,10 +86,10 @@ class DataConfig:
     """Optional field: record id (default: `<file>:<line>`)."""
     options_key: str = "options"
     """Optional field: a list of answer options, listed under the question by templates that use `options`."""
-    student_template: str = "configs/prompts/student.jinja"
+    student_template: str = "student.jinja"
     """Jinja template of the student's user turn (variables: problem, problem_type, options); images go where
     the rendered text has `<image>` markers, else first."""
-    teacher_template: str = "configs/prompts/teacher.jinja"
+    teacher_template: str = "teacher.jinja"
     """Jinja template of the teacher's user turn (variables: problem, problem_type, options, reference, answer,
     solution)."""
     max_val_items: int = 0
@@ -276,6 +279,9 @@ class TrainerConfig:
     """Checkpoint every N steps (0: only at the end)."""
     keep_last: int = 2
     """Checkpoints to keep (0: all)."""
+    save_hf: bool = True
+    """Also write `checkpoint-N/hf/`, a plain Hugging Face model folder (weights in `model.dtype`) that
+    `from_pretrained`, vLLM, lmms-eval and VLMEvalKit load unchanged; off: `mmrlsd export` makes it later."""
     val_every: int = 0
     """Validate every N steps, plus before the first and after the last (0: never)."""
     dump_every: int = 1
@@ -292,6 +298,13 @@ class TrainerConfig:
     """torch CPU threads (0: torch's default)."""
     max_bad_steps: int = 10
     """Abort after this many consecutive skipped steps (non-finite loss, empty batch)."""
+    logger: list[str] = field(default_factory=lambda: ["console"])
+    """Experiment trackers besides `metrics.jsonl` (always written): console | tensorboard | wandb | mlflow (each
+    needs its package: `pip install 'mmrlsd[tensorboard]'` etc.). Scalars keep their `metrics.jsonl` names."""
+    project_name: str = "mmrlsd"
+    """W&B project / MLflow experiment."""
+    experiment_name: str = ""
+    """W&B / MLflow run name (empty: the run directory's name)."""
 
 
 @dataclass
@@ -320,20 +333,20 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
+# Keys whose choices are a registry's names (algo.token_adv, algo.adv, reward.name, model.packed_attention) are
+# checked by `mmrlsd.train.preflight.check_registered`, which can see the registries.
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
     "rollout.hf_decode": ("lean", "generate"),
     "rollout.vllm_sleep": ("auto", "on", "off"),
-    "algo.token_adv": ("rlsd", "grpo", "opsd", "grpo_opsd"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),
     "algo.filter_key": ("reward", "accuracy"),
     "algo.sdpo_pick": ("first", "shortest"),
     "trainer.device": ("auto", "cpu", "cuda"),
     "dist.fsdp": ("auto", "on", "off"),
-    "model.packed_attention": ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2"),
     "dist.backend": ("auto", "nccl", "gloo"),
 }
 POSITIVE = ("rollout.n", "rollout.batch_size", "rollout.max_new_tokens", "optim.micro_batch_size",
@@ -485,7 +498,27 @@ def _validate(cfg: Config, src: str) -> None:
         )
     if len(cfg.optim.betas) != 2:
         raise ConfigError(f"{src}: 'optim.betas' must have 2 values, got {cfg.optim.betas}")
+    _validate_trackers(cfg, src)
     _validate_conflicts(cfg, src)
+
+
+TRACKERS = {"console": None, "tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+"""`trainer.logger` choices and the package each one imports (installed by the extra of the same name)."""
+
+
+def _validate_trackers(cfg: Config, src: str) -> None:
+    import importlib.util
+
+    for i, name in enumerate(cfg.trainer.logger):
+        if name not in TRACKERS:
+            valid = ", ".join(TRACKERS)
+            raise ConfigError(f"{src}: 'trainer.logger[{i}]' is {name!r}; valid choices: {valid}")
+        package = TRACKERS[name]
+        if package and importlib.util.find_spec(package) is None:
+            raise ConfigError(
+                f"{src}: 'trainer.logger' {name} needs the {package!r} package, which is not installed: "
+                f"pip install 'mmrlsd[{name}]'"
+            )
 
 
 def _validate_conflicts(cfg: Config, src: str) -> None:
@@ -552,32 +585,118 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
-    """Read YAML at `path` (may be None), apply dotted overrides, type-check and validate."""
-    cfg = Config()
+PATH_KEYS = (
+    "model.path",
+    "data.train_files",
+    "data.val_files",
+    "data.student_template",
+    "data.teacher_template",
+)
+"""Config values that name local files or folders (a model folder, data sources, prompt templates)."""
+TEMPLATE_KEYS = ("data.student_template", "data.teacher_template")
+
+
+def packaged_prompt(name: str) -> Path:
+    """A prompt template shipped with the package (`mmrlsd/prompts/<name>`)."""
+    from importlib.resources import files
+
+    return Path(str(files("mmrlsd").joinpath("prompts", name)))
+
+
+def _resolve_path(value: str, bases: list[Path], template: bool) -> str:
+    """An absolute path for `value` when it names an existing file or folder: an absolute path as it is, a
+    relative one tried against each of `bases` in order. A template given by file name alone (or under the old
+    `configs/prompts/` folder) that is found nowhere else is the packaged one. Anything else is returned unchanged
+    (a hub id, a `hub:` dataset, a missing path that training's pre-flight check reports)."""
+    if not value or value.startswith("hub:"):
+        return value
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return str(p)
+    for base in bases:
+        if (base / p).exists():
+            return os.path.abspath(base / p)
+    if template and (len(p.parts) == 1 or p.parent == Path("configs/prompts")):
+        if packaged_prompt(p.name).is_file():
+            return str(packaged_prompt(p.name))
+    return value
+
+
+def _resolve_keys(cfg, keys, bases: list[Path]) -> None:
+    for key in keys:
+        section, name = key.split(".")
+        if not hasattr(getattr(cfg, section, None), name):
+            continue
+        value = get_key(cfg, key)
+        values = [
+            _resolve_path(v, bases, key in TEMPLATE_KEYS)
+            for v in (value if isinstance(value, list) else [value])
+        ]
+        setattr(getattr(cfg, section), name, values if isinstance(value, list) else values[0])
+
+
+def resolve_paths(cfg, file_data: dict | None, file_path: Path | None, override_data: dict | None) -> None:
+    """Resolve the path keys (see `load_config`): those set in the file against its folder then the current
+    directory, those set by overrides against the current directory, and default templates to the packaged ones."""
+
+    def set_in(data: dict | None) -> list[str]:
+        return [k for k in PATH_KEYS if data and k.split(".")[1] in (data.get(k.split(".")[0]) or {})]
+
+    overridden = set_in(override_data)
+    if file_path is not None:
+        file_keys = [k for k in set_in(file_data) if k not in overridden]
+        _resolve_keys(cfg, file_keys, [Path(file_path).resolve().parent, Path.cwd()])
+    _resolve_keys(cfg, overridden, [Path.cwd()])
+    _resolve_keys(cfg, TEMPLATE_KEYS, [])  # anything still a bare file name: the packaged template
+
+
+def read_yaml_file(path: str | Path) -> dict:
+    """A config file's top-level mapping; a missing file, a directory, non-UTF-8 bytes, invalid or too deeply
+    nested YAML, a key given twice and a non-mapping top level are ConfigErrors naming the file."""
+    src, p = str(path), Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{src}: is a directory, not a config file")
+    if not p.is_file():
+        raise ConfigError(f"{src}: config file not found")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
+    data = _safe_load(text, src) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{src}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_dataclass(cls: type[T], path: str | Path | None, overrides: list[str] | None = None) -> T:
+    """`cls()` with the YAML mapping at `path` (may be None) and the dotted overrides merged in, type-checked, paths
+    resolved: the one loader of every dataclass config (training, SFT, perf, eval). An unknown key, a wrong type or
+    an unreadable file raises `ConfigError` naming the file and the key; range checks are the caller's.
+
+    Paths (`PATH_KEYS`, where `cls` has them): a relative path in the file is tried against the config file's folder
+    first, then the current directory; one in an override against the current directory. Found paths become
+    absolute (the run's `config.yaml` then works from anywhere); absolute paths, hub ids and `hub:` datasets are
+    left as they are. Prompt templates given by file name alone are the packaged ones (`mmrlsd/prompts/`) unless
+    such a file exists there. Whether the files exist is checked before training (`mmrlsd.train.preflight`)."""
+    cfg = cls()
     src = str(path) if path else "<defaults>"
-    if path is not None:
-        p = Path(path)
-        if p.is_dir():
-            raise ConfigError(f"{src}: is a directory, not a config file")
-        if not p.is_file():
-            raise ConfigError(f"{src}: config file not found")
-        try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{src}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-        except OSError as e:
-            raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
-        data = _safe_load(text, src) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{src}: the top level must be a mapping of sections, got {type(data).__name__}"
-            )
+    data = read_yaml_file(path) if path is not None else None
+    if data:
         _merge(cfg, data, "", src)
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
+    tree = parse_overrides(overrides) if overrides else None
+    if tree:
+        _merge(cfg, tree, "", f"{src} (command-line override)")
+    resolve_paths(cfg, data, Path(path) if path is not None else None, tree)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, validate: bool = True) -> Config:
+    """The training config at `path` (may be None) with dotted overrides (`load_dataclass`), validated."""
+    cfg = load_dataclass(Config, path, overrides)
     if validate:
-        _validate(cfg, src)
+        _validate(cfg, str(path) if path else "<defaults>")
     return cfg
 
 

@@ -61,6 +61,23 @@ class Rollouts:
 
 
 @dataclass
+class Groups:
+    """B prompts with G sampled responses each, scored: what rollout, reward and group advantage hand on (and the
+    unit a filter drops or a refill adds)."""
+
+    samples: list[Sample]  # (B,)
+    encoding: dict  # the B student prompts repeated G times: a processor encoding of B*G rows
+    rollouts: Rollouts  # (B*G,) responses y
+    results: list  # (B*G,) the reward's `RewardResult`s (reward, accuracy, format, extracted answer)
+    rewards: torch.Tensor  # (B*G,) R
+    adv: torch.Tensor  # (B*G,) A, the group advantage
+
+    @property
+    def group_size(self) -> int:
+        return self.rollouts.group_size
+
+
+@dataclass
 class StepResult:
     """What one `rlsd_step` returns to the loop: scalar metrics and the per-token dump of the update."""
 

@@ -7,7 +7,7 @@ import pytest
 
 from mmrlsd.cli import COMMANDS, build_parser
 
-NESTED = {"data": ["synth"], "lab": ["data", "compare", "check"]}
+NESTED = {"data": ["synth"], "lab": ["data", "compare", "credit", "check"]}
 ALL = [[c] for c in COMMANDS] + [[c, s] for c, subs in NESTED.items() for s in subs]
 
 

@@ -1,5 +1,5 @@
 """`mmrlsd perf`: strict config, a torch-free CLI module, and one tiny end-to-end run whose JSON has the keys the
-issue asks for; the fast and the plain step compute the same Δ on the same rollouts."""
+report needs; the fast and the plain step compute the same Δ on the same rollouts."""
 
 import json
 import subprocess

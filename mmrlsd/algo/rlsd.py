@@ -11,25 +11,7 @@ usual PPO clipped surrogate (`mmrlsd.algo.loss.ppo_clip_loss`). No normalisation
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
-
-TOKEN_ADVANTAGES: dict[str, Callable[..., torch.Tensor]] = {}
-
-
-def register_token_advantage(name: str):
-    def wrap(fn):
-        TOKEN_ADVANTAGES[name] = fn
-        return fn
-
-    return wrap
-
-
-def get_token_advantage(name: str) -> Callable[..., torch.Tensor]:
-    if name not in TOKEN_ADVANTAGES:
-        raise KeyError(f"unknown token advantage {name!r}; known: {', '.join(sorted(TOKEN_ADVANTAGES))}")
-    return TOKEN_ADVANTAGES[name]
 
 
 def evidence_weights(advantages: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -53,7 +35,6 @@ def lam_at(step: int, lam0: float, decay_steps: int, warmup_steps: int = 0) -> f
     return max(0.0, lam0 * (1.0 - t / decay_steps)) if decay_steps > 0 else 0.0
 
 
-@register_token_advantage("rlsd")
 def rlsd_token_advantages(
     advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float, eps_w: float
 ) -> torch.Tensor:
@@ -131,7 +112,6 @@ def thought_span_mask(
     return out * mask.float().cpu()  # (B, T)
 
 
-@register_token_advantage("grpo")
 def grpo_token_advantages(
     advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float = 0.0, eps_w: float = 0.0
 ) -> torch.Tensor:
@@ -139,7 +119,6 @@ def grpo_token_advantages(
     return advantages[:, None] * mask.to(advantages.dtype)  # (B, T)
 
 
-@register_token_advantage("opsd")
 def opsd_token_advantages(
     advantages: torch.Tensor, delta: torch.Tensor, mask: torch.Tensor, lam: float = 0.0, eps_w: float = 0.0
 ) -> torch.Tensor:

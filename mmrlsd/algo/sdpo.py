@@ -9,7 +9,7 @@ is never its own demonstration; a row whose group has no other correct response 
 (Δ_t = 0). With `token_adv: grpo_opsd` the same teacher gives GRPO + SDPO.
 
 `algo.sdpo_pick: shortest` is the authors' RLSD release's form: the shortest other correct response, and the
-shortest other incorrect one as `feedback` for the teacher prompt (`configs/prompts/sdpo_release_teacher.jinja`).
+shortest other incorrect one as `feedback` for the teacher prompt (`mmrlsd/prompts/sdpo_release_teacher.jinja`).
 The release draws these from a separate candidate rollout and calls a response correct when its total reward
 is > 0 (a wrong but well-formatted math answer scores 0.1); here they are siblings of the same group and correct
 means accuracy 1.

@@ -14,7 +14,6 @@ every install).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import types
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ from importlib.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mmrlsd.bench.base import Bench, Record, check_mode
+from mmrlsd.config import load_dataclass
+from mmrlsd.errors import ConfigError
 
 PROTOCOLS = "protocols"
 """Folder of `mmrlsd.bench` holding the protocol files `<bench>.yaml` (package data)."""
@@ -58,26 +57,12 @@ class EvalConfig:
 
 
 def load_eval_config(path: str | Path | Traversable | None) -> EvalConfig:
-    """Read an `EvalConfig` from YAML (`yaml.safe_load`); an unknown key fails with a suggestion."""
-    if path is None:
-        return EvalConfig()
-    if isinstance(path, str):
-        path = Path(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
-    fields = {f.name: f for f in dataclasses.fields(EvalConfig)}
-    for key, value in data.items():
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(fields)}"
-            raise ValueError(f"{path}: unknown key {key!r}{hint}")
-        want = {"str": str, "int": int, "float": (int, float)}[str(fields[key].type)]
-        if not isinstance(value, want) or isinstance(value, bool):
-            raise ValueError(f"{path}: {key} must be {fields[key].type}, got {value!r}")
-    if data.get("samples", 0) < 0:
-        raise ValueError(f"{path}: samples must be >= 0, got {data['samples']}")
-    return EvalConfig(**data)
+    """An `EvalConfig` from YAML (`mmrlsd.config.load_dataclass`: an unknown key fails with a suggestion, a wrong
+    type names the key); `path` may be a packaged resource."""
+    cfg = load_dataclass(EvalConfig, None if path is None else Path(str(path)))
+    if cfg.samples < 0:
+        raise ConfigError(f"{path}: samples must be >= 0, got {cfg.samples}")
+    return cfg
 
 
 def default_config_path(bench_name: str) -> Traversable | None:

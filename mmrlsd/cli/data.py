@@ -21,14 +21,17 @@ class Synth:
 
     @staticmethod
     def add_arguments(p: argparse.ArgumentParser) -> None:
-        from mmrlsd.data.synth import FAMILIES, LEVELS  # PIL only, no torch
+        from mmrlsd.data.synth import FAMILIES, LEVELS, LONG_FAMILIES  # PIL only, no torch
 
         p.add_argument("--out", required=True, type=Path, help="output directory")
         p.add_argument("--n", type=int, default=2000, help="number of train records (default 2000)")
         p.add_argument("--n-val", type=int, default=512, help="number of val records (default 512)")
         p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
         p.add_argument(
-            "--families", default=None, help=f"comma-separated families (default: all): {','.join(FAMILIES)}"
+            "--families",
+            default=None,
+            help=f"comma-separated families (default: {','.join(FAMILIES)}; long, by name only: "
+            f"{','.join(LONG_FAMILIES)})",
         )
         p.add_argument(
             "--level", type=int, choices=LEVELS, default=None, help="fixed difficulty (default: mixed)"

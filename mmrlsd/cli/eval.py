@@ -107,7 +107,9 @@ def _generate(bench, args: argparse.Namespace) -> int:
     import dataclasses
 
     from mmrlsd.bench.run import default_config_path, evaluate, load_eval_config, pick_engine
+    from mmrlsd.model.load import resolve_model_path
 
+    model = resolve_model_path(args.model)  # RUN/checkpoint-N (or RUN) -> its Hugging Face folder
     cfg = load_eval_config(args.config or default_config_path(bench.name))
     overrides = {"split": args.split, "mode": args.mode, "max_new_tokens": args.max_new_tokens,
                  "batch_size": args.batch_size, "samples": args.samples}  # fmt: skip
@@ -125,7 +127,7 @@ def _generate(bench, args: argparse.Namespace) -> int:
     data_root = Path(args.image_root) if args.image_root else (Path(args.data).parent if args.data else None)
     out_dir = Path(args.output_dir or f"runs/eval/{bench.name}_{split}")
     engine = pick_engine(args.engine)
-    result = evaluate(bench, records, args.model, out_dir, cfg, data_root=data_root, engine=engine, dtype=dtype,
+    result = evaluate(bench, records, model, out_dir, cfg, data_root=data_root, engine=engine, dtype=dtype,
                       device=device, progress=not args.no_progress)  # fmt: skip
     if result is None:
         print(

@@ -9,13 +9,15 @@ import shlex
 import sys
 from pathlib import Path
 
-HELP = "the tiny lab: its data, the GRPO/RLSD/OPSD/SDPO comparison, the default run's check"
+HELP = "the tiny lab and the credit lab: data, the GRPO/RLSD/OPSD/SDPO comparisons, the default run's check"
 EXAMPLES = """examples:
   mmrlsd lab data --out data/tiny/lab                                  # the committed RL data
   mmrlsd lab data --out data/synth_sft --n 24000 --n-val 0 --seed 1    # the SFT data
   mmrlsd lab check                                                     # time + judge the default run
   mmrlsd lab compare trainer.threads=1                                 # the comparison (2 runs at a time)
   mmrlsd lab compare --add --methods sdpo trainer.threads=1            # one more method, same budget
+  mmrlsd lab data --task credit --out data/tiny/credit                 # the credit lab's RL data
+  mmrlsd lab credit                                                    # the credit lab's comparison
 """
 
 
@@ -29,12 +31,15 @@ class Data:
         d.add_argument("--n", type=int, default=4000, help="train records (default 4000)")
         d.add_argument("--n-val", type=int, default=512, help="val records (default 512)")
         d.add_argument("--seed", type=int, default=0)
+        d.add_argument("--task", choices=("tiny", "credit"), default="tiny",
+                       help="tiny: the tiny lab's four short families; credit: the credit lab's digit_chain")  # fmt: skip
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from mmrlsd.experiments.lab.data import write_lab_data
+        from mmrlsd.experiments.lab.data import TASKS, write_lab_data
 
-        meta = write_lab_data(args.out, args.n, args.n_val, args.seed)
+        families, levels = TASKS[args.task]
+        meta = write_lab_data(args.out, args.n, args.n_val, args.seed, families, levels)
         print(f"wrote {meta['counts']} records to {args.out}")
         return 0
 
@@ -82,6 +87,49 @@ class Compare:
         return 0
 
 
+class Credit:
+    HELP = "the credit lab: GRPO, RLSD (+ an eps_w / lambda sweep), OPSD, SDPO on digit_chain, 5 seeds each"
+    EXAMPLES = ("examples:\n  mmrlsd lab credit                     # the whole comparison, 2 runs at a time\n"
+                "  mmrlsd lab credit --skip-runs         # re-summarise existing run directories\n"
+                "  mmrlsd lab credit --methods grpo,rlsd --seeds 0 trainer.total_steps=2   # a smoke run\n")  # fmt: skip
+
+    @staticmethod
+    def add_arguments(c: argparse.ArgumentParser) -> None:
+        from mmrlsd.experiments.lab.credit import CREDIT_METHODS, DEFAULT_SEEDS  # the standard library only
+
+        c.add_argument("--out", type=Path, default=Path("eval/results/credit_lab"))
+        c.add_argument("--runs", type=Path, default=Path("runs/credit_lab"), help="run directories go here")
+        c.add_argument("--methods", default=",".join(CREDIT_METHODS), help="comma-separated (default: all)")
+        c.add_argument("--seeds", default=",".join(map(str, DEFAULT_SEEDS)))
+        c.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: one per core)")
+        c.add_argument("--skip-runs", action="store_true", help="only summarise existing run directories")
+        c.add_argument("--model", default="data/tiny/sft-credit", help="tokenizer for mean_response_tokens")
+        c.add_argument("overrides", nargs="*", help="dotted overrides for every run (the shared budget)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from mmrlsd.experiments.lab.credit import CREDIT_METHODS, credit_compare
+
+        methods = [m for m in args.methods.split(",") if m]
+        unknown = [m for m in methods if m not in CREDIT_METHODS]
+        if unknown or not methods:
+            print(f"error: unknown method(s) {unknown}; known: {', '.join(CREDIT_METHODS)}", file=sys.stderr)
+            return 2
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+        command = (
+            shlex.join(["mmrlsd", "lab", *sys.argv[sys.argv.index("lab") + 1 :]]) if "lab" in sys.argv else ""
+        )
+        res = credit_compare(args.out, args.runs, methods, seeds, args.overrides, args.jobs,
+                             skip_runs=args.skip_runs, command=command, model=args.model)  # fmt: skip
+        p = res.get("paired_rlsd_minus_grpo")
+        if p:
+            print(
+                f"paired RLSD - GRPO greedy gain: {p['mean']} (95% interval {p['ci95']}) over {p['n']} seeds"
+            )
+        print(f"wrote {args.out}/results.json, credit.png, README.md in {res['wall_s']:.0f}s")
+        return 0
+
+
 class Check:
     HELP = "time the default run and judge it against its bar"
     EXAMPLES = "example:\n  mmrlsd lab check --run-dir runs/tiny_default\n"
@@ -106,7 +154,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from mmrlsd.cli import attach
 
     sub = p.add_subparsers(dest="lab_command", required=True)
-    for name, job in (("data", Data), ("compare", Compare), ("check", Check)):
+    for name, job in (("data", Data), ("compare", Compare), ("credit", Credit), ("check", Check)):
         attach(sub, name, job)
 
 

@@ -15,19 +15,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmrlsd.algo import ADVANTAGES, TOKEN_ADVANTAGES
+    from mmrlsd.bench import BENCHES
     from mmrlsd.config import CHOICES
     from mmrlsd.model.tiny import ARCHS
-    from mmrlsd.reward.rewards import REWARDS
+    from mmrlsd.train.preflight import registered_choices
 
-    rows = {"token advantages (algo.token_adv)": sorted(TOKEN_ADVANTAGES) + ["grpo_opsd"],
-            "teacher information (algo.teacher_info; sibling = SDPO)": list(CHOICES["algo.teacher_info"]),
-            "distillation (algo.distill)": list(CHOICES["algo.distill"]),
-            "group advantages (algo.adv)": sorted(ADVANTAGES), "rewards (reward.name)": sorted(REWARDS),
-            "tiny architectures (make-tiny --arch)": list(ARCHS)}  # fmt: skip
-    from mmrlsd.bench import BENCHES
-
-    rows["benchmarks (eval --bench)"] = sorted(BENCHES)
+    rows = {key: list(names) for key, names in registered_choices().items()}
+    rows["algo.teacher_info (sibling = SDPO)"] = list(CHOICES["algo.teacher_info"])
+    rows["algo.distill"] = list(CHOICES["algo.distill"])
+    rows["make-tiny --arch"] = list(ARCHS)
+    rows["eval --bench"] = sorted(BENCHES)
     for title, names in rows.items():
         print(f"{title}: {', '.join(names)}")
     return 0

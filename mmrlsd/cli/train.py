@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from mmrlsd.train.loop import train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress,
-                    overwrite=args.overwrite, allow_config_change=args.allow_config_change)  # fmt: skip
-    print(f"run directory: {run_dir}")
+    # ends by printing the run's summary (validation accuracy, skips, time, next commands)
+    train(cfg, args.output_dir, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite,
+          allow_config_change=args.allow_config_change)  # fmt: skip
     return 0

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_sft_config(args.config, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)
-        # templates, reward, data files, model directory: what train checks before loading a model
+        # registry names, reward, templates, data files, model directory: what train checks before loading a model
         for line in preflight.check(cfg, data=False):
             print(f"warning: {line} (train stops here unless it is created first)", file=sys.stderr)
     print(f"{args.config}: OK ({sum(len(v) for v in to_dict(cfg).values())} keys)")

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
+import functools
 import json
 import logging
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -44,6 +46,8 @@ MAX_CHARS_PER_TOKEN = 16
 
 @dataclass
 class FieldMap:
+    """Which record field holds each part of a `Sample` (the config's `data.<part>_key` settings)."""
+
     problem: str = "problem"
     answer: str = "answer"
     images: str = "images"
@@ -54,6 +58,12 @@ class FieldMap:
     require_solution: bool = False
     """Skip (and count) records without a non-empty `solution` text: it is the teacher's privileged information
     (`algo.teacher_info: solution`, OPSD), and a silent fallback to the answer would change the method."""
+
+    @classmethod
+    def from_config(cls, data) -> FieldMap:
+        """From a `DataConfig` (training or SFT): each part from its `data.<part>_key` setting."""
+        return cls(**{f.name: getattr(data, f"{f.name}_key") for f in dataclasses.fields(cls)
+                      if hasattr(data, f"{f.name}_key")})  # fmt: skip
 
 
 @dataclass
@@ -84,7 +94,7 @@ class Skip:
     reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: never compare the Arrow column
 class EmbeddedImage:
     """An image inside a table column (`column[row]`, or item `index` of that row's list), read on demand."""
 
@@ -99,7 +109,7 @@ class EmbeddedImage:
         return value.as_py()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _TableImages:
     """A row's image cell in a table, counted without reading any image."""
 
@@ -254,19 +264,24 @@ def _read_rows(source: str, split: str, fields: FieldMap) -> _Rows:
     return _Rows(rows, [path.parent], source)
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: Path) -> str:
+    real = os.path.realpath(root)
+    return real if real.endswith(os.sep) else real + os.sep
+
+
 def resolve_image_path(img: str, roots: list[Path], allow_external: bool) -> str:
     """`img` relative to the first root (absolute paths unchanged); unless `allow_external`, an `ImageError`
     when the path, with `..` and symlinks resolved, lies outside every root."""
-    p = Path(img)
-    full = p if p.is_absolute() else roots[0] / p
+    full = img if os.path.isabs(img) else str(roots[0] / img)
     if not allow_external:
-        real = full.resolve()
-        if not any(real.is_relative_to(r.resolve()) for r in roots):
+        real = os.path.realpath(full)
+        if not any((real + os.sep).startswith(_real_root(r)) for r in roots):
             raise ImageError(
                 f"{img!r}: image path leaves the data folder (an absolute path, '..' or a symlink outside "
                 f"{roots[0]}; set data.allow_external_images: true to allow it)"
             )
-    return str(full)
+    return full
 
 
 def _image_entry(img, j: int, rid: str, roots: list[Path], limits: RecordLimits) -> tuple[str, Any]:

@@ -17,6 +17,15 @@ Families (`FAMILIES`, each with a `level` 1-3 difficulty knob for a curriculum):
     bar_max           which bar is the tallest ? (A) blue (B) red ...       multiple choice, two steps
     bar_diff          how much taller is the red bar than the blue bar ?    numeric, 1-8, three steps
 
+Long-reasoning families (`LONG_FAMILIES`, opt-in by name: not part of the default mix):
+
+    digit_chain       the digits are a b c d e . what is a + b - c + d - e ?  numeric, 0-54, 7-11 steps
+
+`digit_chain` (the credit lab's task) reads 4-6 seven-segment digits and combines them left to right, every
+reading and every partial result written out as its own step (`a = 3 ; b = 7 ; ... ; 3 + 7 = 10 ; 10 - 2 = 8`),
+so a response can be right in most steps and wrong in one, and the final answer pins down which partial
+results are consistent with it.
+
 Every record carries a short reference solution in the RLSD response format, e.g.
 `<thought>red 2 , blue 1 . 2 + 1 = 3</thought><answer>3</answer>` (used for SFT and the OPSD baseline).
 
@@ -116,13 +125,16 @@ class Example:
 
 FamilyFn = Callable[[random.Random, int], Example]
 FAMILIES: dict[str, FamilyFn] = {}
+"""The default mix (short answers, at most three steps): what `generate` uses when no family is named."""
+LONG_FAMILIES: dict[str, FamilyFn] = {}
+"""Long-reasoning families, used only when named (`families=["digit_chain"]`)."""
 
 
-def register_family(name: str) -> Callable[[FamilyFn], FamilyFn]:
-    """Decorator: register `fn(rng, level) -> Example` under `name`."""
+def register_family(name: str, long: bool = False) -> Callable[[FamilyFn], FamilyFn]:
+    """Decorator: register `fn(rng, level) -> Example` under `name` (in `LONG_FAMILIES` when `long`)."""
 
     def wrap(fn: FamilyFn) -> FamilyFn:
-        FAMILIES[name] = fn
+        (LONG_FAMILIES if long else FAMILIES)[name] = fn
         return fn
 
     return wrap
@@ -130,9 +142,11 @@ def register_family(name: str) -> Callable[[FamilyFn], FamilyFn]:
 
 def get_family(name: str) -> FamilyFn:
     """The family registered as `name`; KeyError listing the valid names otherwise."""
-    if name not in FAMILIES:
-        raise KeyError(f"unknown synth family {name!r}; known: {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[name]
+    fn = FAMILIES.get(name) or LONG_FAMILIES.get(name)
+    if fn is None:
+        known = ", ".join(sorted(FAMILIES)) + "; long: " + ", ".join(sorted(LONG_FAMILIES))
+        raise KeyError(f"unknown synth family {name!r}; known: {known}")
+    return fn
 
 
 # --- drawing ---
@@ -227,6 +241,33 @@ def q_bar_diff(c1: str, c2: str) -> str:
     return f"how much taller is the {c1} bar than the {c2} bar ?"
 
 
+CHAIN_NAMES = "abcdef"
+"""Names of the digits of `digit_chain`, left to right."""
+CHAIN_DIGITS = {1: 4, 2: 5, 3: 6}
+"""Digits drawn by `digit_chain` at each level (a 112, 140 or 168 x 56 px image)."""
+CHAIN_MAX = 9 * max(CHAIN_DIGITS.values())
+"""Largest answer (or partial result) of `digit_chain`."""
+
+
+def q_digit_chain(ops: Sequence[str]) -> str:
+    """`the digits are a b c d . what is a + b - c + d ?` for ops `["+", "-", "+"]`."""
+    names = CHAIN_NAMES[: len(ops) + 1]
+    expr = " ".join([names[0], *(f"{op} {n}" for op, n in zip(ops, names[1:]))])
+    return f"the digits are {' '.join(names)} . what is {expr} ?"
+
+
+def chain_steps(digits: Sequence[int], ops: Sequence[str]) -> list[str]:
+    """The reasoning of `digit_chain` as steps: one reading per digit (`a = 3`), then one partial result per
+    operation, left to right (`3 + 7 = 10`). The thought is `" ; ".join(steps)`."""
+    steps = [f"{n} = {d}" for n, d in zip(CHAIN_NAMES, digits)]
+    acc = digits[0]
+    for op, d in zip(ops, digits[1:]):
+        new = acc + d if op == "+" else acc - d
+        steps.append(f"{acc} {op} {d} = {new}")
+        acc = new
+    return steps
+
+
 # --- families ---
 
 
@@ -317,6 +358,26 @@ def bar_max(rng: random.Random, level: int) -> Example:
     )
 
 
+@register_family("digit_chain", long=True)
+def digit_chain(rng: random.Random, level: int) -> Example:
+    """Read 4-6 seven-segment digits (each in a random colour), then add or subtract them left to right, one
+    written step per reading and per partial result (7, 9 or 11 steps). An operation is `-` only where the
+    running value stays >= 0, so every partial result lies in 0..CHAIN_MAX."""
+    n = CHAIN_DIGITS[level]
+    digits = [rng.randint(0, 9) for _ in range(n)]
+    ops, acc = [], digits[0]
+    for d in digits[1:]:
+        op = rng.choice("+-") if acc >= d else "+"
+        acc = acc + d if op == "+" else acc - d
+        ops.append(op)
+    img = Image.new("RGB", (n * DIGIT_W, DIGIT_H), BACKGROUND)
+    draw = ImageDraw.Draw(img)
+    for i, digit in enumerate(digits):
+        draw_digit(draw, i * DIGIT_W, digit, rng.choice(COLORS))
+    thought = " ; ".join(chain_steps(digits, ops))
+    return Example(img, q_digit_chain(ops), str(acc), "numeric", thought)
+
+
 def _top_gap(heights: Sequence[int]) -> int:
     """Tallest minus second tallest."""
     top, second = sorted(heights, reverse=True)[:2]
@@ -354,7 +415,8 @@ def split_of(digest: str) -> str:
 
 
 def resolve_families(families: Sequence[str] | str | None) -> list[str]:
-    """Family names in a fixed order: all registered ones when None; a comma-separated string works too."""
+    """Family names in a fixed order: the default mix (`FAMILIES`, not the long ones) when None; a
+    comma-separated string works too."""
     if families is None:
         return list(FAMILIES)
     if isinstance(families, str):
@@ -473,6 +535,8 @@ def write_dataset(
 TAGS = ("<thought>", "</thought>", "<answer>", "</answer>")
 THOUGHT_WORDS = ("more", "tallest", ",", ".", "+", "-", "=")
 """Words that appear in solutions besides colours, shape plurals and numbers."""
+CHAIN_WORDS = (";", "=", "+", "-", *CHAIN_NAMES)
+"""Further words of the long families' solutions (`a = 3 ; ...`)."""
 
 
 def corpus() -> list[str]:
@@ -492,6 +556,15 @@ def corpus() -> list[str]:
     answers = [str(k) for k in range(MAX_ANSWER + 1)] + list(LETTERS)
     words = list(COLORS) + list(PLURALS.values()) + list(THOUGHT_WORDS) + list(TAGS)
     return questions + answers + words
+
+
+def long_corpus() -> list[str]:
+    """As `corpus`, for the long families: every `digit_chain` question, every number up to CHAIN_MAX and the
+    solutions' extra words."""
+    questions = [
+        q_digit_chain(ops) for n in CHAIN_DIGITS.values() for ops in itertools.product("+-", repeat=n - 1)
+    ]
+    return questions + [str(k) for k in range(CHAIN_MAX + 1)] + list(CHAIN_WORDS)
 
 
 def vocabulary() -> list[str]:

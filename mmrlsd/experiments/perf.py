@@ -37,43 +37,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from mmrlsd.config import ConfigError, _merge, load_config, parse_overrides
+from mmrlsd.config import load_config, load_dataclass, packaged_prompt
 from mmrlsd.model.tiny import ARCHS, TinySize
 from mmrlsd.reward.rewards import REWARDS, RewardResult, register_reward
 from mmrlsd.types import Sample
 
 VARIANTS = ("naive", "grpo", "rlsd", "rlsd_generate", "trl")
 PHASES = ("rollout", "reward", "old_logp", "teacher", "update")
-PROMPTS = "mmrlsd.experiments", "perf_configs/prompts"
-"""The benchmark's student and teacher templates ship with the package (copies of the default training ones)."""
-
-
-def template(name: str) -> Path:
-    """The packaged prompt template `name` (`student.jinja` or `teacher.jinja`)."""
-    from importlib.resources import files
-
-    package, folder = PROMPTS
-    return Path(str(files(package).joinpath(folder, name)))
-
-
 @dataclass
-class PerfConfig:
-    """One benchmark setting (`perf_configs/*.yaml` in this package); unknown keys are errors."""
+class PerfConfig(TinySize):
+    """One benchmark setting (`perf_configs/*.yaml` in this package); unknown keys are errors. The model's widths
+    (`TinySize`) apply to the tiny shape."""
 
     arch: str = "qwen2_5_vl"
     """Architecture: qwen2_vl | qwen2_5_vl | qwen3_vl."""
     shape: str = "tiny"
-    """tiny (the widths below) | qwen2_5_vl_3b (Qwen2.5-VL-3B's widths, random init, 151,936-token vocab)."""
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate: int = 512
-    vision_hidden: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 2
+    """tiny (the `TinySize` widths) | qwen2_5_vl_3b (Qwen2.5-VL-3B's widths, random init, 151,936-token vocab)."""
     vocab_size: int = 512
     """BPE vocabulary of the locally trained tokenizer (tiny shape)."""
     device: str = "auto"
@@ -115,13 +95,7 @@ class PerfConfig:
 def load_perf_config(path: str | Path, overrides: list[str] | None = None) -> PerfConfig:
     """`PerfConfig` from YAML (`yaml.safe_load`) plus `key=value` overrides, type-checked by the training
     config's rules (`mmrlsd.config`: unknown keys fail with a suggestion); unknown variants, archs, shapes fail."""
-    cfg = PerfConfig()
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings")
-    _merge(cfg, data, "", str(path))
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{path} (command-line override)")
+    cfg = load_dataclass(PerfConfig, path, overrides)
     bad = [v for v in cfg.variants if v not in VARIANTS]
     if bad or cfg.arch not in ARCHS or cfg.shape not in ("tiny", "qwen2_5_vl_3b"):
         raise ValueError(f"{path}: variants {bad} / arch {cfg.arch!r} / shape {cfg.shape!r} not known")
@@ -157,10 +131,7 @@ def build_model(pc: PerfConfig, device: torch.device):
     from mmrlsd.model.tiny import build_processor, build_tokenizer, make_tiny
 
     if pc.shape == "tiny":
-        size = TinySize(hidden=pc.hidden, layers=pc.layers, heads=pc.heads, kv_heads=pc.kv_heads,
-                        intermediate=pc.intermediate, vision_hidden=pc.vision_hidden, vision_depth=pc.vision_depth,
-                        vision_heads=pc.vision_heads)  # fmt: skip
-        d = make_tiny(pc.arch, Path(tempfile.mkdtemp(prefix="mmrlsd_perf_")), seed=pc.seed, size=size,
+        d = make_tiny(pc.arch, Path(tempfile.mkdtemp(prefix="mmrlsd_perf_")), seed=pc.seed, size=pc,
                       vocab_size=pc.vocab_size, max_pixels=pc.image_px**2)  # fmt: skip
         return load_model(
             str(d), dtype=pc.dtype, device=str(device), attn_implementation=pc.attn_implementation
@@ -229,7 +200,8 @@ def mmrlsd_config(pc: PerfConfig, variant: str):
         # the fast path (`naive`: all off)
         "model.packing": fast and pc.packing, "model.share_vision": fast and pc.share_vision,
         "model.share_prefix": fast and pc.share_prefix, "model.logprob_chunk": pc.logprob_chunk if fast else 0,
-        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode, "model.packed_attention": pc.packed_attention,
+        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode,
+        "model.packed_attention": pc.packed_attention,
         "optim.token_budget": pc.token_budget if fast else 0,
     }  # fmt: skip
     return load_config(None, [f"{k}={v}" for k, v in o.items()])
@@ -247,7 +219,7 @@ def make_context(cfg, model, processor):
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.optim.lr,
                             weight_decay=cfg.optim.weight_decay)  # fmt: skip
     prompts = PromptBuilder(
-        processor, template("student.jinja"), template("teacher.jinja"), cfg.algo.teacher_info
+        processor, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), cfg.algo.teacher_info
     )
     return StepContext(cfg, policy, teacher, processor, opt, prompts)
 
@@ -301,7 +273,7 @@ def run_trl(pc: PerfConfig, model, processor, samples: list[Sample], device) -> 
     from mmrlsd.data.prompts import load_template
     from mmrlsd.rollout.generate import eos_token_ids, vision_token_ids
 
-    student = load_template(template("student.jinja"))
+    student = load_template(packaged_prompt("student.jinja"))
     rows = [{"prompt": [{"role": "user", "content": student.render(problem=s.problem)}], "image": s.pil_images[0]}
             for s in samples]  # fmt: skip
     rec = {"step_s": [], "phases": {"rollout": [], "update": []}, "response_len_mean": []}
@@ -531,7 +503,7 @@ def prompt_lengths(pc: PerfConfig, processor, sample: Sample) -> dict[str, int]:
     from mmrlsd.data.encoding import encode
     from mmrlsd.data.prompts import PromptBuilder
 
-    pb = PromptBuilder(processor, template("student.jinja"), template("teacher.jinja"), "answer")
+    pb = PromptBuilder(processor, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer")
     return {k: int(encode(processor, [f(sample)], [sample.pil_images])["input_ids"].shape[1])
             for k, f in (("student", pb.student), ("teacher", pb.teacher))}  # fmt: skip
 

@@ -14,6 +14,26 @@ SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def resolve_model_path(path: str) -> str:
+    """Where the weights of `path` are: a training checkpoint `RUN/checkpoint-N` -> its Hugging Face folder
+    `RUN/checkpoint-N/hf`; a run directory -> that of its newest complete checkpoint; anything else (a model
+    folder, a hub id) unchanged."""
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").is_file() and not (p / "state").is_dir():
+        return path
+    if (p / "hf" / "config.json").is_file():
+        return str(p / "hf")
+    if (p / "state").is_dir():
+        raise ModelError(
+            f"{path}: a training checkpoint without a Hugging Face folder (hf/; saved with trainer.save_hf: false): "
+            f"write one with `mmrlsd export {path} --out {p / 'hf'}`"
+        )
+    done = [c for c in p.glob("checkpoint-*") if c.name[11:].isdigit() and (c / "COMPLETE").is_file()]
+    if done:
+        return resolve_model_path(str(max(done, key=lambda c: int(c.name[11:]))))
+    return path
+
+
 def check_checkpoint(path: str) -> None:
     """Fail early, naming the path, for a missing directory or an unsupported architecture."""
     p = Path(path)
@@ -63,9 +83,11 @@ def load_model(
     min_pixels: int = 0,
     max_pixels: int = 0,
 ):
-    """`(model, processor)` through the transformers Auto classes; the processor pads on the left."""
+    """`(model, processor)` through the transformers Auto classes; the processor pads on the left. `path` may
+    also be a training checkpoint or a run directory (`resolve_model_path`)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    path = resolve_model_path(path)
     check_checkpoint(path)
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")

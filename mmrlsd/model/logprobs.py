@@ -7,7 +7,7 @@ logits are computed (`logits_to_keep`). Position ids, including Qwen-VL's 3-D mR
 model from `input_ids`, `image_grid_thw` and `attention_mask` for each sequence itself, so the teacher's longer
 prompt gets its own positions.
 
-The fast path (issue #6; `FastOptions`, all off by default) runs the same computation with padding-free
+The fast path (`FastOptions`, all off by default) runs the same computation with padding-free
 packing (`mmrlsd.model.packing`), vision features shared by a prompt's G rows (`mmrlsd.model.vision`) and
 memory-lean log-probs (`lean_logprobs`: the lm_head projection and logsumexp in chunks of tokens, with a
 custom backward that recomputes each chunk, so no `[tokens, vocab]` fp32 logits are ever held). It calls the

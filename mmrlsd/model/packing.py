@@ -37,7 +37,7 @@ ATTENTION_KERNELS = ("auto", "varlen_sdpa", "flex_attention", "flash_attention_2
 
 @dataclass(frozen=True)
 class FastOptions:
-    """How the log-prob passes run (issue #6). All off: the plain padded Hugging Face forward."""
+    """How the log-prob passes run. All off: the plain padded Hugging Face forward."""
 
     packing: bool = False
     """Padding-free packing with block-diagonal attention."""

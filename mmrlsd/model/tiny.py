@@ -68,18 +68,27 @@ _BASE_CORPUS = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass
 class TinySize:
-    """Widths of a tiny model (defaults: well under 1M parameters, CPU-fast)."""
+    """Widths of a tiny model (defaults: well under 1M parameters, CPU-fast). The SFT recipe's `init` section and
+    the speed benchmark's settings extend it, so the widths are declared here only."""
 
     hidden: int = 64
+    """Decoder width."""
     layers: int = 2
+    """Decoder layers."""
     heads: int = 4
+    """Attention heads."""
     kv_heads: int = 2
+    """Key/value heads."""
     intermediate: int = 128
+    """Decoder MLP width."""
     vision_hidden: int = 32
+    """Vision tower width."""
     vision_depth: int = 2
+    """Vision tower blocks."""
     vision_heads: int = 2
+    """Vision attention heads."""
 
 
 # Head size 32 in the language model and the vision tower: vLLM's CPU attention needs 32, 64, 80, 96, 112, 128, ...
@@ -146,8 +155,10 @@ def _text_config(size: TinySize, vocab: int, tok) -> dict:
     )
 
 
-def tiny_config(arch: str, tok, size: TinySize = TinySize()):
-    """A shrunken config of the given architecture whose special-token ids match `tok`."""
+def tiny_config(arch: str, tok, size: TinySize | None = None):
+    """A shrunken config of the given architecture whose special-token ids match `tok` (widths: `size`, default
+    `TinySize()`)."""
+    size = size or TinySize()
     from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig
 
     ids = {
@@ -208,7 +219,7 @@ def make_tiny(
     arch: str,
     out_dir: str | Path,
     seed: int = 0,
-    size: TinySize = TinySize(),
+    size: TinySize | None = None,
     extra_corpus: list[str] | None = None,
     vocab_size: int = 512,
     max_pixels: int = 112 * 112,

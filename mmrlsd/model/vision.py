@@ -1,6 +1,6 @@
-"""Vision features computed once per prompt and shared by its G responses (issue #6, item 2).
+"""Vision features computed once per prompt and shared by its G responses; the vision tower under FSDP.
 
-`encode_group` repeats every prompt G times, images included, so the naive forward runs the vision tower
+`repeat_encoding` repeats every prompt G times, images included, so the naive forward runs the vision tower
 G times on the same pixels. Here the tower runs once on the images of each prompt's first row, and every
 row's image placeholders are filled by indexing those features (the same `masked_scatter` merge that
 Qwen2VLModel.forward does). Autograd's index backward sums the G rows' gradients; with `detached()` and
@@ -9,6 +9,11 @@ micro-batches the rows are spread over.
 
 Qwen3-VL's deepstack features (added to the first decoder layers' hidden states at the image positions,
 transformers' Qwen3VLTextModel._deepstack_process) are shared the same way.
+
+Under FSDP a vision-tower call is a collective (its parameters are all-gathered in the forward, its gradients
+reduce-scattered in the backward), so wherever one rank may call the tower every rank must, in the same order: a
+rank without images runs it on a dummy image (`dummy_vision`, output x 0), inside the root forward
+(`tower_on_every_rank`), before `generate`, and in `vision_features`.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from mmrlsd.config import (
     ConfigError,
@@ -42,9 +41,8 @@ from mmrlsd.config import (
     RewardConfig,
     RolloutConfig,
     TrainerConfig,
-    _merge,
     dump_config,
-    parse_overrides,
+    load_dataclass,
 )
 from mmrlsd.data.encoding import encode
 from mmrlsd.data.prompts import PromptBuilder
@@ -52,8 +50,9 @@ from mmrlsd.data.sanitize import PromptCheck, neutralize_special_tokens
 from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
-from mmrlsd.model.load import load_model, resolve_device
+from mmrlsd.model.load import compute_autocast, load_model, resolve_device
 from mmrlsd.model.logprobs import build_sequences, forward_logprobs, slice_seq
+from mmrlsd.model.tiny import TinySize
 from mmrlsd.train.validate import validate
 from mmrlsd.types import Rollouts, Sample, SeqBatch
 
@@ -76,27 +75,11 @@ class SFTSection:
 
 
 @dataclass
-class InitConfig:
-    """The random-init tiny model built when `model.path` is empty (see `mmrlsd.model.tiny.TinySize`)."""
+class InitConfig(TinySize):
+    """The random-init tiny model built when `model.path` is empty: its widths (`TinySize`) and these."""
 
     arch: str = "qwen2_vl"
     """qwen2_vl | qwen2_5_vl | qwen3_vl."""
-    hidden: int = 128
-    """Decoder width."""
-    layers: int = 4
-    """Decoder layers."""
-    heads: int = 4
-    """Attention heads."""
-    kv_heads: int = 2
-    """Key/value heads."""
-    intermediate: int = 256
-    """Decoder MLP width."""
-    vision_hidden: int = 64
-    """Vision tower width."""
-    vision_depth: int = 2
-    """Vision tower blocks."""
-    vision_heads: int = 2
-    """Vision attention heads."""
     vocab_size: int = 384
     """BPE vocabulary (special and added tokens included in the count the trainer aims for)."""
     added_tokens: list[str] = field(
@@ -123,24 +106,16 @@ class SFTConfig:
 
 def load_sft_config(path: str | Path | None, overrides: list[str] | None = None) -> SFTConfig:
     """Read the YAML at `path`, apply dotted overrides, type-check (same rules as `mmrlsd.config.load_config`)."""
-    cfg = SFTConfig()
+    cfg = load_dataclass(SFTConfig, path, overrides)
     src = str(path) if path else "<defaults>"
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"{src}: config file not found")
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{src}: the top level must be a mapping of sections")
-        _merge(cfg, data, "", src)
-    if overrides:
-        _merge(cfg, parse_overrides(overrides), "", f"{src} (command-line override)")
     if not cfg.data.train_files:
         raise ConfigError(f"{src}: 'data.train_files' is required")
     for key, value in (("sft.batch_size", cfg.sft.batch_size), ("trainer.total_steps", cfg.trainer.total_steps),
                        ("optim.micro_batch_size", cfg.optim.micro_batch_size), ("optim.lr", cfg.optim.lr)):  # fmt: skip
         if value <= 0:
             raise ConfigError(f"{src}: '{key}' must be > 0, got {value!r}")
+    if cfg.optim.lr > 1:
+        raise ConfigError(f"{src}: 'optim.lr' must be <= 1, got {cfg.optim.lr!r}")
     if not 0 <= cfg.sft.teacher_frac <= 1:
         raise ConfigError(f"{src}: 'sft.teacher_frac' must be in [0, 1], got {cfg.sft.teacher_frac}")
     bad = [i for i in cfg.sft.teacher_infos if i not in ("answer", "solution")]
@@ -222,40 +197,38 @@ def sft_loss(policy, seq: SeqBatch, micro_batch_size: int, backward: bool = True
     return total, tokens
 
 
-def _fields(cfg: SFTConfig) -> FieldMap:
-    d = cfg.data
-    return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key,
-                    options=d.options_key)  # fmt: skip
-
-
 def init_model(cfg: SFTConfig, out_dir: Path, corpus: list[str]) -> str:
     """Build the random-init tiny model under `out_dir/init` and return its path."""
-    from mmrlsd.model.tiny import TinySize, make_tiny
+    from mmrlsd.model.tiny import make_tiny
 
     i = cfg.init
-    size = TinySize(hidden=i.hidden, layers=i.layers, heads=i.heads, kv_heads=i.kv_heads,
-                    intermediate=i.intermediate, vision_hidden=i.vision_hidden, vision_depth=i.vision_depth,
-                    vision_heads=i.vision_heads)  # fmt: skip
-    path = make_tiny(i.arch, out_dir / "init", seed=i.seed, size=size, extra_corpus=corpus,
+    path = make_tiny(i.arch, out_dir / "init", seed=i.seed, size=i, extra_corpus=corpus,
                      vocab_size=i.vocab_size, max_pixels=cfg.model.max_pixels or 112 * 112,
                      added_tokens=list(i.added_tokens))  # fmt: skip
     return str(path)
 
 
 def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
-    """Run SFT; returns the directory of the final model (`output_dir/model`)."""
+    """Run SFT; returns the directory of the final model (`output_dir/model`). The run directory is locked for
+    the run (a second writer stops with an error naming the first)."""
+    from mmrlsd.train import rundir
+
+    run_dir = Path(output_dir)
+    rundir.make_run_dir(run_dir)
+    with rundir.RunLock(run_dir):
+        return _sft(cfg, run_dir, progress)
+
+
+def _sft(cfg: SFTConfig, run_dir: Path, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
     from mmrlsd.data.synth import corpus as synth_corpus
 
-    run_dir = Path(output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.threads:
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)
     max_pixels = cfg.model.max_pixels or 112 * 112
-    train = load_dataset_files(cfg.data.train_files, _fields(cfg), cfg.data.train_split, seed=cfg.trainer.seed,
+    train = load_dataset_files(cfg.data.train_files, FieldMap.from_config(cfg.data), cfg.data.train_split, seed=cfg.trainer.seed,
                                shuffle=cfg.data.shuffle, max_pixels=max_pixels,
                                limits=RecordLimits.from_config(cfg.data))  # fmt: skip
     train.samples = [s for s in train.samples if s.solution]
@@ -265,7 +238,7 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
     if cfg.data.val_files and cfg.trainer.val_every:
         val_data = load_dataset_files(
             cfg.data.val_files,
-            _fields(cfg),
+            FieldMap.from_config(cfg.data),
             cfg.data.val_split,
             shuffle=False,
             max_pixels=max_pixels,
@@ -278,7 +251,8 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
         texts = [t for s in train.samples[: cfg.init.corpus_records] for t in (s.problem, s.solution or "")]
         model_path = init_model(cfg, run_dir, synth_corpus() + texts)
     device = resolve_device(cfg.trainer.device)
-    policy, processor = load_model(model_path, dtype=cfg.model.dtype, device=str(device),
+    # float32 master weights and AdamW states; model.dtype is the compute dtype (autocast around the passes)
+    policy, processor = load_model(model_path, dtype="float32", device=str(device),
                                    attn_implementation=cfg.model.attn_implementation,
                                    min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)  # fmt: skip
     log.info("model: %s (%.2fM parameters)", model_path, sum(p.numel() for p in policy.parameters()) / 1e6)
@@ -292,8 +266,12 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
     dump_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir)
     total = cfg.trainer.total_steps
+    def compute():
+        return compute_autocast(device, cfg.model.dtype, "float32")
+
     if val:
-        metrics.write({"step": 0, **validate(policy, processor, prompts, val, cfg, cfg.trainer.seed)})
+        with compute():
+            metrics.write({"step": 0, **validate(policy, processor, prompts, val, cfg, cfg.trainer.seed)})
     bar = tqdm(range(1, total + 1), desc="sft", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
@@ -306,7 +284,8 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
         seq = solution_batch(processor, samples, texts)
         policy.train()
         opt.zero_grad(set_to_none=True)
-        loss, tokens = sft_loss(policy, seq, cfg.optim.micro_batch_size)
+        with compute():
+            loss, tokens = sft_loss(policy, seq, cfg.optim.micro_batch_size)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         opt.step()
@@ -321,7 +300,8 @@ def sft(cfg: SFTConfig, output_dir: str | Path, progress: bool = True) -> Path:
         }
         if val and (step == total or step % cfg.trainer.val_every == 0):
             t1 = time.perf_counter()
-            m.update(validate(policy, processor, prompts, val, cfg, cfg.trainer.seed))
+            with compute():
+                m.update(validate(policy, processor, prompts, val, cfg, cfg.trainer.seed))
             m["time/val_s"] = time.perf_counter() - t1
             log.info("step %d: loss %.3f val/accuracy %.3f", step, loss, m["val/accuracy"])
         metrics.write(m)

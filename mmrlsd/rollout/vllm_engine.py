@@ -262,8 +262,10 @@ class VLLMEngine:
         self.sleep()
         return [c for o in outs[first : first + own] for c in o.outputs]
 
-    def sample(self, texts: list[str], images: list[list], *, group_size: int, seed: int, cfg) -> Rollouts:
-        """G samples per chat text with the `rollout` config's settings (what `rlsd_step` calls)."""
+    def sample(self, texts: list[str], images: list[list], *, group_size: int, seed: int, cfg,
+               encoding=None) -> Rollouts:  # fmt: skip
+        """G samples per chat text with the `rollout` config's settings (`mmrlsd.rollout.engine.RolloutEngine`;
+        vLLM tokenises the texts itself, so `encoding` is not used)."""
         tok = self.processor.tokenizer
         eos = sorted({i for i in (tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>"))
                       if i is not None and i != tok.unk_token_id})  # fmt: skip

@@ -2,9 +2,12 @@
 
 `checkpoint-N/` holds `state/` (a `torch.distributed.checkpoint` of the policy, its optimizer state and the frozen
 teacher snapshot: loadable on any number of ranks), the model config and processor, `rng_rank<r>.pt` and
-`trainer_state.json` (step, data position, skips, λ). It is written under a temporary name, flushed, marked
-`COMPLETE`, then renamed, so a kill mid-save leaves the previous checkpoint as the newest complete one.
-`mmrlsd export` turns a checkpoint into a plain Hugging Face model folder.
+`trainer_state.json` (step, data position, skips, λ), and `hf/`: the policy as a plain Hugging Face model folder
+(config, safetensors weights in the run's `model.dtype`, generation config, processor with its tokenizer and chat
+template) that `from_pretrained`, vLLM, lmms-eval and VLMEvalKit load unchanged. It is written under a temporary
+name, flushed, marked `COMPLETE`, then renamed, so a kill mid-save leaves the previous checkpoint as the newest
+complete one. `mmrlsd export` writes the same folder (one writer, `write_hf_folder`) from a checkpoint saved
+without it (`trainer.save_hf: false`).
 
 A run directory is data, never code: `torch.distributed.checkpoint` stores its `.metadata` and the optimizer's
 non-tensor entries as pickles, which torch reads with plain `pickle`. Here they are read by `_SafeUnpickler`
@@ -16,6 +19,7 @@ falls back to the newest intact one.
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import logging
@@ -23,6 +27,8 @@ import os
 import pickle
 import random
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,6 +38,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -43,6 +50,8 @@ from mmrlsd.errors import CheckpointError, UnsafeCheckpointError
 from mmrlsd.train import faults
 
 COMPLETE = "COMPLETE"
+HF_DIR = "hf"
+"""The plain Hugging Face folder inside every checkpoint."""
 log = logging.getLogger("mmrlsd.train")
 
 _DCP_META = "torch.distributed.checkpoint.metadata"
@@ -123,10 +132,20 @@ class _SafePlanner(DefaultLoadPlanner):
             self.state_dict[read_item.dest_index.fqn] = obj
 
 
+@contextmanager
+def _single_process_ok():
+    """torch.distributed.checkpoint warns on every save and load outside torchrun that it assumes one process:
+    that is the intended use here, so the warning is hidden (only inside these calls)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def _dcp_load(state: dict, state_dir: Path) -> None:
     """`dcp.load` through the safe reader and planner; a damaged or unsafe shard raises our own errors."""
     try:
-        dcp.load(state, storage_reader=_SafeReader(str(state_dir)), planner=_SafePlanner())
+        with _single_process_ok():
+            dcp.load(state, storage_reader=_SafeReader(str(state_dir)), planner=_SafePlanner())
     except CheckpointException as e:
         errors = [exc for exc, _ in e.failures.values()]
         ours = [x for x in errors if isinstance(x, CheckpointError)]
@@ -197,9 +216,11 @@ def _has_snapshot(policy, teacher) -> bool:
 
 
 def save_checkpoint(
-    run_dir: Path, step: int, policy, processor, optimizer, teacher, state: dict, keep_last: int
-) -> Path:
-    """Collective under torchrun: every rank calls it."""
+    run_dir: Path, step: int, policy, processor, optimizer, teacher, state: dict, keep_last: int,
+    hf_dtype: str | None = None,
+) -> Path:  # fmt: skip
+    """Collective under torchrun: every rank calls it. `hf_dtype` (float32/bfloat16/float16): also write `hf/`,
+    the policy's full weights gathered on rank 0 and saved in that dtype (None: no `hf/` folder)."""
     final = run_dir / f"checkpoint-{step}"
     tmp = run_dir / f".checkpoint-{step}.tmp"
     if dist.is_main():
@@ -209,9 +230,15 @@ def save_checkpoint(
     to_save = {"model": get_model_state_dict(policy), "optim": get_optimizer_state_dict(policy, optimizer)}
     if _has_snapshot(policy, teacher):
         to_save["teacher"] = get_model_state_dict(teacher)
-    dcp.save(to_save, checkpoint_id=str(tmp / "state"))
+    with _single_process_ok():
+        dcp.save(to_save, checkpoint_id=str(tmp / "state"))
     faults.point("checkpoint", step)
     torch.save(rng_state(), tmp / f"rng_rank{dist.rank()}.pt")
+    if hf_dtype is not None:  # collective: every rank hands its shards to rank 0
+        full = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if dist.is_main():
+            write_hf_folder(policy, full, processor, tmp / HF_DIR, dtype=hf_dtype)
+        del full
     dist.barrier()
     if dist.is_main():
         policy.config.save_pretrained(tmp)
@@ -321,8 +348,35 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     verify_checkpoint(ckpt)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out}: exists and is not a folder")
-    model = _empty_model(ckpt)
-    model.load_state_dict(load_policy_weights(ckpt))
-    model.save_pretrained(out)
-    AutoProcessor.from_pretrained(ckpt).save_pretrained(out)
+    processor = AutoProcessor.from_pretrained(ckpt)
+    return write_hf_folder(_empty_model(ckpt), load_policy_weights(ckpt), processor, out)
+
+
+def write_hf_folder(
+    model, state_dict: dict[str, torch.Tensor], processor, out: Path, dtype: str | None = None
+) -> Path:
+    """A plain Hugging Face model folder at `out`: `model`'s config and generation config, `state_dict` (full,
+    unsharded tensors) as safetensors, cast to `dtype` (None: as they are), and the processor (tokenizer, chat
+    template, image processor with the run's pixel budget). The one writer behind `hf/` and `mmrlsd export`."""
+    from transformers.utils import logging as hf_logging
+
+    if dtype is not None:
+        target = getattr(torch, dtype)
+        for k in list(state_dict):  # one tensor at a time: the peak stays one full copy of the weights
+            v = state_dict[k]
+            state_dict[k] = v.to(target) if v.is_floating_point() else v
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
+    try:
+        model.save_pretrained(out, state_dict=state_dict)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    config = copy.deepcopy(model.config)  # save_pretrained wrote the in-memory dtype (fp32 master weights)
+    dtypes = {v.dtype for v in state_dict.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        config.dtype = str(dtypes.pop()).removeprefix("torch.")
+    config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    config.save_pretrained(out)
+    processor.save_pretrained(out)
     return out

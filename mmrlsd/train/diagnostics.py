@@ -1,4 +1,4 @@
-"""Per-step diagnostics (spec section 9) and the per-token rollout dump that notebooks read."""
+"""Per-step diagnostics and the per-token rollout dump that notebooks read, from the numbers the update used."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import re
 
 import torch
 
-from mmrlsd.types import Rollouts, Sample
+from mmrlsd.algo.advantage import all_equal_groups
+from mmrlsd.algo.sdpo import demonstration_mask
+from mmrlsd.types import Groups
 
 # Phrases that refer to privileged information the student was never shown (how the paper shows OPSD leaking).
 LEAKAGE = re.compile(
@@ -33,14 +35,18 @@ def _quantiles(x: torch.Tensor, name: str) -> dict[str, float]:
 
 
 def step_metrics(
-    rollouts: Rollouts, rewards: torch.Tensor, accuracy: torch.Tensor, fmt: torch.Tensor, adv: torch.Tensor,
-    delta: torch.Tensor, token_adv: torch.Tensor, lam: float, eps_w: float, all_equal: torch.Tensor,
+    g: Groups, delta: torch.Tensor, weights: torch.Tensor, token_adv: torch.Tensor, lam: float, eps_w: float,
+    teacher=None,
 ) -> dict[str, float]:  # fmt: skip
-    """Scalar diagnostics of one rollout batch. Token statistics are over response tokens of responses with A != 0
-    where the weight can act (w, clipping), and over all response tokens otherwise."""
+    """Scalar diagnostics of one rollout batch from Δ_t, w_t and Â_t `(N, T)`. Token statistics are over response
+    tokens of responses with A != 0 where the weight can act (w, clipping), and over all response tokens
+    otherwise. `teacher` is the step's `TeacherPass` (None: no teacher pass)."""
+    rollouts, rewards, adv, w = g.rollouts, g.rewards, g.adv, weights
+    accuracy = torch.tensor([r.accuracy for r in g.results])
+    fmt = torch.tensor([r.format for r in g.results])
+    all_equal = all_equal_groups(rewards, g.group_size)
     mask = rollouts.response_mask.bool()  # (N, T)
     active = mask & (adv != 0)[:, None]  # (N, T)
-    w = torch.exp(torch.sign(adv)[:, None] * delta)  # (N, T)
     d_tok = delta[mask]
     clipped = ((w < 1 - eps_w) | (w > 1 + eps_w)) & active
     lengths = rollouts.lengths.float()
@@ -62,21 +68,23 @@ def step_metrics(
         "response/length_max": float(lengths.max()) if lengths.numel() else 0.0,
         "response/clip_frac": float((rollouts.response_mask[:, -1] == 1).float().mean()),
         "leakage/rate": sum(leaks(t) for t in rollouts.texts) / max(len(rollouts.texts), 1),
-    }
+        "rlsd/teacher_pass": float(teacher is not None),
+    } | ({"sdpo/demo_frac": float(demonstration_mask(teacher.demos).mean())}  # rows with a demonstration
+         if teacher is not None and teacher.demos is not None else {})  # fmt: skip
 
 
 def dump_rows(
-    step: int, samples: list[Sample], rollouts: Rollouts, processor, results: list, adv: torch.Tensor,
-    delta: torch.Tensor, token_adv: torch.Tensor, student_logp: torch.Tensor, teacher_logp: torch.Tensor | None,
-    lam: float, limit: int,
+    step: int, g: Groups, processor, delta: torch.Tensor, weights: torch.Tensor, token_adv: torch.Tensor,
+    student_logp: torch.Tensor, teacher, lam: float, limit: int,
 ) -> list[dict]:  # fmt: skip
-    """Per-response, per-token records of what the update actually used (read by `mmrlsd.viz`)."""
+    """Per-response, per-token records of what the update actually used (read by `mmrlsd.viz`). SDPO rows name
+    their `demo`: the row whose response the teacher saw (None: no Δ_t)."""
     tok = processor.tokenizer
-    G = rollouts.group_size
+    rollouts, results, adv, w, G = g.rollouts, g.results, g.adv, weights, g.group_size
+    teacher_logp = teacher.logp if teacher is not None else None
     rows = []
-    w = torch.exp(torch.sign(adv)[:, None] * delta)
     for i in range(min(limit, len(rollouts.texts))):
-        s = samples[i // G]
+        s = g.samples[i // G]
         L = int(rollouts.response_mask[i].sum())
         ids = rollouts.response_ids[i, :L].tolist()
         rows.append({
@@ -88,4 +96,6 @@ def dump_rows(
             "token_adv": token_adv[i, :L].tolist(), "student_logp": student_logp[i, :L].tolist(),
             "teacher_logp": teacher_logp[i, :L].tolist() if teacher_logp is not None else None,
         })  # fmt: skip
+        if teacher is not None and teacher.demos is not None:
+            rows[-1]["demo"] = teacher.demos[i]
     return rows

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import logging
 import shutil
 import signal
@@ -20,29 +19,24 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mmrlsd import dist
-from mmrlsd.config import Config, ConfigError, dump_config
+from mmrlsd.config import Config, ConfigError, dump_config, to_dict
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sanitize import PromptCheck
 from mmrlsd.data.sources import DataError, FieldMap, RecordLimits, Skip, export_images, load_dataset_files
 from mmrlsd.errors import CheckpointError, TrainingError
 from mmrlsd.log import MetricsWriter, write_dump, write_jsonl
 from mmrlsd.model.load import DTYPES, compute_autocast, load_model, master_dtype, resolve_device
-from mmrlsd.reward.rewards import get_reward
 from mmrlsd.train import checkpoint as ckpt
 from mmrlsd.train import fsdp, preflight, rundir
 from mmrlsd.train.step import StepContext, rlsd_step
+from mmrlsd.train.summary import format_summary, run_summary, write_summary
+from mmrlsd.train.trackers import Trackers
 from mmrlsd.train.validate import ValidationStopped, validate
 
 log = logging.getLogger("mmrlsd.train")
-
-
-def _fields(cfg: Config) -> FieldMap:
-    d = cfg.data
-    return FieldMap(problem=d.problem_key, answer=d.answer_key, images=d.images_key,
-                    problem_type=d.problem_type_key, solution=d.solution_key, id=d.id_key,
-                    options=d.options_key)  # fmt: skip
 
 
 def _lr_at(step: int, cfg: Config) -> float:
@@ -56,13 +50,17 @@ def _sample_seed(cfg: Config, step: int) -> int:
 
 class _StopFlag:
     """SIGTERM/SIGINT, from setup to the end: finish the current step (or cut validation short), checkpoint, exit
-    cleanly. A second signal raises KeyboardInterrupt at once (the newest complete checkpoint stays intact).
-    Re-entrant: nested `with flag:` blocks share one state."""
+    cleanly. A second Ctrl-C (SIGINT, at least `FORCE_AFTER_S` after the first) raises KeyboardInterrupt at once;
+    the newest complete checkpoint stays intact. Repeated SIGTERMs, and a SIGINT that arrives twice at once (the
+    terminal's and torchrun's copy), only stop cleanly. Re-entrant: nested `with flag:` blocks share one state."""
+
+    FORCE_AFTER_S = 0.5
 
     def __init__(self):
         self.stop = False
         self._old = {}
         self._depth = 0
+        self._first = 0.0
 
     def __enter__(self):
         self._depth += 1
@@ -76,12 +74,15 @@ class _StopFlag:
 
     def _handle(self, signum, frame):
         if self.stop:
-            log.warning("second signal %s: exiting now", signum)
-            raise KeyboardInterrupt
+            if signum == signal.SIGINT and time.monotonic() - self._first >= self.FORCE_AFTER_S:
+                log.warning("second Ctrl-C: exiting now")
+                raise KeyboardInterrupt
+            log.warning("signal %s: already stopping after this step", signum)
+            return
         log.warning(
-            "signal %s: stopping after this step (checkpointed; a second signal exits at once)", signum
+            "signal %s: stopping after this step (checkpointed; a second Ctrl-C exits at once)", signum
         )
-        self.stop = True
+        self.stop, self._first = True, time.monotonic()
 
     def __exit__(self, *exc):
         self._depth -= 1
@@ -93,9 +94,9 @@ class _StopFlag:
 
 def build(cfg: Config):
     """Model, teacher, processor, optimizer and prompts for a run (sharded with FSDP2 under torchrun)."""
-    for module in cfg.reward.plugins:
-        importlib.import_module(module)
-    get_reward(cfg.reward.name)  # fail now, listing the valid names, not after the first rollout
+    preflight.check_registered(
+        cfg
+    )  # reward plugins imported; method, reward, ... names checked before any model
     distributed = dist.init_distributed(cfg.dist.backend)
     use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
     if distributed and not use_fsdp:
@@ -188,7 +189,8 @@ def train(cfg: Config, output_dir: str | Path | None = None, resume: bool = Fals
 def _check_finite(policy, step: int, cfg: Config) -> None:
     """Abort before a non-finite checkpoint can be written (one reduction over all parameters, all ranks)."""
     local = [p.to_local() if hasattr(p, "to_local") else p for p in policy.parameters()]
-    ok = torch.stack([torch.isfinite(p).all() for p in local if p.numel()]).all().item()
+    # a sum is NaN/inf iff a weight is (or the weights are beyond ~1e38/numel): no bool copy of each tensor
+    ok = torch.isfinite(torch.stack([p.sum(dtype=torch.float32) for p in local if p.numel()])).all().item()
     if dist.any_rank(not ok):
         raise TrainingError(
             f"step {step}: the policy weights are no longer finite (NaN/inf) after the optimizer step "
@@ -198,6 +200,7 @@ def _check_finite(policy, step: int, cfg: Config) -> None:
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _StopFlag) -> Path:
+    t_start = time.perf_counter()
     ctx = build(cfg)
     pix = ctx.processor.image_processor
     max_pixels = (
@@ -206,13 +209,15 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28),
                    limits=RecordLimits.from_config(cfg.data))  # fmt: skip
     check = PromptCheck(ctx.prompts, ctx.processor, cfg.data.max_prompt_tokens)
-    train_fields = dataclasses.replace(_fields(cfg), require_solution=cfg.algo.teacher_info == "solution")
+    train_fields = dataclasses.replace(
+        FieldMap.from_config(cfg.data), require_solution=cfg.algo.teacher_info == "solution"
+    )
     train_data = load_dataset_files(cfg.data.train_files, train_fields, cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
     train_data.check = check
     val = []
     if cfg.data.val_files and cfg.trainer.val_every:
-        val_data = load_dataset_files(cfg.data.val_files, _fields(cfg), cfg.data.val_split, shuffle=False,
+        val_data = load_dataset_files(cfg.data.val_files, FieldMap.from_config(cfg.data), cfg.data.val_split, shuffle=False,
                                       max_items=cfg.data.max_val_items, **load_kw)  # fmt: skip
         val_data.check = check
         val = val_data.load_all()
@@ -239,6 +244,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     if main:
         dump_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir, resume_step=start if latest is not None else None) if main else None
+    trackers = None
+    if main:  # trainer.logger: console / tensorboard / wandb / mlflow, rank 0 only
+        trackers = Trackers(cfg.trainer.logger, run_dir, to_dict(cfg), cfg.trainer.project_name,
+                            cfg.trainer.experiment_name, cfg.trainer.total_steps,
+                            resume_step=start if latest is not None else None)  # fmt: skip
     n_skipped_reported = state.get("skipped_total", 0)
     if latest is None and val and not flag.stop:
         try:
@@ -248,25 +258,32 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
                 )
             if main:
                 metrics.write({"step": 0, **v})
+                trackers.log({"step": 0, **v})
         except ValidationStopped:
             pass
     if dist.any_rank(flag.stop) and start < cfg.trainer.total_steps:
         log.warning("stopped before step %d; nothing new to checkpoint%s", start + 1,
                     "; resume with --resume" if latest is not None else "")  # fmt: skip
+        if main:
+            trackers.close()
         dist.destroy_distributed()
         return run_dir
 
     bad_in_a_row = state.get("bad_in_a_row", 0)
     bar = tqdm(range(start + 1, cfg.trainer.total_steps + 1), desc="train", disable=not (progress and main),
                initial=start, total=cfg.trainer.total_steps)  # fmt: skip
-    with flag:
+    with flag, logging_redirect_tqdm([logging.getLogger("mmrlsd")]):  # log lines above the progress bar
         for step in bar:
             t0 = time.perf_counter()
             for group in ctx.optimizer.param_groups:
                 group["lr"] = _lr_at(step - 1, cfg)
-            samples = shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
+
+            def draw():  # this rank's share of the next global batch (online filtering draws more)
+                return shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
+
+            samples = draw()
             with _compute(ctx):  # bf16 compute over float32 master weights (a no-op for float32 runs)
-                result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step))
+                result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step), more_prompts=draw)
             m = {"step": step, **dist.reduce_metrics(result.metrics), "optim/lr": _lr_at(step - 1, cfg)}
             bad_in_a_row = bad_in_a_row + 1 if m["actor/skipped_updates"] >= cfg.optim.mini_batches else 0
             if bad_in_a_row >= cfg.trainer.max_bad_steps:
@@ -294,6 +311,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
                     log.warning("validation of step %d cut short by the signal", step)
             if main:
                 metrics.write(m)
+                trackers.log(m)
                 if cfg.trainer.dump_every and step % cfg.trainer.dump_every == 0:
                     saved = export_images(samples, run_dir)  # embedded images get a file the dump can name
                     for row in result.dump:
@@ -321,6 +339,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             log.warning(
                 "skip reasons: %s", ", ".join(f"{k}: {v}" for k, v in train_data.skip_counts().items())
             )
+        trackers.close()
+        summary = run_summary(run_dir, total_steps=cfg.trainer.total_steps, wall_time_s=time.perf_counter() - t_start,
+                              skip_counts=train_data.skip_counts(), n_skipped=len(train_data.skipped),
+                              checkpoint=ckpt.latest_checkpoint(run_dir))  # fmt: skip
+        write_summary(run_dir, summary)
+        print(format_summary(summary), flush=True)
     dist.destroy_distributed()
     return run_dir
 
@@ -329,7 +353,7 @@ def _save(run_dir: Path, step: int, ctx: StepContext, state: dict, cfg: Config) 
     """A checkpoint, or an error naming the run directory and the cause (a full disk, a read-only folder)."""
     try:
         ckpt.save_checkpoint(run_dir, step, ctx.policy, ctx.processor, ctx.optimizer, ctx.teacher, state,
-                             cfg.trainer.keep_last)  # fmt: skip
+                             cfg.trainer.keep_last, hf_dtype=cfg.model.dtype if cfg.trainer.save_hf else None)  # fmt: skip
     except (OSError, RuntimeError, CheckpointException) as e:
         cause = next((x for x, _ in e.failures.values()), e) if isinstance(e, CheckpointException) else e
         if dist.is_main():

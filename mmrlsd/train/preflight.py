@@ -1,6 +1,6 @@
 """Checks `mmrlsd train` runs before it loads a model, shared with `mmrlsd validate`.
 
-Reward name and plugins, the prompt templates (exist, are files, compile, render with the known variables, read no
+Reward name and plugins, the names that registries hold (`check_registered`), the prompt templates (exist, are files, compile, render with the known variables, read no
 other file, and the teacher's actually shows the privileged information when the method needs it), the data
 files and the model directory. Every failure names the key and the file.
 """
@@ -13,9 +13,13 @@ from pathlib import Path
 
 from jinja2 import TemplateError, nodes
 
+from mmrlsd.algo.advantage import ADVANTAGES
+from mmrlsd.algo.methods import METHODS
 from mmrlsd.config import Config
 from mmrlsd.data.prompts import _ENV, VARIABLES, load_template
 from mmrlsd.errors import ConfigError, DataError
+from mmrlsd.model.packing import ATTENTION_KERNELS
+from mmrlsd.reward.rewards import REWARDS
 
 PRIVILEGED = ("reference", "answer", "solution", "demonstration")
 _FILE_NODES = {nodes.Include: "include", nodes.Extends: "extends", nodes.Import: "import",
@@ -82,6 +86,29 @@ def check_reward(cfg: Config) -> None:
         raise ConfigError(f"reward.name: {e.args[0]}") from None
 
 
+def registered_choices() -> dict[str, list[str]]:
+    """Config keys whose valid values are the names a registry holds (in registration order): the registries are
+    the lists, so a newly registered method, advantage, reward or kernel is valid at once. `mmrlsd ls` prints them;
+    the config loader checks only what the config itself defines."""
+    return {
+        "algo.token_adv": list(METHODS),
+        "algo.adv": list(ADVANTAGES),
+        "reward.name": list(REWARDS),
+        "model.packed_attention": list(ATTENTION_KERNELS),
+    }
+
+
+def check_registered(cfg: Config, src: str = "<config>") -> Config:
+    """`check_reward` (imports the reward plugins), then every registry-backed key; returns `cfg`."""
+    check_reward(cfg)
+    for key, names in registered_choices().items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in names:
+            raise ConfigError(f"{src}: '{key}' is {value!r}; valid choices: {', '.join(names)}")
+    return cfg
+
+
 def _looks_local(source: str) -> bool:
     return (Path(source).suffix.lower() in _LOCAL_SUFFIXES or os.path.isabs(source)
             or source.startswith((".", "~")) or os.path.exists(source))  # fmt: skip
@@ -108,7 +135,7 @@ def check(cfg: Config, output_dir: bool = True, data: bool = True) -> list[str]:
     may be prepared on the training machine only)."""
     from mmrlsd.model.load import check_checkpoint
 
-    check_reward(cfg)
+    check_registered(cfg)
     check_templates(cfg)
     missing = missing_data(cfg)
     if missing and data:

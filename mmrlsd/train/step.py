@@ -1,43 +1,49 @@
-"""One RLSD training step, stage by stage (spec section 3):
+"""One RLSD training step, in the paper's order:
 
-    prompts -> rollout -> reward -> group advantage -> student/teacher log-probs -> Δ -> token advantage -> update
+    prompts x -> rollout y ~ π_θ(·|x) -> reward R -> group advantage A -> student and teacher log-probs
+      -> Δ_t = log P_T(y_t | x, r) - log P_S(y_t | x) -> token advantage Â_t -> PPO update
 
-Δ is computed once per rollout batch from the behaviour policy's log-probs (the numbers the released code uses
+Δ_t is computed once per rollout batch from the behaviour policy's log-probs (the numbers the released code uses
 with one optimizer step per rollout batch), which makes RLSD a pure advantage-shaping stage before the update.
-GRPO (λ = 0, or `token_adv: grpo`) runs the same code and skips the teacher pass, which cannot matter then.
+The methods differ only through `mmrlsd.algo.methods` (how A and Δ_t become Â_t, and whether the teacher pass can
+matter): GRPO runs the same code and skips the teacher pass. SDPO is a teacher prompt (`teacher_info: sibling`).
+Online filtering (`algo.online_filtering`) replaces groups without signal by groups of more prompts before anything
+else runs (`mmrlsd.train.refill`); `algo.rlsd_thought_only` / `rlsd_negative_only` keep Δ_t (and so the teacher's
+reweighting) to the tokens they name.
 
-Fast path (issue #6, `FastOptions` from `model.packing`, `model.share_vision`, `model.logprob_chunk`,
-`optim.token_budget`): packed, vision-sharing, memory-lean passes and `fused_update`. With one optimizer step
-per rollout batch it also skips the old-log-prob pass: π_old = π_θ then, so the update's own forward gives the
-behaviour log-probs and Δ is formed inside it, from the same numbers.
+The fast path (`model.packing`, `model.share_vision`, `model.share_prefix`, `model.logprob_chunk`,
+`optim.token_budget`) runs the same computation with packed, vision-sharing, memory-lean passes. With one
+optimizer step per rollout batch it also skips the separate behaviour pass: see `mmrlsd.train.update`, where the
+update's own forward gives log P_S and Δ_t, Â_t are formed from it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 
+from mmrlsd import dist
 from mmrlsd.algo.advantage import all_equal_groups, get_advantage
-from mmrlsd.algo.opsd import generalized_jsd
-from mmrlsd.algo.rlsd import get_token_advantage, grpo_opsd_token_advantages, grpo_token_advantages, lam_at
-from mmrlsd.algo.sdpo import demonstration_mask, pick_demonstrations
+from mmrlsd.algo.methods import TokenRule, distill_coef, get_method, privileged_gain, token_advantages
+from mmrlsd.algo.rlsd import evidence_weights, lam_at, reweight_tokens, thought_span_mask
+from mmrlsd.algo.sdpo import demonstration_mask, pick_demonstrations, pick_feedback
 from mmrlsd.config import Config
 from mmrlsd.data.encoding import encode, repeat_encoding
 from mmrlsd.data.prompts import PromptBuilder
-from mmrlsd.model.logprobs import build_sequences, response_logits, slice_seq, token_logprobs
+from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.model.packing import FastOptions, fast_options
 from mmrlsd.reward.rewards import score_responses
-from mmrlsd.rollout.generate import generate
+from mmrlsd.rollout.engine import HFEngine, RolloutEngine
 from mmrlsd.train import faults
 from mmrlsd.train.diagnostics import dump_rows, step_metrics
-from mmrlsd.train.fused import fused_update
-from mmrlsd.train.update import ppo_update
-from mmrlsd.types import Sample, SeqBatch, StepResult
+from mmrlsd.train.refill import REFILL_SEED_STRIDE, fill_groups, gather_groups
+from mmrlsd.train.update import Credit, Distill, ppo_update
+from mmrlsd.types import Groups, Sample, SeqBatch, StepResult
 
 
 @dataclass
@@ -48,183 +54,189 @@ class StepContext:
     processor: object
     optimizer: torch.optim.Optimizer
     prompts: PromptBuilder
-    engine: object | None = None  # a VLLMEngine when rollout.engine == "vllm", else HF generate
+    engine: RolloutEngine | None = None  # rollout.engine; None: Hugging Face generate on the policy
+
+    def __post_init__(self):
+        if self.engine is None:
+            self.engine = HFEngine(self.policy, self.processor)
+
+
+@dataclass
+class TeacherPass:
+    """The teacher's view of the B*G responses."""
+
+    logp: torch.Tensor  # (B*G, T) log P_T(y_t | x, r)
+    mask: torch.Tensor  # (B*G, T) where Δ_t counts: the response, less SDPO rows without a demonstration
+    seq: SeqBatch  # (B*G, P'+T) [teacher prompt | response]
+    demos: list[int | None] | None  # SDPO: each row's demonstration (a row index); None for other teachers
 
 
 @contextmanager
 def timed(times: dict[str, float], name: str):
-    """Stage timer (verl style): adds the stage's wall seconds to `times["time/<name>"]`."""
+    """Stage timer: adds the stage's wall seconds to `times["time/<name>"]`."""
     t0 = time.perf_counter()
     yield
     times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
 
 
-def encode_group(ctx: StepContext, samples: list[Sample], render, G: int):
-    """Prompt encodings with every prompt repeated G times (prompt b owns rows b*G .. b*G+G-1); each prompt is
-    tokenised and its images preprocessed once."""
-    enc = encode(ctx.processor, [render(s) for s in samples], [s.pil_images for s in samples])
-    return repeat_encoding(enc, G)
+def rlsd_step(
+    ctx: StepContext, samples: list[Sample], step: int, seed: int,
+    more_prompts: Callable[[], list[Sample]] | None = None,
+) -> StepResult:  # fmt: skip
+    """Run optimizer step `step` (1-based) on B prompts; returns the metrics and the per-token dump.
+    `more_prompts()` draws the next B prompts, for online filtering's refills."""
+    cfg, a, o, t = ctx.cfg, ctx.cfg.algo, ctx.cfg.optim, {}
+    fast, method = fast_options(cfg, cfg.rollout.n), get_method(a.token_adv)
+    lam = lam_at(step, a.lam0, a.lam_decay_steps, a.lam_warmup_steps)  # λ
+    rule = TokenRule(a.token_adv, lam=lam, eps_w=a.eps_w, coef=a.opsd_coef, distill=a.distill)  # Â_t rule
+    g = sample_groups(ctx, samples, step, seed, t)  # x, y ~ π_θ(·|x), R (B*G,), A (B*G,)
+    live, filt = None, {}
+    if a.online_filtering:  # groups inside (filter_low, filter_high) only, refilled from more prompts
+        g, live, filt = refill_groups(ctx, g, more_prompts, step, seed, t)  # live: (B*G,) 0 on padding
+    mask = update_mask(g, a.dynamic_sampling, live)  # (B*G, T) the tokens the update counts
+    student = build_sequences(g.encoding, g.rollouts)  # (B*G, P+T) [x | y]
+    teacher = None
+    if method.needs_teacher(lam, a.teacher_diagnostics):
+        with timed(t, "teacher"):
+            teacher = teacher_pass(ctx, g, fast)  # log P_T(y_t | x, r), (B*G, T)
+    teacher_logp = teacher.logp if teacher is not None else None
+    teacher_mask = teacher.mask if teacher is not None else g.rollouts.response_mask  # (B*G, T)
+    if a.rlsd_thought_only or a.rlsd_negative_only:  # Δ_t = 0 (w_t = 1, Â_t = A) outside the named tokens
+        thought = thought_mask(ctx, g) if a.rlsd_thought_only else None  # (B*G, T)
+        teacher_mask = teacher_mask * reweight_tokens(g.adv, mask, thought, a.rlsd_negative_only)
+    student_logp = delta = token_adv = credit = None
+    if fast.enabled and o.mini_batches == 1:  # π_old = π_θ: the update's forward gives log P_S
+        credit = Credit(g.adv, teacher_logp, teacher_mask, rule)
+    else:
+        with timed(t, "old_logp"):
+            student_logp, _ = token_logprobs(ctx.policy, student, o.micro_batch_size, fast=fast)  # log P_S
+        delta = privileged_gain(teacher_logp, student_logp, teacher_mask)  # (B*G, T) Δ_t
+        token_adv = token_advantages(rule, g.adv, delta, mask)  # (B*G, T) Â_t
+    distill = None
+    if a.distill == "jsd":  # the distillation as a full-vocabulary loss term
+        distill = Distill(ctx.teacher, teacher.seq, teacher_mask, a.jsd_beta, distill_coef(rule))
+    with timed(t, "update"):
+        u = ppo_update(ctx.policy, ctx.optimizer, student, mask, old_logp=student_logp, token_adv=token_adv,
+                       credit=credit, fast=fast, distill=distill, **update_settings(cfg, step))  # fmt: skip
+    if credit is not None:  # formed inside the update
+        student_logp, delta, token_adv = u.student_logp, u.delta, u.token_adv
+    weights = evidence_weights(g.adv, delta)  # (B*G, T) w_t, for the logs
+    metrics = step_metrics(g, delta, weights, token_adv, lam, a.eps_w, teacher)
+    dump = dump_rows(step, g, ctx.processor, delta, weights, token_adv, student_logp, teacher, lam,
+                     cfg.trainer.dump_max) if cfg.trainer.dump_every else []  # fmt: skip
+    return StepResult(metrics={**u.stats, **metrics, **filt, **t}, dump=dump)
 
 
-def teacher_encoding(ctx: StepContext, samples: list[Sample], rollouts, results, G: int):
-    """`(encoding, demos)`: the teacher prompts of all B*G rows, and for `teacher_info: sibling` (SDPO) each row's
-    demonstration (None otherwise).
-
-    SDPO: each row's prompt carries the first other correct response of its group (`demos[i]`, its row index);
-    rows without one get the student prompt and no Δ. Otherwise one prompt per sample, repeated G times."""
-    if ctx.cfg.algo.teacher_info != "sibling":
-        return encode_group(ctx, samples, ctx.prompts.teacher, G), None
-    demos = pick_demonstrations([r.accuracy >= 1.0 for r in results], G)
-    texts = [ctx.prompts.teacher(samples[i // G], demonstration=rollouts.texts[d]) if d is not None
-             else ctx.prompts.student(samples[i // G]) for i, d in enumerate(demos)]  # fmt: skip
-    enc = encode(ctx.processor, texts, [samples[i // G].pil_images for i in range(len(texts))])
-    return enc, demos
-
-
-def needs_teacher(cfg: Config, lam: float) -> bool:
-    if cfg.algo.token_adv in ("opsd", "grpo_opsd"):
-        return True
-    return cfg.algo.token_adv == "rlsd" and (lam > 0 or cfg.algo.teacher_diagnostics)
-
-
-def token_advantages(cfg: Config, adv, delta, mask, lam: float) -> torch.Tensor:
-    if cfg.algo.distill == "jsd":  # the distillation is a loss term (`jsd_term`), not part of Â_t
-        return grpo_token_advantages(adv, delta, mask) * float(cfg.algo.token_adv == "grpo_opsd")
-    if cfg.algo.token_adv == "grpo_opsd":
-        return grpo_opsd_token_advantages(adv, delta, mask, coef=cfg.algo.opsd_coef)
-    return get_token_advantage(cfg.algo.token_adv)(adv, delta, mask, lam=lam, eps_w=cfg.algo.eps_w)
-
-
-def privileged_gain(teacher_logp, student_logp, teacher_mask) -> torch.Tensor:
-    """Δ_t = log P_T(y_t) - log P_S(y_t) where `teacher_mask` is 1, else 0; all 0 without a teacher pass."""
-    if teacher_logp is None:
-        return torch.zeros_like(student_logp)
-    return (teacher_logp - student_logp) * teacher_mask  # no grad
-
-
-def shape_rows(
-    cfg: Config, adv, teacher_logp, teacher_mask, mask, lam: float, rows, student_logp
-) -> torch.Tensor:
-    """Â_t of `rows` `(n, T)` given the student's log-probs there."""
-    t_rows = teacher_logp[rows] if teacher_logp is not None else None
-    delta = privileged_gain(t_rows, student_logp, teacher_mask[rows])  # (n, T)
-    return token_advantages(cfg, adv[rows], delta, mask[rows], lam)
-
-
-def jsd_term(ctx: StepContext, teacher_seq: SeqBatch, teacher_mask: torch.Tensor):
-    """`algo.distill: jsd`: the loss term `coef · Σ_t JSD_β(P_T,t || P_S,t) / num_tokens` of rows start..stop
-    over the full vocabulary (spec section 7, OPSD), the teacher's logits recomputed without gradient per
-    micro-batch. coef is 1 for opsd and `algo.opsd_coef` for grpo_opsd."""
-    a = ctx.cfg.algo
-    coef = a.opsd_coef if a.token_adv == "grpo_opsd" else 1.0
-
-    def term(
-        start: int, stop: int, logits: torch.Tensor, mask: torch.Tensor, num_tokens: float
-    ) -> torch.Tensor:
-        with torch.no_grad():
-            t_logits = response_logits(ctx.teacher, slice_seq(teacher_seq, start, stop))  # (n, T, V)
-        m = mask * teacher_mask[start:stop].to(mask.device)  # (n, T)
-        return coef * generalized_jsd(logits, t_logits, m, a.jsd_beta, num_tokens)
-
-    return term
-
-
-def update(
-    ctx: StepContext, seq: SeqBatch, old_logp, shaped, mask, fast: FastOptions, step: int, distill=None
-):
-    """`ppo_update`, or on the fast path `fused_update` (Δ inside the update when `old_logp` is None).
-    Returns the update stats and the student log-probs Δ used."""
-    o, a = ctx.cfg.optim, ctx.cfg.algo
-    kw = dict(mini_batches=o.mini_batches, micro_batch_size=o.micro_batch_size, clip_low=a.clip_low,
-              clip_high=a.clip_high, clip_c=a.clip_c, grad_clip=o.grad_clip,
-              on_backward=lambda: faults.point("update", step))  # fmt: skip
-    if not fast.enabled:
-        all_rows = list(range(seq.input_ids.shape[0]))
-        return ppo_update(
-            ctx.policy, ctx.optimizer, seq, old_logp, shaped(all_rows, old_logp), mask, distill=distill, **kw
-        ), old_logp
-    stats, seen = fused_update(ctx.policy, ctx.optimizer, seq, old_logp, shaped, mask, fast=fast, **kw)
-    return stats, (seen if old_logp is None else old_logp)
-
-
-def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> StepResult:
-    """Run step `step` (1-based) on B samples; returns metrics and the per-token dump."""
-    cfg, G, mb, t = ctx.cfg, ctx.cfg.rollout.n, ctx.cfg.optim.micro_batch_size, {}
-    fast = fast_options(cfg, G)
+def sample_groups(
+    ctx: StepContext, samples: list[Sample], step: int, seed: int, t: dict[str, float]
+) -> Groups:
+    """Rollout, reward and group advantage of B prompts: G responses y ~ π_θ(·|x) each, their rewards R and
+    A = (R - mean_G R) / (std_G R + eps). Call it again on other prompts to refill a filtered batch."""
+    cfg, G = ctx.cfg, ctx.cfg.rollout.n
     with timed(t, "rollout"):
-        student_enc = encode_group(ctx, samples, ctx.prompts.student, G)  # (B*G, P)
-        if ctx.engine is not None:  # colocated vLLM, same sampling settings
-            rollouts = ctx.engine.sample([ctx.prompts.student(s) for s in samples], [s.pil_images for s in samples],
-                                         group_size=G, seed=seed, cfg=cfg.rollout)  # fmt: skip
-        else:
-            rollouts = generate(ctx.policy, ctx.processor, student_enc, group_size=G, seed=seed,
-                                max_new_tokens=cfg.rollout.max_new_tokens, temperature=cfg.rollout.temperature,
-                                top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k,
-                                gen_batch_size=cfg.rollout.gen_batch_size,
-                                share_prefill=cfg.rollout.share_prefill,
-                                decode=cfg.rollout.hf_decode)  # fmt: skip
+        texts, images, enc = student_prompts(ctx, samples)  # enc: (B*G, P), each prompt encoded once
+        rollouts = ctx.engine.sample(texts, images, group_size=G, seed=seed, cfg=cfg.rollout, encoding=enc)
     faults.point("rollout", step)
     with timed(t, "reward"):
-        answers = [s.answer for s in samples for _ in range(G)]
-        types = [s.problem_type for s in samples for _ in range(G)]
-        results = score_responses(
-            rollouts.texts,
-            answers,
-            types,
-            name=cfg.reward.name,
-            timeout=cfg.reward.timeout,
-            acc_weight=cfg.reward.acc_weight,
-            format_weight=cfg.reward.format_weight,
-        )
-        rewards = torch.tensor([r.reward for r in results], dtype=torch.float32)  # (B*G,)
-    adv = get_advantage(cfg.algo.adv)(rewards, G, norm_std=cfg.algo.norm_std)  # (B*G,)
-    mask = rollouts.response_mask.float()  # (B*G, T)
-    if cfg.algo.dynamic_sampling:  # drop groups whose rewards are all equal: they carry no GRPO signal
-        mask = mask * (~all_equal_groups(rewards, G)).repeat_interleave(G)[:, None].float()
-    student = build_sequences(student_enc, rollouts)  # (B*G, P+T)
-    lam = lam_at(step, cfg.algo.lam0, cfg.algo.lam_decay_steps, cfg.algo.lam_warmup_steps)
-    teacher_logp, distill = None, None
-    teacher_mask, demos = rollouts.response_mask, None  # (B*G, T): where Δ_t counts
-    if needs_teacher(cfg, lam):
-        with timed(t, "teacher"):
-            teacher_enc, demos = teacher_encoding(ctx, samples, rollouts, results, G)  # (B*G, P'), includes r
-            teacher_seq = build_sequences(teacher_enc, rollouts)  # (B*G, P'+T)
-            teacher_fast = dataclasses.replace(
-                fast, share_prefix=fast.share_prefix and cfg.algo.teacher_info != "sibling"
-            )
-            teacher_logp, _ = token_logprobs(ctx.teacher, teacher_seq, mb, fast=teacher_fast)  # (B*G, T)
-            if demos is not None:  # SDPO: no Δ on rows without a demonstration
-                has_demo = demonstration_mask(demos)  # (B*G,)
-                teacher_mask = rollouts.response_mask * has_demo[:, None].to(teacher_mask.dtype)
-        if cfg.algo.distill == "jsd":
-            distill = jsd_term(ctx, teacher_seq, teacher_mask)
-    shaped = partial(shape_rows, cfg, adv, teacher_logp, teacher_mask, mask, lam)  # Â_t of some rows
-    student_logp = None  # fast path, one optimizer step: π_old = π_θ, the update's forward gives it
-    if not (fast.enabled and cfg.optim.mini_batches == 1):
-        with timed(t, "old_logp"):
-            student_logp, _ = token_logprobs(ctx.policy, student, mb, fast=fast)  # (B*G, T), behaviour policy
-    with timed(t, "update"):
-        stats, student_logp = update(ctx, student, student_logp, shaped, mask, fast, step, distill)
-    rows = list(range(len(rollouts.texts)))
-    token_adv = shaped(rows, student_logp)  # (B*G, T), Â_t: what the update used
-    delta = privileged_gain(teacher_logp, student_logp, teacher_mask)  # (B*G, T), Δ_t
-    metrics = step_metrics(
-        rollouts,
-        rewards,
-        torch.tensor([r.accuracy for r in results]),
-        torch.tensor([r.format for r in results]),
-        adv,
-        delta,
-        token_adv,
-        lam,
-        cfg.algo.eps_w,
-        all_equal_groups(rewards, G),
-    )
-    metrics["rlsd/teacher_pass"] = float(teacher_logp is not None)
+        r = cfg.reward
+        results = score_responses(rollouts.texts, [s.answer for s in samples for _ in range(G)],
+                                  [s.problem_type for s in samples for _ in range(G)], name=r.name,
+                                  timeout=r.timeout, acc_weight=r.acc_weight, format_weight=r.format_weight)  # fmt: skip
+        rewards = torch.tensor([x.reward for x in results], dtype=torch.float32)  # (B*G,)
+    return Groups(samples, enc, rollouts, results, rewards, group_advantages(cfg, rewards, rollouts))
+
+
+def student_prompts(ctx: StepContext, samples: list[Sample]) -> tuple[list[str], list, dict]:
+    """The student prompts' texts and images, and their encoding with each prompt repeated G times."""
+    texts, images = [ctx.prompts.student(s) for s in samples], [s.pil_images for s in samples]
+    return texts, images, repeat_encoding(encode(ctx.processor, texts, images), ctx.cfg.rollout.n)
+
+
+def group_advantages(cfg: Config, rewards: torch.Tensor, rollouts) -> torch.Tensor:
+    """A `(B*G,)` by `algo.adv` (REINFORCE++ also needs the response lengths and sums over ranks)."""
+    reduce = dist.all_reduce_tensor if dist.enabled() else None
+    return get_advantage(cfg.algo.adv)(rewards, rollouts.group_size, norm_std=cfg.algo.norm_std,
+                                       lengths=rollouts.response_mask.sum(dim=1), reduce=reduce)  # fmt: skip
+
+
+def refill_groups(
+    ctx: StepContext, g: Groups, more_prompts, step: int, seed: int, t: dict[str, float]
+) -> tuple[Groups, torch.Tensor, dict[str, float]]:
+    """Online filtering with refill (`mmrlsd.train.refill`): the B groups to train on, `(B*G,)` 1 on the rows the
+    update counts (0 on padding groups, used only when the tries ran out), and the `filter/*` metrics."""
+    a, G = ctx.cfg.algo, g.group_size
+    if more_prompts is None:
+        raise ValueError("algo.online_filtering needs more_prompts to refill the batch")
+
+    def more(r: int) -> Groups:  # round r on the next prompts, with its own sampling seed
+        return sample_groups(ctx, more_prompts(), step, seed + r * REFILL_SEED_STRIDE, t)
+
+    kept, padding, stats = fill_groups(g, more, key=a.filter_key, low=a.filter_low, high=a.filter_high,
+                                       max_rounds=a.max_refill_tries)  # fmt: skip
+    tok = ctx.processor.tokenizer
+    samples, rollouts, results, rewards = gather_groups(kept + padding, pad_id=tok.pad_token_id or 0)
+    live = torch.tensor([1.0] * (len(kept) * G) + [0.0] * (len(padding) * G))  # (B*G,)
+    adv = group_advantages(ctx.cfg, rewards, rollouts) * live  # (B*G,) A, 0 on padding
+    return Groups(samples, student_prompts(ctx, samples)[2], rollouts, results, rewards, adv), live, stats
+
+
+def update_mask(g: Groups, dynamic_sampling: bool, live: torch.Tensor | None = None) -> torch.Tensor:
+    """`(B*G, T)` response tokens the update counts; with `dynamic_sampling`, none of a group whose rewards are all
+    equal (A = 0 there: no GRPO signal, but they would still count in the token mean); none of the rows where
+    `live` `(B*G,)` is 0 (online filtering's padding)."""
+    mask = g.rollouts.response_mask.float()  # (B*G, T)
+    if dynamic_sampling:
+        keep = ~all_equal_groups(g.rewards, g.group_size)  # (B,)
+        mask = mask * keep.repeat_interleave(g.group_size)[:, None].float()
+    if live is not None:
+        mask = mask * live[:, None]
+    return mask
+
+
+def thought_mask(ctx: StepContext, g: Groups) -> torch.Tensor:
+    """`(B*G, T)` 1 inside the responses' <thought>...</thought> spans (`algo.rlsd_thought_only`)."""
+    tok = ctx.processor.tokenizer
+    ids = [tok.encode(tag, add_special_tokens=False) for tag in ("<thought>", "</thought>")]
+    return thought_span_mask(g.rollouts.response_ids, g.rollouts.response_mask, *ids)
+
+
+def teacher_pass(ctx: StepContext, g: Groups, fast: FastOptions) -> TeacherPass:
+    """log P_T(y_t | x, r) of every response, the teacher prompt carrying the privileged information r. SDPO rows
+    without a demonstration get no Δ_t; their prompts differ within a group, so no shared prefix there."""
+    enc, demos = teacher_encoding(ctx, g)  # (B*G, P')
+    mask = g.rollouts.response_mask  # (B*G, T)
     if demos is not None:
-        metrics["sdpo/demo_frac"] = float(has_demo.mean())  # rows with a demonstration
-    dump = dump_rows(step, samples, rollouts, ctx.processor, results, adv, delta, token_adv, student_logp,
-                     teacher_logp, lam, cfg.trainer.dump_max) if cfg.trainer.dump_every else []  # fmt: skip
-    for row in dump if demos is not None else []:
-        row["demo"] = demos[row["sample"]]  # SDPO: the row whose response the teacher saw (None: no Δ)
-    return StepResult(metrics={**stats, **metrics, **t}, dump=dump)
+        mask = mask * demonstration_mask(demos)[:, None].to(mask.dtype)  # (B*G, T)
+    seq = build_sequences(enc, g.rollouts)  # (B*G, P'+T)
+    fast = dataclasses.replace(fast, share_prefix=fast.share_prefix and demos is None)
+    logp, _ = token_logprobs(ctx.teacher, seq, ctx.cfg.optim.micro_batch_size, fast=fast)  # (B*G, T)
+    return TeacherPass(logp, mask, seq, demos)
+
+
+def teacher_encoding(ctx: StepContext, g: Groups) -> tuple[dict, list[int | None] | None]:
+    """The teacher prompts of the B*G rows, and for `teacher_info: sibling` (SDPO) each row's demonstration.
+
+    `answer | solution`: one teacher prompt per sample, repeated G times. `sibling`: each row's prompt carries the
+    first (`algo.sdpo_pick: shortest`: the shortest) other correct response of its group (`demos[i]`, its row
+    index), with `shortest` also the shortest other incorrect one as `feedback`; rows without a correct one get
+    the student prompt."""
+    G = g.group_size
+    if ctx.cfg.algo.teacher_info != "sibling":
+        texts = [ctx.prompts.teacher(s) for s in g.samples]
+        return repeat_encoding(encode(ctx.processor, texts, [s.pil_images for s in g.samples]), G), None
+    correct, responses = [x.accuracy >= 1.0 for x in g.results], g.rollouts.texts
+    lengths = g.rollouts.response_mask.sum(dim=1).tolist() if ctx.cfg.algo.sdpo_pick == "shortest" else None
+    demos = pick_demonstrations(correct, G, lengths)  # the first (or shortest) other correct row
+    feedback = pick_feedback(correct, G, lengths) if lengths else [None] * len(demos)  # shortest incorrect
+    texts = [ctx.prompts.teacher(g.samples[i // G], demonstration=responses[d],
+                                 feedback=responses[f] if f is not None else None) if d is not None
+             else ctx.prompts.student(g.samples[i // G]) for i, (d, f) in enumerate(zip(demos, feedback))]  # fmt: skip
+    return encode(ctx.processor, texts, [g.samples[i // G].pil_images for i in range(len(texts))]), demos
+
+
+def update_settings(cfg: Config, step: int) -> dict:
+    """`ppo_update`'s settings from the config (the fault point lets tests interrupt a step mid-update)."""
+    o, a = cfg.optim, cfg.algo
+    return dict(mini_batches=o.mini_batches, micro_batch_size=o.micro_batch_size, clip_low=a.clip_low,
+                clip_high=a.clip_high, clip_c=a.clip_c, grad_clip=o.grad_clip,
+                on_backward=lambda: faults.point("update", step))  # fmt: skip

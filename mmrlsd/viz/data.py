@@ -61,12 +61,19 @@ class Run:
 
 
 def open_run(path: str | Path) -> Run:
-    """Read `config.yaml`, `metrics.jsonl`, the dumped steps and the complete checkpoints of a run directory."""
+    """Read `config.yaml`, `metrics.jsonl`, the dumped steps and the complete checkpoints of a run directory.
+    A checkpoint folder `RUN/checkpoint-N` opens its run with that checkpoint as the only one (the overlay uses
+    it)."""
     import yaml
 
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"{p}: run directory not found")
+    suffix = p.name.split("-", 1)[1] if p.name.startswith("checkpoint-") else ""
+    if suffix.isdigit() and (p / "COMPLETE").is_file():
+        run = open_run(p.parent)
+        run.checkpoints = {int(suffix): p}
+        return run
     cfg_path = p / "config.yaml"
     try:
         config = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) if cfg_path.is_file() else {}
@@ -94,12 +101,31 @@ def newest_run(root: str | Path = "runs") -> Path:
     return max(found, key=lambda d: (d / "metrics.jsonl").stat().st_mtime)
 
 
+def resolve_run_dir(value: str | Path) -> Path:
+    """A run directory given relative to where the user is, found from where the code runs: tried against the
+    current directory, the directory the process was launched from (`$PWD`: a Jupyter kernel starts in the
+    notebook's folder, the server keeps the launch directory there) and each folder above the current one (the
+    repository root for `notebooks/`). Absolute paths are returned as they are."""
+    p = Path(value).expanduser()
+    if p.is_absolute():
+        return p
+    bases = (
+        [Path.cwd()] + ([Path(os.environ["PWD"])] if os.environ.get("PWD") else []) + list(Path.cwd().parents)
+    )
+    for base in bases:
+        if (base / p).is_dir():
+            return base / p
+    tried = ", ".join(str(b / p) for b in bases[:3])
+    raise FileNotFoundError(f"run directory {str(value)!r} not found (tried {tried} and the folders above)")
+
+
 def default_run_dir(root: str | Path | None = None) -> Path:
-    """`$MMRLSD_RUN_DIR` when set, else the newest run under `root` (default: `runs/`, or `../runs/` when run from
+    """`$MMRLSD_RUN_DIR` when set (a relative value is found by `resolve_run_dir`: from the repository root, or
+    where Jupyter was launched), else the newest run under `root` (default: `runs/`, or `../runs/` when run from
     `notebooks/`)."""
     env = os.environ.get("MMRLSD_RUN_DIR")
     if env:
-        return Path(env)
+        return resolve_run_dir(env)
     if root is None:
         root = next((r for r in (Path("runs"), Path("..") / "runs") if r.is_dir()), Path("runs"))
     return newest_run(root)

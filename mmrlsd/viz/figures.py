@@ -244,10 +244,19 @@ def histograms_figure(run: Run, steps: list[int] | None = None) -> Figure:
     a, b = fig.subplots(1, 2)
     for ax, vals, name, marks in (
         (a, delta, "Δ_t", [0.0]),
-        (b, w, "w_t (A ≠ 0)", [1 - run.eps_w, 1.0, 1 + run.eps_w]),
+        (b, w, "w_t (A ≠ 0, log axis)", [1 - run.eps_w, 1.0, 1 + run.eps_w]),
     ):
+        n_bins = min(60, max(10, vals.size // 5))
+        if ax is b:  # w = exp(±Δ): on a log axis w = 2 and w = 1/2 sit equally far from 1
+            ax.set_xscale("log")
+            vals = vals[vals > 0]  # an underflowed exp(Δ) has no place on a log axis
+            span = [*marks, *vals[[vals.argmin(), vals.argmax()]]] if vals.size else marks
+            lo, hi = min(span), max(span)
+            bins = np.geomspace(lo if lo < hi else lo / 2, hi if lo < hi else hi * 2, n_bins + 1)
+        else:
+            bins = n_bins
         if vals.size:
-            ax.hist(vals, bins=min(60, max(10, vals.size // 5)), color="#4477aa")
+            ax.hist(vals, bins=bins, color="#4477aa")
         for m in marks:
             ax.axvline(m, color="black" if m in (0.0, 1.0) else "#cc3311", linestyle="--", linewidth=1)
         ax.set_title(

@@ -95,7 +95,7 @@ def _load_sharded(path: Path, dtype: str, attn: str):
 
 @lru_cache(maxsize=2)
 def _load(path: str, dtype: str, device: str, attn: str, min_pixels: int, max_pixels: int):
-    """`(model, processor)` of a checkpoint: a Hugging Face folder, or training's sharded `state/` format."""
+    """`(model, processor)` of a checkpoint: its Hugging Face folder (`hf/`), else training's sharded `state/`."""
     from transformers.utils import logging as hf_logging
 
     from mmrlsd.model.load import load_model
@@ -103,7 +103,7 @@ def _load(path: str, dtype: str, device: str, attn: str, min_pixels: int, max_pi
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a notebook would show the weight-loading bar as a widget
     try:
-        if (Path(path) / "state").is_dir() and not any(Path(path).glob("model*.safetensors")):
+        if (Path(path) / "state").is_dir() and not (Path(path) / "hf").is_dir():  # saved without hf/
             model, processor = _load_sharded(Path(path), dtype, attn)
         else:
             model, processor = load_model(path, dtype=dtype, device=device, attn_implementation=attn,
@@ -114,16 +114,6 @@ def _load(path: str, dtype: str, device: str, attn: str, min_pixels: int, max_pi
     return model.to(device).eval(), processor
 
 
-def _template(path: str, run: Run) -> Path:
-    """A prompt template path as training saw it (relative to its working directory): tried as given, then
-    against the repository root and the run directory (a notebook runs in notebooks/)."""
-    repo = Path(__file__).resolve().parents[2]
-    for cand in (Path(path), repo / path, run.path / path):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"prompt template {path!r} not found (tried the cwd, {repo} and {run.path})")
-
-
 def build_inputs(run: Run, row: dict, processor):
     """`(inputs, images, P)`: model inputs for `[student prompt | response]`, the images, the prompt length."""
     from mmrlsd.config import load_config
@@ -132,14 +122,17 @@ def build_inputs(run: Run, row: dict, processor):
     from mmrlsd.data.prompts import PromptBuilder
     from mmrlsd.types import Sample
 
+    # the run's config.yaml holds absolute paths; relative ones (older runs) resolve against the run directory,
+    # then the current directory, and template file names to the packaged templates
     cfg = load_config(run.path / "config.yaml", validate=False)
     ip = processor.image_processor
     max_pixels = (
         cfg.model.max_pixels or getattr(ip, "max_pixels", None) or (ip.size or {}).get("longest_edge")
     )
     images = [load_image(p, int(max_pixels or 1280 * 28 * 28)) for p in image_paths(run, row)]
-    prompts = PromptBuilder(processor, _template(cfg.data.student_template, run),
-                            _template(cfg.data.teacher_template, run), cfg.algo.teacher_info)  # fmt: skip
+    prompts = PromptBuilder(
+        processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info
+    )
     sample = Sample(id=row["id"], problem=row["problem"], answer=str(row["answer"]), images=row["images"])
     enc = encode(processor, [prompts.student(sample)], [images])
     response = torch.tensor([row["token_ids"]], dtype=enc["input_ids"].dtype)

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from mmrlsd.algo import get_token_advantage, lam_at, rlsd_token_advantages
+from mmrlsd.algo import TokenRule, get_method, lam_at, rlsd_token_advantages, token_advantages
 from mmrlsd.algo.advantage import groups_in_band
 from mmrlsd.algo.rlsd import evidence_weights, grpo_opsd_token_advantages, reweight_tokens, thought_span_mask
 
 
 def oracle(adv, delta, mask, lam, eps_w):
-    """Per-token loop, straight from spec section 3."""
+    """Per-token loop, straight from the formula in `mmrlsd.algo.rlsd`."""
     out = torch.zeros_like(delta)
     for i in range(delta.shape[0]):
         a = float(adv[i])
@@ -112,19 +112,32 @@ def test_lambda_schedule_with_warmup():
     assert lam_at(0, 0.5, 8, 4) == 0.0  # (no update is step 0; the formula gives 0 there)
 
 
-def test_registry_and_variants():
+def test_methods_table():
     adv = torch.tensor([1.0, -1.0])
     delta = torch.tensor([[0.5, -0.25], [1.0, 2.0]])
     mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
-    assert torch.equal(get_token_advantage("grpo")(adv, delta, mask), torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
-    assert torch.equal(
-        get_token_advantage("opsd")(adv, delta, mask), torch.tensor([[0.5, -0.25], [1.0, 0.0]])
-    )
+
+    def run(method, **kw):
+        return token_advantages(TokenRule(method, **kw), adv, delta, mask)
+
+    assert torch.equal(run("grpo", lam=0.5, eps_w=0.2), torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
+    assert torch.equal(run("opsd"), torch.tensor([[0.5, -0.25], [1.0, 0.0]]))
     # GRPO+OPSD: A + coef·Δ = [[1+.25, 1-.125], [-1+.5, 0]]
-    torch.testing.assert_close(grpo_opsd_token_advantages(adv, delta, mask, coef=0.5),
-                               torch.tensor([[1.25, 0.875], [-0.5, 0.0]]), rtol=0, atol=1e-7)  # fmt: skip
-    with pytest.raises(KeyError, match="known: grpo, opsd, rlsd"):
-        get_token_advantage("rlsdd")
+    torch.testing.assert_close(run("grpo_opsd", coef=0.5), torch.tensor([[1.25, 0.875], [-0.5, 0.0]]),
+                               rtol=0, atol=1e-7)  # fmt: skip
+    torch.testing.assert_close(grpo_opsd_token_advantages(adv, delta, mask, coef=0.5), run("grpo_opsd", coef=0.5))
+    # rlsd goes through rlsd_token_advantages with the rule's λ and ε_w
+    assert torch.equal(run("rlsd", lam=0.5, eps_w=0.2), rlsd_token_advantages(adv, delta, mask, lam=0.5, eps_w=0.2))
+    # the JSD form keeps only the reward part: A for grpo_opsd, 0 for opsd
+    assert torch.equal(run("grpo_opsd", coef=0.5, distill="jsd"), torch.tensor([[1.0, 1.0], [-1.0, 0.0]]))
+    assert not run("opsd", distill="jsd").any()
+    # the teacher pass: never for GRPO, for RLSD when λ > 0 (or for diagnostics), always for the OPSD family
+    assert [get_method(m).needs_teacher(0.0, False) for m in ("grpo", "rlsd", "opsd", "grpo_opsd")] == [
+        False, False, True, True]  # fmt: skip
+    assert get_method("rlsd").needs_teacher(0.1, False) and get_method("rlsd").needs_teacher(0.0, True)
+    assert not get_method("grpo").needs_teacher(0.5, True)
+    with pytest.raises(KeyError, match="known: rlsd, grpo, opsd, grpo_opsd"):
+        get_method("rlsdd")
 
 
 def test_thought_only_and_negative_only_reweighting():

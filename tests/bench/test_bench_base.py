@@ -106,7 +106,7 @@ def test_eval_config_rejects_unknown_keys_with_a_suggestion(tmp_path):
     with pytest.raises(ValueError, match="did you mean 'max_new_tokens'"):
         load_eval_config(p)
     p.write_text("max_new_tokens: many\n")
-    with pytest.raises(ValueError, match="max_new_tokens must be int"):
+    with pytest.raises(ValueError, match="'max_new_tokens' must be int"):
         load_eval_config(p)
     p.write_text("max_new_tokens: 8\ntemperature: 0\n")
     assert load_eval_config(p) == EvalConfig(max_new_tokens=8, temperature=0)

@@ -1,4 +1,4 @@
-"""Tests for mmrlsd/data/prompts.py (and encoding.user_messages) and the release's prompt templates (configs/prompts/unified_*.jinja):
+"""Tests for mmrlsd/data/prompts.py (and encoding.user_messages) and the release's prompt templates (mmrlsd/prompts/unified_*.jinja):
 exact rendered text, `<image>` placement, and the image pixel budget the paper configs set."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from mmrlsd.data.sources import FieldMap, to_sample
 from mmrlsd.types import Sample
 
 REPO = Path(__file__).resolve().parents[2]
-STUDENT = REPO / "configs/prompts/unified_student.jinja"
-TEACHER = REPO / "configs/prompts/unified_teacher.jinja"
+STUDENT = REPO / "mmrlsd/prompts/unified_student.jinja"
+TEACHER = REPO / "mmrlsd/prompts/unified_teacher.jinja"
 FORMAT = (
     "- Format: You FIRST think about the reasoning process as an internal monologue enclosed within "
     "<thought> </thought> tags. The final answer MUST be enclosed within <answer> </answer> tags.\n"
@@ -157,10 +157,7 @@ def test_paper_configs_use_the_release_prompts():
 
     for name in ("qwen2vl_7b", "qwen25vl_7b", "qwen3vl_8b", "grpo_qwen3vl_8b", "opsd_qwen2vl_7b"):
         d = load_config(REPO / "configs" / f"{name}.yaml").data
-        assert (d.student_template, d.teacher_template) == (
-            "configs/prompts/unified_student.jinja",
-            "configs/prompts/unified_teacher.jinja",
-        ), name
+        assert (d.student_template, d.teacher_template) == (str(STUDENT), str(TEACHER)), name
 
 
 # ------------------------------------------------------------------------------------------- pixel budget

@@ -1,7 +1,7 @@
 """Vision features once per prompt: the same log-probs and gradients (1e-5, fp32) as running the vision tower for
 every response, on all three architectures (Qwen3-VL's deepstack included), with one tower forward per batch;
-and the fused update (packing + shared vision + lean log-probs + Δ inside the update) takes the same step as
-`ppo_update` after a separate old-log-prob pass."""
+and the fused update (packing + shared vision + lean log-probs + Δ_t, Â_t formed inside the update) takes the
+same step as the plain `ppo_update` after a separate old-log-prob pass."""
 
 import copy
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmrlsd.algo.rlsd import rlsd_token_advantages
+from mmrlsd.algo.methods import TokenRule, privileged_gain, token_advantages
 from mmrlsd.data.encoding import chat_text, encode, repeat_encoding
 from mmrlsd.model.load import load_model
 from mmrlsd.model.logprobs import (
@@ -22,8 +22,7 @@ from mmrlsd.model.logprobs import (
 from mmrlsd.model.packing import FastOptions, rope_positions
 from mmrlsd.model.vision import vision_features
 from mmrlsd.rollout.generate import generate
-from mmrlsd.train.fused import fused_update
-from mmrlsd.train.update import ppo_update
+from mmrlsd.train.update import Credit, ppo_update
 
 G = 3
 
@@ -117,32 +116,31 @@ def _step_inputs(seq, mask, model):
     adv = torch.randn(n)
     old, _ = token_logprobs(model, seq, 4)  # (N, T) the behaviour policy
     teacher = old + 0.3 * torch.randn_like(old)  # a teacher that disagrees a little
-
-    def shaped(rows, student_logp):
-        delta = (teacher[rows] - student_logp) * mask[rows]
-        return rlsd_token_advantages(adv[rows], delta, mask[rows], lam=0.5, eps_w=0.2)
-
-    return old, shaped
+    return old, Credit(adv, teacher, mask, TokenRule("rlsd", lam=0.5, eps_w=0.2))
 
 
 @pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
 def test_fused_update_takes_the_same_step_as_ppo_update(arch, tiny_model):
-    """One optimizer step (SGD, lr 1: the step is the gradient): ppo_update after an old-log-prob pass vs the
-    fused update with everything on and Δ formed inside it from the update's own forward."""
+    """One optimizer step (SGD, lr 1: the step is the gradient): ppo_update after an old-log-prob pass (Δ_t and
+    Â_t handed in as tensors) vs the fused update with everything on, Δ_t and Â_t formed inside it from the
+    update's own forward."""
     model, _, _, _, seq, mask = batch(arch, tiny_model)
-    old, shaped = _step_inputs(seq, mask, model)
+    old, credit = _step_inputs(seq, mask, model)
+    delta = privileged_gain(credit.teacher_logp, old, mask)
+    token_adv = token_advantages(credit.rule, credit.adv, delta, mask)
     kw = dict(mini_batches=1, micro_batch_size=4, clip_low=0.2, clip_high=0.28, clip_c=3.0, grad_clip=0.0)
     a = copy.deepcopy(model)
-    stats_a = ppo_update(
-        a, torch.optim.SGD(a.parameters(), lr=1.0), seq, old, shaped(list(range(9)), old), mask, **kw
-    )
+    ua = ppo_update(a, torch.optim.SGD(a.parameters(), lr=1.0), seq, mask, old_logp=old, token_adv=token_adv, **kw)
     b = copy.deepcopy(model)
     fast = FastOptions(packing=True, share_prefix=True, share_vision=True, logprob_chunk=5, token_budget=80,
                        group_size=G)  # fmt: skip
-    stats_b, seen = fused_update(
-        b, torch.optim.SGD(b.parameters(), lr=1.0), seq, None, shaped, mask, fast=fast, **kw
-    )
-    torch.testing.assert_close(seen[mask.bool()], old[mask.bool()], rtol=0, atol=1e-5)  # π_old = π_θ
+    ub = ppo_update(b, torch.optim.SGD(b.parameters(), lr=1.0), seq, mask, credit=credit, fast=fast, **kw)
+    on = mask.bool()
+    torch.testing.assert_close(ub.student_logp[on], old[on], rtol=0, atol=1e-5)  # π_old = π_θ
+    torch.testing.assert_close(ub.delta[on], delta[on], rtol=0, atol=1e-5)
+    torch.testing.assert_close(ub.token_adv[on], token_adv[on], rtol=0, atol=1e-5)
+    assert ua.delta is None and ua.token_adv is None and ua.student_logp is old  # handed in, not formed
+    stats_a, stats_b = ua.stats, ub.stats
     assert stats_b["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert stats_b["loss"] == pytest.approx(stats_a["loss"], abs=1e-6)
     assert stats_b["actor/entropy"] == pytest.approx(stats_a["actor/entropy"], abs=1e-5)
@@ -150,21 +148,23 @@ def test_fused_update_takes_the_same_step_as_ppo_update(arch, tiny_model):
         torch.testing.assert_close(pb, pa, rtol=0, atol=1e-5, msg=k)
 
 
-def test_fused_update_with_two_mini_batches_and_old_logp(tiny_model):
+def test_fast_update_with_two_mini_batches_and_old_logp(tiny_model):
+    """Two optimizer steps per rollout batch: the plain and the fast forward of the one update loop take the same
+    steps from the same Â_t; the fused behaviour pass is refused (π_old != π_θ after the first step)."""
     model, _, _, _, seq, mask = batch("qwen2_vl", tiny_model)
-    old, shaped = _step_inputs(seq, mask, model)
+    old, credit = _step_inputs(seq, mask, model)
+    token_adv = token_advantages(credit.rule, credit.adv, privileged_gain(credit.teacher_logp, old, mask), mask)
     kw = dict(mini_batches=2, micro_batch_size=3, clip_low=0.2, clip_high=0.28, clip_c=3.0, grad_clip=1.0)
     a = copy.deepcopy(model)
-    ppo_update(a, torch.optim.SGD(a.parameters(), lr=0.5), seq, old, shaped(list(range(9)), old), mask, **kw)
+    ppo_update(a, torch.optim.SGD(a.parameters(), lr=0.5), seq, mask, old_logp=old, token_adv=token_adv, **kw)
     b = copy.deepcopy(model)
     fast = FastOptions(packing=True, share_vision=True, token_budget=100, group_size=G)
-    _, seen = fused_update(
-        b, torch.optim.SGD(b.parameters(), lr=0.5), seq, old, shaped, mask, fast=fast, **kw
-    )
+    ppo_update(b, torch.optim.SGD(b.parameters(), lr=0.5), seq, mask, old_logp=old, token_adv=token_adv,
+               fast=fast, **kw)  # fmt: skip
     for (k, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pb, pa, rtol=0, atol=1e-5, msg=k)
     with pytest.raises(ValueError, match="mini_batches == 1"):
-        fused_update(b, torch.optim.SGD(b.parameters(), lr=0.5), seq, None, shaped, mask, fast=fast, **kw)
+        ppo_update(b, torch.optim.SGD(b.parameters(), lr=0.5), seq, mask, credit=credit, fast=fast, **kw)
 
 
 FSDP_RUN = """

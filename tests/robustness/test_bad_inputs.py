@@ -44,6 +44,7 @@ from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError, ImageError, ModelError
 from mmrlsd.model.load import check_checkpoint
+from mmrlsd.train.preflight import check_registered
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -153,7 +154,7 @@ CONFIG_CASES = [
          Raises(ConfigError, r"'model\.path' must be str, got NoneType")),
     Case("config-invalid-choice-dtype", _override("model.dtype=fp32"),
          Raises(ConfigError, r"'model\.dtype' is 'fp32'; valid choices: float32, bfloat16, float16")),
-    Case("config-invalid-choice-token-adv", _override("algo.token_adv=ppo"),
+    Case("config-invalid-choice-token-adv", lambda tmp: check_registered(load_config(None, [*BASE, "algo.token_adv=ppo"])),
          Raises(ConfigError, r"'algo\.token_adv' is 'ppo'; valid choices: rlsd, grpo")),
     Case("config-invalid-choice-engine", _override("rollout.engine=tgi"),
          Raises(ConfigError, r"'rollout\.engine' is 'tgi'; valid choices: hf, vllm")),
@@ -288,6 +289,15 @@ def _parquet_null_answer(tmp: Path):
     return load_dataset_files([str(tmp / "train.parquet")], FieldMap(), shuffle=False)
 
 
+def _saved_dict(tmp: Path, split: str):
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"problem": ["q?"], "answer": ["1"]})}).save_to_disk(
+        str(tmp / "saved")
+    )
+    return load_dataset_files([str(tmp / "saved")], FieldMap(), split=split)
+
+
 def _duplicates_across_files(tmp: Path):
     (tmp / "a.jsonl").write_text(json.dumps(GOOD) + "\n")
     (tmp / "b.jsonl").write_text(json.dumps({**GOOD, "problem": "another?"}) + "\n")
@@ -336,6 +346,10 @@ DATA_CASES = [
     Case("data-hub-dataset-unavailable", lambda tmp: load_dataset_files(["hub:no-such-org/no-such-data"], FieldMap()),
          Raises(DataError, r"hub:no-such-org/no-such-data: cannot load hub dataset split 'train'")),
     Case("data-no-usable-record", _all_broken, Raises(DataError, r"no usable training records")),
+    Case("data-plain-folder", lambda tmp: load_dataset_files([str(tmp)], FieldMap()),
+         Raises(DataError, r"a folder, but not one written by datasets' save_to_disk .* hub:FOLDER")),
+    Case("data-saved-dataset-missing-split", lambda tmp: _saved_dict(tmp, "validation"),
+         Raises(DataError, r"no split 'validation' \(splits: train\)")),
     Case("data-line-not-json", _records("{'problem': 'single quotes'}"), Skipped("train.jsonl:1", r"line is not JSON")),
     Case("data-line-truncated-json", _records('{"id": "t", "problem": "cut', good_first=True),
          Skipped("train.jsonl:2", r"line is not JSON \(Unterminated string")),

@@ -177,3 +177,15 @@ def test_validate_checks_data_files_model_and_reward(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     code, out = _validate(capsys, TINY, f"trainer.output_dir={tmp_path / 'afile'}")
     assert code == 2 and "trainer.output_dir: " in out and "is not a directory" in out
+
+
+@pytest.mark.parametrize(
+    "text,pattern", [c[1:] for c in LOADER_CASES[:5]], ids=[c[0] for c in LOADER_CASES[:5]]
+)
+def test_bad_sft_config_file(tmp_path, capsys, text, pattern):
+    """`mmrlsd sft` reads its recipe with the same loader."""
+    import re
+
+    code = main(["sft", _write(tmp_path / "dup.yaml", text), "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(pattern, err) and "Traceback" not in err, err

@@ -249,8 +249,9 @@ def update_setup(tiny_model):
 def _update(s, token_adv: torch.Tensor, mini_batches: int = 1) -> dict[str, float]:
     from mmrlsd.train.update import ppo_update
 
-    return ppo_update(s.policy, s.optimizer, s.seq, s.old_logp, token_adv, s.mask, mini_batches=mini_batches,
-                      micro_batch_size=2, clip_low=0.2, clip_high=0.28, clip_c=3.0, grad_clip=1.0)  # fmt: skip
+    return ppo_update(s.policy, s.optimizer, s.seq, s.mask, old_logp=s.old_logp, token_adv=token_adv,
+                      mini_batches=mini_batches, micro_batch_size=2, clip_low=0.2, clip_high=0.28, clip_c=3.0,
+                      grad_clip=1.0).stats  # fmt: skip
 
 
 def _snapshot(s) -> tuple[dict, dict]:

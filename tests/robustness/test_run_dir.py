@@ -17,6 +17,7 @@ import pickle
 import re
 import resource
 import shutil
+import signal
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -95,6 +96,13 @@ def test_planted_metadata_is_refused_by_export_and_viz(ref, tmp_path, capsys):
     assert main(["export", str(run / "checkpoint-2"), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert f"error: {run}/checkpoint-2/state/.metadata: refusing to load it" in err and "Traceback" not in err
+    # viz loads a checkpoint's hf/ folder (safetensors) when it has one, never reading state/: nothing runs
+    assert main(["viz", str(run), "--step", "2", "--out", str(tmp_path / "v.html")]) == 0 and not marker.exists()
+    for n in (1, 2):  # checkpoints saved without hf/ (trainer.save_hf: false): viz reads state/ and refuses
+        shutil.rmtree(run / f"checkpoint-{n}" / "hf")
+    from mmrlsd.viz import overlay
+
+    overlay._load.cache_clear()  # the model viz just loaded from hf/ is cached per checkpoint path
     assert main(["viz", str(run), "--step", "2", "--out", str(tmp_path / "v.html")]) == 2
     err = capsys.readouterr().err
     assert "state/.metadata: refusing to load it: it names posix.system" in err, err
@@ -279,7 +287,8 @@ def test_resume_with_a_different_experiment_is_refused(ref, tmp_path, capsys, ti
         assert change in err, err
     assert "Traceback" not in err
     # harmless keys (length, cadence, threads) are accepted, and the run continues
-    code, err = _cli([*base, "trainer.total_steps=3", "trainer.dump_every=2", "trainer.keep_last=0"], capsys)
+    harmless = ["trainer.total_steps=3", "trainer.dump_every=2", "trainer.keep_last=0", "trainer.logger=[]"]
+    code, err = _cli([*base, *harmless], capsys)
     assert code == 0, err
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
 
@@ -366,9 +375,9 @@ def test_non_finite_weights_abort_before_a_checkpoint(ref, tmp_path, monkeypatch
     assert not list(run.glob(".checkpoint-*")) and [r["step"] for r in read_metrics(run)] == [1]
 
 
-def _signal_on_generate(monkeypatch, calls: dict[int, int]) -> None:
-    """Send SIGTERM `calls[n]` times when validation's n-th `generate` call starts."""
-    import signal
+def _signal_on_generate(monkeypatch, calls: dict[int, list]) -> None:
+    """When validation's n-th `generate` call starts, send the signals of `calls[n]` (a number: sleep that long)."""
+    import time
 
     from mmrlsd.train import validate as val
 
@@ -376,8 +385,11 @@ def _signal_on_generate(monkeypatch, calls: dict[int, int]) -> None:
 
     def gen(*a, **kw):
         count[0] += 1
-        for _ in range(calls.get(count[0], 0)):
-            os.kill(os.getpid(), signal.SIGTERM)
+        for sig in calls.get(count[0], []):
+            if isinstance(sig, float):
+                time.sleep(sig)
+            else:
+                os.kill(os.getpid(), sig)
         return real(*a, **kw)
 
     monkeypatch.setattr(val, "generate", gen)
@@ -390,7 +402,7 @@ def _with_val(ref, tmp_path: Path) -> list[str]:
 
 
 def test_sigterm_during_the_first_validation_exits_cleanly(ref, tmp_path, monkeypatch, capsys, caplog):
-    _signal_on_generate(monkeypatch, {1: 1})  # greedy pass of the validation before step 1
+    _signal_on_generate(monkeypatch, {1: [signal.SIGTERM]})  # greedy pass of the validation before step 1
     with caplog.at_level(logging.WARNING, logger="mmrlsd.train"):
         code, err = _cli(_with_val(ref, tmp_path), capsys)
     assert code == 0 and "Traceback" not in err, err
@@ -400,7 +412,9 @@ def test_sigterm_during_the_first_validation_exits_cleanly(ref, tmp_path, monkey
 
 
 def test_sigterm_during_a_later_validation_still_checkpoints(ref, tmp_path, monkeypatch, capsys, caplog):
-    _signal_on_generate(monkeypatch, {3: 1})  # calls 1-2: the first validation; 3: step 1's greedy pass
+    _signal_on_generate(
+        monkeypatch, {3: [signal.SIGTERM]}
+    )  # calls 1-2: the first validation; 3: step 1's greedy
     with caplog.at_level(logging.WARNING, logger="mmrlsd.train"):
         code, err = _cli(_with_val(ref, tmp_path), capsys)
     assert code == 0, err
@@ -411,11 +425,19 @@ def test_sigterm_during_a_later_validation_still_checkpoints(ref, tmp_path, monk
     assert any("validation of step 1 cut short" in r.getMessage() for r in caplog.records)
 
 
-def test_second_signal_exits_at_once(ref, tmp_path, monkeypatch, capsys):
-    _signal_on_generate(monkeypatch, {1: 2})
+def test_second_ctrl_c_exits_at_once(ref, tmp_path, monkeypatch, capsys):
+    _signal_on_generate(monkeypatch, {1: [signal.SIGINT, 0.6, signal.SIGINT]})
     code, err = _cli(_with_val(ref, tmp_path), capsys)
     assert code == 130 and "error: interrupted" in err and "Traceback" not in err
     assert not ckpt.complete_checkpoints(tmp_path / "run")
+
+
+def test_repeated_sigterm_and_a_doubled_sigint_still_stop_cleanly(ref, tmp_path, monkeypatch, capsys):
+    """A scheduler's SIGTERM reaches a torchrun worker twice (directly and forwarded), and so may one Ctrl-C."""
+    _signal_on_generate(monkeypatch, {3: [signal.SIGTERM, signal.SIGTERM, signal.SIGINT]})
+    code, err = _cli(_with_val(ref, tmp_path), capsys)
+    assert code == 0, err
+    assert [p.name for p in ckpt.complete_checkpoints(tmp_path / "run")] == ["checkpoint-1"]
 
 
 def test_full_disk_while_saving_is_an_error_line(ref, tmp_path):
@@ -451,3 +473,15 @@ def test_export_into_a_file_is_an_error_line(ref, tmp_path, capsys):
     code, err = _cli(["export", str(ref.run / "checkpoint-2"), "--out", str(tmp_path / "afile")], capsys)
     assert code == 2 and f"error: --out {tmp_path / 'afile'}: exists and is not a folder" in err
     assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_sft_on_a_locked_run_dir_is_refused(tmp_path, capsys):
+    from mmrlsd.train.rundir import RunLock
+
+    run = tmp_path / "sft"
+    run.mkdir()
+    cfg = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_sft.yaml")
+    with RunLock(run):
+        code, err = _cli(["sft", cfg, "--output-dir", str(run)], capsys)
+    assert code == 2 and f"error: {run}: another trainer (pid {os.getpid()}) is writing" in err
+    assert list(run.iterdir()) == [run / ".lock"]

@@ -32,6 +32,7 @@ def runs(tiny_model, tmp_path_factory):
     args = tiny_overrides(tiny_model("qwen2_vl"), data, **{
         "trainer.total_steps": 2, "trainer.save_every": 1, "trainer.keep_last": 0, "trainer.threads": 1,
         "rollout.batch_size": 2, "optim.micro_batch_size": 2, "algo.teacher_refresh": 1,
+        "trainer.logger": "[console,tensorboard]",
     })  # fmt: skip
     cfg_file = tmp / "cfg.yaml"
     cfg_file.write_text("{}\n")
@@ -58,6 +59,12 @@ def test_two_ranks_match_single_process(runs):
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
     assert any(not torch.equal(w1[k], v) for k, v in load_policy_weights(one / "checkpoint-1").items())
+    # the hf/ folder the two ranks wrote (full weights gathered on rank 0) holds the same weights as state/
+    from transformers import AutoModelForImageTextToText
+
+    hf = AutoModelForImageTextToText.from_pretrained(two / "checkpoint-2" / "hf").state_dict()
+    assert hf.keys() == w2.keys() and all(torch.equal(hf[k], w2[k]) for k in w2)
+    assert len(list((two / "tensorboard").glob("events.out.tfevents.*"))) == 1  # only rank 0 logs
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path):

@@ -9,7 +9,7 @@ whose parameters got no gradient, which would put the ranks out of step again).
 long text-only prompt, rank 1 two short text-only prompts. On every rank an unsharded copy of the model gives the
 reference; the FSDP-sharded model must give the same rollouts, the same log-probs on the plain and fast paths
 (packing with a token budget under which the ranks plan different numbers of micro-batches; vision shared or
-per micro-batch), and the same SGD step (lr 1) in `ppo_update` and `fused_update` as the unsharded updates'
+per micro-batch), and the same SGD step (lr 1) in `ppo_update` (plain, fast, fused) as the unsharded updates'
 steps averaged over the ranks (FSDP averages gradients, the losses are scaled by the world size).
 """
 
@@ -108,14 +108,14 @@ def _check_weights(model, ref, what: str) -> None:
 def _worker(model_dir: str, out: str) -> None:
     import torch.distributed as td
 
+    from mmrlsd.algo.methods import TokenRule
     from mmrlsd.data.encoding import encode, repeat_encoding
     from mmrlsd.model.load import load_model
     from mmrlsd.model.logprobs import build_sequences, token_logprobs
     from mmrlsd.model.packing import FastOptions, plan
     from mmrlsd.rollout.generate import generate
     from mmrlsd.train import fsdp
-    from mmrlsd.train.fused import fused_update
-    from mmrlsd.train.update import ppo_update
+    from mmrlsd.train.update import Credit, ppo_update
 
     td.init_process_group("gloo")
     rank = td.get_rank()
@@ -151,14 +151,14 @@ def _worker(model_dir: str, out: str) -> None:
     adv = torch.randn(mask.shape) * mask  # (N, T) token advantages
     old_logp, _ = token_logprobs(ref, seq, 2)
     kw = dict(mini_batches=1, micro_batch_size=2, clip_low=0.2, clip_high=0.2, clip_c=3.0, grad_clip=0.0)
+    credit = Credit(torch.randn(mask.shape[0]), None, mask, TokenRule("grpo"))  # fused: Â_t = A formed inside
     updates = {
-        "ppo_update": lambda m: ppo_update(m, sgd[m], seq, old_logp, adv, mask, **kw),
-        "fused_update shared": lambda m: fused_update(
-            m, sgd[m], seq, None, lambda rows, _: adv[rows], mask, fast=fast["shared"], **kw
+        "ppo_update": lambda m: ppo_update(m, sgd[m], seq, mask, old_logp=old_logp, token_adv=adv, **kw),
+        "ppo_update fast shared": lambda m: ppo_update(
+            m, sgd[m], seq, mask, old_logp=old_logp, token_adv=adv, fast=fast["shared"], **kw
         ),
-        "fused_update budget": lambda m: fused_update(
-            m, sgd[m], seq, None, lambda rows, _: adv[rows], mask, fast=fast["budget"], **kw
-        ),
+        "ppo_update fused shared": lambda m: ppo_update(m, sgd[m], seq, mask, credit=credit, fast=fast["shared"], **kw),
+        "ppo_update fused budget": lambda m: ppo_update(m, sgd[m], seq, mask, credit=credit, fast=fast["budget"], **kw),
     }
     for name, run in updates.items():
         before = {k: p.detach().clone() for k, p in ref.named_parameters()}

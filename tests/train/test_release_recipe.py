@@ -33,8 +33,8 @@ def test_one_step_with_the_release_prompts_and_reward(fast, tiny_model, tmp_path
     data = _records(tmp_path / "data")
     over = {
         "model.path": str(tiny_model("qwen2_vl")), "data.train_files": f"[{data}]", "data.shuffle": "false",
-        "data.student_template": "configs/prompts/unified_student.jinja",
-        "data.teacher_template": "configs/prompts/unified_teacher.jinja", "reward.name": "unified",
+        "data.student_template": "unified_student.jinja",
+        "data.teacher_template": "unified_teacher.jinja", "reward.name": "unified",
         "rollout.n": 2, "rollout.batch_size": 4, "rollout.max_new_tokens": 8, "optim.micro_batch_size": 4,
         "trainer.total_steps": 1, "trainer.save_every": 0, "trainer.dump_max": 8,
         "model.share_vision": str(fast).lower(), "model.logprob_chunk": 64 if fast else 0,

@@ -160,7 +160,7 @@ def test_sdpo_and_jsd_config_errors(tmp_path):
 
 def test_sibling_teacher_prompt_needs_a_demonstration(lab):
     _, processor = lab
-    p = PromptBuilder(processor, REPO / "configs/prompts/student.jinja", REPO / "configs/prompts/sdpo_teacher.jinja",
+    p = PromptBuilder(processor, REPO / "mmrlsd/prompts/student.jinja", REPO / "mmrlsd/prompts/sdpo_teacher.jinja",
                       "sibling")  # fmt: skip
     s = Sample(id="q7", problem="what is 2 + 2 ?", answer="4")
     with pytest.raises(ValueError, match="sample 'q7': teacher_info 'sibling' needs a demonstration"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +25,8 @@ from mmrlsd.recipes.sft import (
 )
 from mmrlsd.types import Sample
 
-STUDENT = "configs/prompts/tiny_student.jinja"
-TEACHER = "configs/prompts/tiny_teacher.jinja"
+STUDENT = str(Path(__file__).resolve().parents[2] / "mmrlsd/prompts/tiny_student.jinja")
+TEACHER = str(Path(__file__).resolve().parents[2] / "mmrlsd/prompts/tiny_teacher.jinja")
 
 
 def test_lr_schedule_warmup_then_cosine():

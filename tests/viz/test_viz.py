@@ -283,3 +283,16 @@ def test_browse_widgets_redraw_once_per_change(tiny_run, monkeypatch):
     other = next(v for _, v in sample.options if v != sample.value)
     sample.value = other
     assert calls[2:] == [(1, first[0], "delta", False), (1, other, "delta", False)]
+
+
+def test_w_histogram_has_a_log_axis(tiny_run):
+    from mmrlsd.viz.figures import histograms_figure
+
+    run = D.open_run(tiny_run)
+    delta_ax, w_ax = histograms_figure(run).axes
+    assert delta_ax.get_xscale() == "linear" and w_ax.get_xscale() == "log"
+    w = [v for s in run.steps for r in run.rows(s) if r["adv"] != 0 for v in r["w"]]
+    counts = sum(p.get_height() for p in w_ax.patches)
+    assert counts == len(w) > 0  # every w_t is in a bin
+    lo, hi = w_ax.get_xlim()
+    assert lo <= min(w) and hi >= max(w) and lo < 1 < hi

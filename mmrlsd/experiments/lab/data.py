@@ -12,6 +12,13 @@ LAB_FAMILIES = ("count_color", "count_two_colors", "add_digits", "bar_diff")
 """The lab's task families (see `mmrlsd.data.synth.FAMILIES`)."""
 LAB_LEVELS = (1, 2)
 """Difficulty levels, interleaved: 56x56 px images (4 vision tokens), answers 0-18."""
+CREDIT_FAMILIES = ("digit_chain",)
+"""The credit lab's task: read 4-6 digits, add/subtract them in 7-11 written steps (`synth.digit_chain`)."""
+CREDIT_LEVELS = (2, 3)
+"""5 and 6 digits, interleaved: 140 and 168 x 56 px images (10 and 12 vision tokens), 9 and 11 steps, answers 0-54
+(level 1's 4 digits give responses under 40 tokens)."""
+TASKS = {"tiny": (LAB_FAMILIES, LAB_LEVELS), "credit": (CREDIT_FAMILIES, CREDIT_LEVELS)}
+"""`mmrlsd lab data --task`: families and levels of each lab."""
 
 
 def lab_records(

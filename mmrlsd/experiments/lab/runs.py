@@ -24,11 +24,14 @@ def run_dir_of(runs: Path, method: str, seed: int) -> Path:
 
 
 def train_command(
-    method: str, seed: int, runs: Path, overrides: Sequence[str], config: str | None = None
-) -> list[str]:
-    """The `mmrlsd train` command line of one run."""
+    method: str, seed: int, runs: Path, overrides: Sequence[str], config: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:  # fmt: skip
+    """The `mmrlsd train` command line of one run; `extra` (the method's own overrides) comes last and wins."""
     return mmrlsd_train(
-        config or METHODS[method], run_dir_of(runs, method, seed), [f"trainer.seed={seed}", *overrides]
+        config or METHODS[method],
+        run_dir_of(runs, method, seed),
+        [f"trainer.seed={seed}", *overrides, *extra],
     )
 
 
@@ -41,10 +44,11 @@ def mmrlsd_train(config: str, run_dir: Path, overrides: Sequence[str]) -> list[s
 
 def run_all(
     methods: Sequence[str], seeds: Sequence[int], runs: Path, overrides: Sequence[str], jobs: int = 2,
-    configs: dict[str, str] | None = None,
+    configs: dict[str, str] | None = None, extra: dict[str, Sequence[str]] | None = None,
 ) -> dict[str, float]:  # fmt: skip
     """Run every (method, seed), `jobs` processes at a time (interleaved by seed, so each method sees the same
-    machine load on average); returns wall seconds per run. A failed run raises after all have finished."""
+    machine load on average); returns wall seconds per run. A failed run raises after all have finished.
+    `configs` / `extra`: a method's config and its own overrides, instead of `METHODS[method]` and none."""
     runs.mkdir(parents=True, exist_ok=True)
     order = [(m, s) for s in seeds for m in methods]
     walls: dict[str, float] = {}
@@ -52,7 +56,7 @@ def run_all(
 
     def one(ms: tuple[str, int]) -> None:
         m, s = ms
-        cmd = train_command(m, s, runs, overrides, (configs or {}).get(m))
+        cmd = train_command(m, s, runs, overrides, (configs or {}).get(m), (extra or {}).get(m, ()))
         log = run_dir_of(runs, m, s).with_suffix(".log")
         t0 = time.perf_counter()
         with open(log, "w") as f:

@@ -1,0 +1,436 @@
+"""The credit lab: GRPO, RLSD (and a small ε_w / λ sweep), OPSD and SDPO on `digit_chain`, a task with long,
+checkable reasoning, where a response can be right in most steps and wrong in one.
+
+    mmrlsd lab data --task credit --out data/tiny/credit     # the committed RL data
+    mmrlsd lab credit                                         # the comparison: 7 methods x 5 seeds
+    mmrlsd lab credit --skip-runs                             # re-summarise existing run directories
+
+Each response of `digit_chain` is a chain of steps (`a = 3 ; b = 7 ; ... ; 3 + 7 = 10 ; 10 - 2 = 8`), so the
+teacher's per-token evidence Δ_t can be read per step: on the steps that match the reference, on the first
+step that does not (the error), and on the steps after it. `step_labels` aligns a response's tokens to its steps,
+`step_credit` aggregates Δ_t over the rollout dumps, `paired_difference` gives the per-seed paired gain
+difference with its t-interval, `write_up` turns `results.json` into the README.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from mmrlsd.experiments.lab.runs import run_all, run_dir_of
+from mmrlsd.experiments.lab.stats import read_run
+
+CREDIT_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "grpo": ("configs/credit_grpo.yaml", ()),
+    "rlsd": ("configs/credit_rlsd.yaml", ()),
+    "rlsd_eps05": ("configs/credit_rlsd.yaml", ("algo.eps_w=0.5",)),
+    "rlsd_eps09": ("configs/credit_rlsd.yaml", ("algo.eps_w=0.9",)),
+    "rlsd_eps09_lam1": (
+        "configs/credit_rlsd.yaml",
+        ("algo.eps_w=0.9", "algo.lam0=1.0", "algo.lam_decay_steps=1000000"),
+    ),
+    "opsd": ("configs/credit_opsd.yaml", ()),
+    "sdpo": ("configs/credit_sdpo.yaml", ()),
+}
+"""Method -> (config, overrides of that method). `rlsd` is the paper's setting (ε_w 0.2, λ 0.5 decaying to 0 over
+the run); the sweep widens the clip (ε_w 0.5, 0.9: the loader refuses ε_w >= 1, whose clip floor would be 0) and,
+in `rlsd_eps09_lam1`, keeps λ at 1 for the whole run (Â_t = A·clip(w_t, 0.1, 1.9): the teacher alone sets each
+token's share of A)."""
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+STEP_LABELS = ("right", "first_wrong", "later_wrong", "answer", "other")
+"""Token labels of `step_labels`."""
+
+
+# --- statistics ---
+
+
+def t_quantile(p: float, df: int) -> float:
+    """The p-quantile (p in (0.5, 1)) of Student's t with `df` degrees of freedom: bisection on the CDF, which is
+    1/2 plus Simpson's rule over the density from 0 (accurate to ~1e-6 here)."""
+    if not 0.5 < p < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+
+    def cdf(x: float, n: int = 4000) -> float:
+        f = lambda u: c * (1 + u * u / df) ** (-(df + 1) / 2)  # noqa: E731
+        h = x / n
+        s = f(0) + f(x) + sum((4 if i % 2 else 2) * f(i * h) for i in range(1, n))
+        return 0.5 + s * h / 3
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float]) -> dict:
+    """Per-seed paired differences a - b over the seeds both have, their mean and the two-sided 95% t-interval
+    mean ± t_{0.975, n-1} · sd / √n (no interval for fewer than 2 seeds)."""
+    seeds = [s for s in a if s in b]
+    diffs = [a[s] - b[s] for s in seeds]
+    out: dict = {"n": len(diffs), "per_seed": {s: round(d, 4) for s, d in zip(seeds, diffs)}}
+    if not diffs:
+        return out | {"mean": None, "ci95": None}
+    mean = statistics.fmean(diffs)
+    out["mean"] = round(mean, 4)
+    if len(diffs) < 2:
+        return out | {"ci95": None}
+    half = t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return out | {"ci95": [round(mean - half, 4), round(mean + half, 4)]}
+
+
+# --- where Δ_t lands, per step of reasoning ---
+
+
+def _norm(step: str) -> str:
+    return " ".join(step.split())
+
+
+def step_labels(tokens: Sequence[str], reference_thought: str) -> list[str]:
+    """Label each response token by the reasoning step it belongs to (`STEP_LABELS`).
+
+    The response text is the concatenation of `tokens`; its thought (between `<thought>` and `</thought>`) is
+    split into steps at `;`. A step is `right` when its text equals the reference step at the same position
+    (whitespace-normalised), otherwise `first_wrong` for the first such step and `later_wrong` after it. A token
+    belongs to the step holding its first character other than whitespace and `;`; tokens made only of those
+    (the separators), the tags and the end of turn are `other`; tokens between `<answer>` and `</answer>` are
+    `answer`. A response without a closed thought has every token `other` (or `answer`)."""
+    ref = [_norm(s) for s in reference_thought.split(";")]
+    text = "".join(tokens)
+    t0, t1 = text.find("<thought>"), text.find("</thought>")
+    steps: list[tuple[int, int, str]] = []
+    if 0 <= t0 < t1:
+        pos = t0 + len("<thought>")
+        for part in text[pos:t1].split(";"):
+            steps.append((pos, pos + len(part), part))
+            pos += len(part) + 1
+    status, first_wrong = [], None
+    for i, (_, _, part) in enumerate(steps):
+        if i < len(ref) and _norm(part) == ref[i]:
+            status.append("right")
+        elif first_wrong is None:
+            first_wrong = i
+            status.append("first_wrong")
+        else:
+            status.append("later_wrong")
+    a0, a1 = text.find("<answer>"), text.find("</answer>")
+    labels, pos = [], 0
+    for tok in tokens:
+        start, pos = pos, pos + len(tok)
+        core = [start + k for k, ch in enumerate(tok) if not ch.isspace() and ch != ";"]
+        label = "other"
+        if core and 0 <= a0 < core[0] and (a1 < 0 or core[0] < a1) and not tok.startswith("<answer>"):
+            label = "answer"
+        elif core and steps and steps[0][0] <= core[0] < steps[-1][1]:
+            for (s0, s1, _), st in zip(steps, status):
+                if s0 <= core[0] < s1:
+                    label = st
+                    break
+        labels.append(label)
+    return labels
+
+
+def reference_thoughts(run_dir: Path) -> dict[str, str]:
+    """id -> reference thought of the run's training records (from the `data.train_files` of its config)."""
+    import yaml
+
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    out = {}
+    for f in cfg["data"]["train_files"]:
+        for line in Path(f).read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            sol = rec.get("solution") or ""
+            if "<thought>" in sol and "</thought>" in sol:
+                out[rec["id"]] = sol.split("<thought>", 1)[1].split("</thought>", 1)[0]
+    return out
+
+
+def step_credit(run_dirs: Sequence[Path], eps_w: float = 0.2) -> dict:
+    """Where Δ_t lands per step of reasoning, from the rollout dumps of `run_dirs`: for responses with A > 0 and
+    A < 0, per `step_labels` label, the token count, the mean Δ_t and the share of tokens whose w_t falls outside
+    [1-ε_w, 1+ε_w]; and, over responses with A < 0 that have both right steps and a first wrong step,
+    `error_localised`: the share whose mean Δ_t on the first wrong step is below their mean on the right steps
+    (the teacher blames the step that went wrong more than the ones that did not)."""
+    acc: dict[tuple[str, str], list[tuple[float, bool]]] = {}
+    localised = compared = 0
+    for run_dir in run_dirs:
+        refs = reference_thoughts(run_dir)
+        for path in sorted((run_dir / "rollouts").glob("step_*.jsonl")):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if row["adv"] == 0 or row["id"] not in refs:
+                    continue
+                sign = "A>0" if row["adv"] > 0 else "A<0"
+                labels = step_labels(row["tokens"], refs[row["id"]])
+                by: dict[str, list[float]] = {}
+                for lab, d, w in zip(labels, row["delta"], row["w"]):
+                    acc.setdefault((sign, lab), []).append((d, not 1 - eps_w <= w <= 1 + eps_w))
+                    by.setdefault(lab, []).append(d)
+                if sign == "A<0" and by.get("right") and by.get("first_wrong"):
+                    compared += 1
+                    localised += statistics.fmean(by["first_wrong"]) < statistics.fmean(by["right"])
+    out: dict = {}
+    for (sign, lab), vals in sorted(acc.items()):
+        out.setdefault(sign, {})[lab] = {
+            "tokens": len(vals),
+            "delta_mean": round(statistics.fmean(d for d, _ in vals), 4),
+            "clipped_frac": round(sum(c for _, c in vals) / len(vals), 4),
+        }
+    out["error_localised"] = {
+        "responses": compared,
+        "frac": round(localised / compared, 4) if compared else None,
+    }
+    return out
+
+
+def mean_response_tokens(data_file: str | Path, model_path: str | Path) -> float:
+    """Mean token count of the reference solutions of `data_file` (plus the end-of-turn token SFT trains), with
+    the tokenizer of `model_path`."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_path))
+    sols = [json.loads(line)["solution"] for line in Path(data_file).read_text(encoding="utf-8").splitlines()]
+    return statistics.fmean(len(tok(s, add_special_tokens=False)["input_ids"]) + 1 for s in sols)
+
+
+# --- the comparison ---
+
+
+def _ms(xs: list[float]) -> dict:
+    return {
+        "mean": round(statistics.fmean(xs), 4),
+        "sd": round(statistics.stdev(xs), 4) if len(xs) > 1 else 0.0,
+    }
+
+
+def summarize_credit(runs: Path, methods: Sequence[str], seeds: Sequence[int], walls: dict[str, float],
+                     eps: dict[str, float]) -> dict:  # fmt: skip
+    """Per method: per-seed greedy / sampled gains (last minus first validation) and wall time, their mean ± sd,
+    the per-step curves and the step credit; plus each method's paired difference to GRPO."""
+    out: dict = {}
+    for m in methods:
+        per = {str(s): read_run(run_dir_of(runs, m, s)) for s in seeds}
+        seeds_out = {}
+        for s, r in per.items():
+            acc, sacc = r["val/accuracy"], r["val/sample_accuracy"]
+            seeds_out[s] = {"greedy_first": acc[0], "greedy_last": acc[-1], "greedy_gain": round(acc[-1] - acc[0], 4),
+                            "sampled_first": sacc[0], "sampled_last": sacc[-1],
+                            "sampled_gain": round(sacc[-1] - sacc[0], 4),
+                            "wall_s": round(walls[f"{m}-seed{s}"], 1) if f"{m}-seed{s}" in walls else None,
+                            "step_s_median": r["time/step_s_median"],
+                            "all_equal_mean": round(statistics.fmean(v for v in r["adv/all_equal_frac"] if v is not None), 4),
+                            "response_tokens_mean": round(statistics.fmean(v for v in r["response/length_mean"] if v is not None), 2)}  # fmt: skip
+        ss = list(seeds_out.values())
+        out[m] = {
+            "seeds": seeds_out,
+            "greedy_gain": _ms([x["greedy_gain"] for x in ss]),
+            "sampled_gain": _ms([x["sampled_gain"] for x in ss]),
+            "greedy_first": _ms([x["greedy_first"] for x in ss]),
+            "wall_s": _ms([x["wall_s"] for x in ss]) if all(x["wall_s"] is not None for x in ss) else None,
+            "step_s_median": _ms([x["step_s_median"] for x in ss]),
+            "all_equal_mean": _ms([x["all_equal_mean"] for x in ss]),
+            "step_credit": step_credit([run_dir_of(runs, m, s) for s in seeds], eps.get(m, 0.2)),
+            "curves": per,
+        }
+    return out
+
+
+def paired_to(methods_out: dict, base: str, key: str = "greedy_gain") -> dict:
+    """`paired_difference` of every other method's per-seed `key` minus `base`'s."""
+    b = {s: v[key] for s, v in methods_out[base]["seeds"].items()}
+    return {m: paired_difference({s: v[key] for s, v in res["seeds"].items()}, b)
+            for m, res in methods_out.items() if m != base}  # fmt: skip
+
+
+def credit_compare(out: Path, runs: Path, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
+                   jobs: int, skip_runs: bool = False, command: str = "",
+                   sft_data: str = "data/tiny/credit/train.jsonl", model: str = "data/tiny/sft-credit") -> dict:  # fmt: skip
+    """Run (unless `skip_runs`) and summarise the credit comparison; writes results.json, credit.png, README.md."""
+    from mmrlsd.config import load_config
+    from mmrlsd.experiments.lab.compare import budget_text
+
+    unknown = [m for m in methods if m not in CREDIT_METHODS]
+    if unknown:
+        raise ValueError(f"unknown credit method(s) {unknown}; known: {', '.join(CREDIT_METHODS)}")
+    configs = {m: CREDIT_METHODS[m][0] for m in methods}
+    extra = {m: list(CREDIT_METHODS[m][1]) for m in methods}
+    t0 = time.perf_counter()
+    walls: dict[str, float] = {}
+    prev = (
+        json.loads((out / "results.json").read_text())
+        if skip_runs and (out / "results.json").is_file()
+        else {}
+    )
+    if not skip_runs:
+        walls = run_all(methods, seeds, runs, overrides, jobs, configs, extra)
+    elif prev:
+        walls = prev.get("run_wall_s", {})
+    eps = {m: load_config(configs[m], [*overrides, *extra[m]]).algo.eps_w for m in methods}
+    methods_out = summarize_credit(runs, methods, seeds, walls, eps)
+    results = {
+        "command": command,
+        "task": "digit_chain (mmrlsd lab data --task credit)",
+        "methods_configs": {m: {"config": configs[m], "overrides": extra[m]} for m in methods},
+        "seeds": list(seeds),
+        "overrides": list(overrides),
+        "budget_text": budget_text(configs[methods[0]], overrides),
+        "jobs": jobs,
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
+        "load_avg_at_end": list(os.getloadavg()),
+        "cpu_count": os.cpu_count(),
+        "mean_response_tokens": round(mean_response_tokens(sft_data, model), 2),
+        "methods": methods_out,
+    }
+    if prev:
+        results.update({k: prev[k] for k in ("command", "jobs", "wall_s", "load_avg_at_end") if k in prev})
+    if "grpo" in methods:
+        paired = paired_to(methods_out, "grpo")
+        results["paired_minus_grpo"] = paired
+        results["paired_minus_grpo_sampled"] = paired_to(methods_out, "grpo", "sampled_gain")
+        if "rlsd" in paired:
+            results["paired_rlsd_minus_grpo"] = paired["rlsd"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    plot_credit(results, out / "credit.png")
+    (out / "README.md").write_text(write_up(results))
+    return results
+
+
+# --- figure and write-up (from results.json only) ---
+
+
+def plot_credit(results: dict, path: Path) -> None:
+    """Greedy and sampled gain per method (bars: mean; dots: seeds), greedy validation accuracy vs step (mean over
+    seeds), and mean Δ_t per step label on responses with A < 0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ms = list(results["methods"])
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.5))
+    for ax, key in zip(axes[:2], ("greedy_gain", "sampled_gain")):
+        for i, m in enumerate(ms):
+            res = results["methods"][m]
+            ax.bar(i, res[key]["mean"], color="tab:red" if m.startswith("rlsd") else "tab:blue", alpha=0.6)
+            ax.plot([i] * len(res["seeds"]), [v[key] for v in res["seeds"].values()], "k.", ms=5)
+        ax.set_xticks(range(len(ms)), ms, rotation=30, ha="right")
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_title(key.replace("_", " ") + " (last - first validation)", fontsize=10)
+    for m in ms:
+        runs = list(results["methods"][m]["curves"].values())
+        n = min(len(r["val/accuracy"]) for r in runs)
+        ys = [statistics.fmean(r["val/accuracy"][i] for r in runs) for i in range(n)]
+        axes[2].plot(runs[0]["val_steps"][:n], ys, marker="o", ms=3, label=m)
+    axes[2].set_title("val/accuracy (greedy), mean over seeds", fontsize=10)
+    axes[2].legend(fontsize=7)
+    labs = ("right", "first_wrong", "later_wrong", "answer", "other")
+    width = 0.8 / max(len(ms), 1)
+    for i, m in enumerate(ms):
+        sc = results["methods"][m]["step_credit"].get("A<0", {})
+        axes[3].bar([j + i * width for j in range(len(labs))], [sc.get(lab, {}).get("delta_mean", 0.0) for lab in labs],
+                    width, label=m)  # fmt: skip
+    axes[3].set_xticks([j + 0.4 for j in range(len(labs))], labs)
+    axes[3].set_title("mean Δ_t per step label, responses with A < 0", fontsize=10)
+    axes[3].legend(fontsize=7)
+    fig.suptitle(f"credit lab, {results['budget_text']}, seeds {results['seeds']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _pm(d: dict) -> str:
+    return f"{d['mean']:+.3f} ± {d['sd']:.3f}"
+
+
+def write_up(results: dict) -> str:
+    """The README of a credit comparison, every number taken from `results`."""
+    ms = results["methods"]
+    lines = [
+        "# Credit lab: does RLSD beat GRPO where per-token credit matters?",
+        "",
+        f"Task: {results['task']}; mean response length of the reference solutions: "
+        f"{results['mean_response_tokens']:.1f} tokens. Budget: {results['budget_text']}; seeds {results['seeds']}; "
+        f"{results['jobs']} runs at a time; {results['wall_s']:.0f} s of wall time in all.",
+        "",
+        f"Command: `{results['command']}`",
+        "",
+        "| method | overrides | greedy gain (mean ± sd) | sampled gain | greedy at step 0 | all-equal groups | "
+        "wall s per run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m, r in ms.items():
+        ov = " ".join(results["methods_configs"][m]["overrides"]) or "-"
+        wall = f"{r['wall_s']['mean']:.0f}" if r["wall_s"] else "-"
+        lines.append(f"| {m} | {ov} | {_pm(r['greedy_gain'])} | {_pm(r['sampled_gain'])} | "
+                     f"{r['greedy_first']['mean']:.3f} | {r['all_equal_mean']['mean']:.3f} | {wall} |")  # fmt: skip
+    paired = results.get("paired_minus_grpo", {})
+    if paired:
+        lines += ["", "Paired difference to GRPO, greedy gain, per seed (95% t-interval over seeds):", "",
+                  "| method | mean | 95% interval | per seed |", "|---|---|---|---|"]  # fmt: skip
+        for m, p in paired.items():
+            ci = f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]" if p.get("ci95") else "-"
+            per = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
+            lines.append(f"| {m} − grpo | {p['mean']:+.3f} | {ci} | {per} |")
+    lines += ["", "Where Δ_t lands (rollout dumps; responses with A < 0; steps labelled against the reference):", "",
+              "| method | right steps | first wrong step | later wrong steps | answer | other | error localised |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for m, r in ms.items():
+        sc = r["step_credit"]
+        neg = sc.get("A<0", {})
+        if not any(v["delta_mean"] for v in neg.values()):
+            continue
+        cells = [
+            f"{neg[lab]['delta_mean']:+.3f} ({neg[lab]['tokens']})" if lab in neg else "-"
+            for lab in STEP_LABELS
+        ]
+        loc = sc["error_localised"]
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {loc['frac']} of {loc['responses']} |")
+    lines += [
+        "",
+        "![credit](credit.png)",
+        "",
+        "## Does the paper's ordering appear?",
+        "",
+        verdict(results),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def verdict(results: dict) -> str:
+    """One paragraph: RLSD above GRPO or not, by how much, and what the logs say."""
+    p = results.get("paired_rlsd_minus_grpo")
+    if not p or not p.get("ci95"):
+        return "No paired RLSD − GRPO interval (needs both methods and at least two seeds)."
+    lo, hi = p["ci95"]
+    if lo > 0:
+        head = f"**Yes.** RLSD's greedy gain exceeds GRPO's by {p['mean']:+.3f} on average over {p['n']} paired seeds"
+    elif hi < 0:
+        head = f"**No: GRPO is above RLSD**, by {-p['mean']:.3f} on average over {p['n']} paired seeds"
+    else:
+        head = (f"**Not resolved.** The paired difference RLSD − GRPO is {p['mean']:+.3f} over {p['n']} seeds, and "
+                f"its interval contains 0")  # fmt: skip
+    text = f"{head} (95% interval [{lo:+.3f}, {hi:+.3f}])."
+    sc = results["methods"].get("rlsd", {}).get("step_credit", {}).get("A<0", {})
+    if "right" in sc and "first_wrong" in sc:
+        loc = results["methods"]["rlsd"]["step_credit"]["error_localised"]
+        text += (f" On responses with A < 0 the teacher's Δ_t averages {sc['first_wrong']['delta_mean']:+.3f} on the "
+                 f"first wrong step against {sc['right']['delta_mean']:+.3f} on the right ones (lower on the wrong "
+                 f"step in {loc['frac']} of {loc['responses']} responses), and {sc['first_wrong']['clipped_frac']:.3f} "
+                 f"of the wrong step's tokens have w_t outside the clip.")  # fmt: skip
+    best = max((m for m in results.get("paired_minus_grpo", {}) if m.startswith("rlsd")),
+               key=lambda m: results["paired_minus_grpo"][m]["mean"], default=None)  # fmt: skip
+    if best:
+        bp = results["paired_minus_grpo"][best]
+        text += f" The best RLSD setting against GRPO is `{best}` ({bp['mean']:+.3f} paired)."
+    return text
