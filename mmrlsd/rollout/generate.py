@@ -1,4 +1,8 @@
-"""Rollouts with Hugging Face `generate`: G samples per prompt, batched, vision special tokens suppressed.
+"""Rollouts on a Hugging Face model: G samples per prompt, batched, vision special tokens suppressed.
+
+Decoding (`rollout.hf_decode`): `lean` (default, `lean_decode`) runs the forwards itself over a KV cache with room
+for the whole response, applying the same logits processors and sampler as `generate`, so the samples are
+identical; `generate` calls Hugging Face `generate`.
 
 Sampled responses could otherwise contain the image placeholder token, which breaks the next forward pass (the
 processor counts placeholders against the image grid), so every vision special token is suppressed.

@@ -136,3 +136,13 @@ def test_generation_config_processors_fall_back_to_generate(tiny_model, monkeypa
     _assert_same(new, ref)
     with pytest.raises(ValueError, match="decode"):
         gen.generate(model, proc, enc, decode="fast", **kw)
+
+
+def test_hf_decode_config_choices():
+    from mmrlsd.config import ConfigError, load_config
+
+    base = ["model.path=x", "data.train_files=[a.jsonl]"]
+    assert load_config(None, base).rollout.hf_decode == "lean"
+    assert load_config(None, base + ["rollout.hf_decode=generate"]).rollout.hf_decode == "generate"
+    with pytest.raises(ConfigError, match="rollout.hf_decode.*lean, generate"):
+        load_config(None, base + ["rollout.hf_decode=fast"])
