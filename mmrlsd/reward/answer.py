@@ -1,11 +1,11 @@
 r"""The shared answer checker: extract, normalise and compare final answers (pure string functions).
 
 One idea of "correct" serves both the training reward (`mmrlsd.reward.rewards`) and the benchmarks
-(`mmrlsd.bench.*`), see STYLE.md principle 8. Nothing here starts a process or evaluates text: the
-symbolic math-equivalence check, which can be slow on adversarial input, lives in
+(`mmrlsd.bench.*`), so training rewards what the benchmarks measure. Nothing here starts a process or evaluates
+text: the symbolic math-equivalence check, which can be slow on adversarial input, lives in
 `mmrlsd.reward.verify` and runs in a time-limited worker process.
 
-Rules (RLSD.md section 5, as released):
+Rules of the `math` reward (the released code's `unified` reward differs; see `mmrlsd.reward.unified`):
 
 * the final answer is the content of the last ``<answer>...</answer>``; if there is none, the content of
   the last ``\boxed{...}``; a ``\boxed{}`` inside the ``<answer>`` content is unwrapped;

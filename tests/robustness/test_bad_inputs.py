@@ -1,4 +1,4 @@
-"""The bad-input corpus (issue #8): every case is one table entry with its expected outcome, and its pytest id
+"""The bad-input corpus: every case is one table entry with its expected outcome, and its pytest id
 says which case failed.
 
 Outcomes:

@@ -1,5 +1,5 @@
 """`mmrlsd train` on a dataset with 10% broken records finishes and reports how many were skipped and why: in the
-log, in `skipped.jsonl` and in the `data/skipped_total` metric (issue #8)."""
+log, in `skipped.jsonl` and in the `data/skipped_total` metric."""
 
 from __future__ import annotations
 

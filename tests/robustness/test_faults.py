@@ -1,4 +1,4 @@
-"""Runtime faults (issue #8): SIGKILL at three points, SIGTERM, and a non-finite loss.
+"""Runtime faults: SIGKILL at three points, SIGTERM, and a non-finite loss.
 
 * SIGKILL during the rollout, during the update, in the middle of a checkpoint write, and at a random moment
   (seeded, reported on failure): each killed run is resumed with `--resume` semantics (`train(..., resume=True)`) and must end with the metrics (`time/*` aside),

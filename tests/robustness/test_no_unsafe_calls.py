@@ -1,4 +1,4 @@
-"""No code path in `mmrlsd/` may execute or unpickle untrusted strings (issue #8, "Untrusted strings").
+"""No code path in `mmrlsd/` may execute or unpickle untrusted strings.
 
 An AST scan of every module in the package fails on:
 

@@ -1,4 +1,4 @@
-"""Soak (issue #8): a 200-step tiny run with resident memory sampled after every step; no upward trend.
+"""Soak: a 200-step tiny run with resident memory sampled after every step; no upward trend.
 
 RSS comes from `/proc/self/statm` (resident pages x page size) after each `rlsd_step`, sampled by wrapping the
 step the loop calls. The run checkpoints every 50 steps (keep_last=2) and writes a rollout dump every step, so

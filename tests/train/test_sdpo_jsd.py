@@ -1,4 +1,4 @@
-"""The SDPO and full-vocabulary JSD baselines (spec section 7), run for one real step on the tiny lab model and
+"""The SDPO and full-vocabulary JSD baselines, run for one real step on the tiny lab model and
 checked against an independent recomputation: per-row forwards of the starting weights on prompts rebuilt from
 the rollout dump, no padding, no fast path."""
 

@@ -14,7 +14,7 @@ from mmrlsd.experiments.lab.stats import read_run
 from mmrlsd.log import read_metrics
 
 FLOORS = {"wall_s": 600.0, "sample_accuracy_gain": 0.10, "accuracy_gain": 0.05, "val_items": 500}
-"""Issue #4's bar for `mmrlsd train configs/tiny_cpu.yaml`: at most 10 minutes, val/sample_accuracy +0.10 and
+"""The tiny lab's bar for `mmrlsd train configs/tiny_cpu.yaml`: at most 10 minutes, val/sample_accuracy +0.10 and
 val/accuracy +0.05 from the first validation to the last, on at least 500 validation items."""
 
 
