@@ -30,7 +30,8 @@ T = TypeVar("T")
 @dataclass
 class ModelConfig:
     path: str = ""
-    """Hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint."""
+    """Hub id or local directory of a Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint (also `RUN/checkpoint-N`). A
+    relative path in a config file is looked up next to the file, then in the current directory."""
     dtype: str = "float32"
     """Compute dtype of the forward and backward passes: float32 | bfloat16 | float16 (bf16 is ~16x slower than
     fp32 on CPUs). Parameters, gradients and AdamW states stay float32 unless `dist.mixed_precision` is off."""
@@ -62,7 +63,8 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Local JSONL/parquet files, or one hub dataset id (`hub:org/name`)."""
+    """Local JSONL/parquet files, or one hub dataset id (`hub:org/name`). Relative paths in a config file: next
+    to the file first, then the current directory (overrides: the current directory)."""
     val_files: list[str] = field(default_factory=list)
     """Validation files (same format); empty: no validation."""
     train_split: str = "train"
@@ -88,10 +90,11 @@ class DataConfig:
     """Optional field: a list of answer options, listed under the question by templates that use `options`."""
     student_template: str = "student.jinja"
     """Jinja template of the student's user turn (variables: problem, problem_type, options); images go where
-    the rendered text has `<image>` markers, else first."""
+    the rendered text has `<image>` markers, else first. A path (relative: to the config file, then the current
+    directory), or the file name of a template shipped in `mmrlsd/prompts/`."""
     teacher_template: str = "teacher.jinja"
     """Jinja template of the teacher's user turn (variables: problem, problem_type, options, reference, answer,
-    solution)."""
+    solution). Found like `student_template`."""
     max_val_items: int = 0
     """Cap on validation items (0: all)."""
     shuffle: bool = True

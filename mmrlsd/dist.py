@@ -16,6 +16,9 @@ def init_distributed(backend: str = "auto") -> bool:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # The trainer's small bookkeeping collectives (stop flags, validation sums, skip counts) use CPU tensors,
+        # which NCCL cannot carry: route CPU tensors over gloo and CUDA tensors over NCCL in one group.
+        backend = "cpu:gloo,cuda:nccl"
     td.init_process_group(backend=backend)
     return True
 

@@ -18,7 +18,9 @@ def test_unknown_key_suggests_closest(tmp_path):
     p = _write(tmp_path, "model: {path: m}\ndata: {train_files: [x]}\nalgo:\n  eps_W: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown key 'algo.eps_W'; did you mean 'algo.eps_w'\?"):
         load_config(p)
-    with pytest.raises(ConfigError, match="unknown key 'trainer.total_step'; did you mean 'trainer.total_steps'"):
+    with pytest.raises(
+        ConfigError, match="unknown key 'trainer.total_step'; did you mean 'trainer.total_steps'"
+    ):
         load_config(None, BASE + ["trainer.total_step=3"])
     with pytest.raises(ConfigError, match="unknown key 'algoo'"):
         load_config(None, BASE + ["algoo.lam0=0"])
@@ -38,7 +40,9 @@ def test_wrong_types_name_the_key(tmp_path):
 
 
 def test_values_and_overrides():
-    cfg = load_config(None, BASE + ["trainer.total_steps=3", "algo.lam0=0", "optim.lr=1e-5", "trainer.save_every=1"])
+    cfg = load_config(
+        None, BASE + ["trainer.total_steps=3", "algo.lam0=0", "optim.lr=1e-5", "trainer.save_every=1"]
+    )
     assert cfg.trainer.total_steps == 3 and cfg.trainer.save_every == 1
     assert cfg.algo.lam0 == 0.0 and isinstance(cfg.algo.lam0, float)
     assert cfg.optim.lr == 1e-5  # YAML 1.1 reads 1e-5 as a string; the loader converts it
@@ -55,11 +59,20 @@ def test_values_and_overrides():
         ("algo.lam0=1.5", "'algo.lam0' must be in \\[0, 1\\]"),
         ("optim.micro_batch_size=0", "'optim.micro_batch_size' must be > 0"),
         ("model.dtype=fp32", "'model.dtype' is 'fp32'; valid choices"),
-        ("rollout.vllm_gpu_memory_utilization=1.2", "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]"),
-        ("rollout.vllm_gpu_memory_utilization=0", "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]"),
+        (
+            "rollout.vllm_gpu_memory_utilization=1.2",
+            "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]",
+        ),
+        (
+            "rollout.vllm_gpu_memory_utilization=0",
+            "'rollout.vllm_gpu_memory_utilization' must be in \\(0, 1\\]",
+        ),
         ("rollout.vllm_tensor_parallel_size=0", "'rollout.vllm_tensor_parallel_size' must be > 0"),
         ("rollout.vllm_max_model_len=-1", "'rollout.vllm_max_model_len' must be >= 0"),
-        ("rollout.vllm_max_model_len=200", "'rollout.vllm_max_model_len' \\(200\\) must exceed 'rollout.max_new_tokens'"),
+        (
+            "rollout.vllm_max_model_len=200",
+            "'rollout.vllm_max_model_len' \\(200\\) must exceed 'rollout.max_new_tokens'",
+        ),
         ("rollout.vllm_sleep=always", "'rollout.vllm_sleep' is 'always'; valid choices: auto, on, off"),
         ("rollout.vllm_enforce_eager=3", "'rollout.vllm_enforce_eager' must be bool"),
     ],
@@ -112,7 +125,14 @@ def test_release_configs_hold_the_released_script_values():
     assert (a.lam0, a.lam_decay_steps, a.lam_warmup_steps, a.teacher_refresh) == (0.5, 60, 0, 20)
     assert (a.eps_w, a.clip_low, a.clip_high, a.clip_c, rlsd.data.shuffle, t.val_every) == (
         0.2, 0.2, 0.28, 3.0, False, 5)  # fmt: skip
-    assert (r.n, r.batch_size, r.temperature, r.top_p, r.max_new_tokens, r.val_n) == (8, 256, 1.0, 1.0, 4096, 1)
+    assert (r.n, r.batch_size, r.temperature, r.top_p, r.max_new_tokens, r.val_n) == (
+        8,
+        256,
+        1.0,
+        1.0,
+        4096,
+        1,
+    )
     assert (r.val_temperature, r.val_top_p, r.val_top_k, r.val_presence_penalty) == (0.7, 0.8, 20, 1.5)
     assert (rlsd.model.min_pixels, rlsd.model.max_pixels, rlsd.reward.name) == (262144, 1048576, "unified")
     assert (rlsd.optim.lr, rlsd.optim.weight_decay, rlsd.optim.grad_clip, rlsd.optim.mini_batches) == (
@@ -150,7 +170,14 @@ def test_registry_backed_choices_come_from_the_registries(monkeypatch):
     rewards = ", ".join(sorted(registered_choices()["reward.name"]))
     with pytest.raises(ConfigError, match=f"reward.name: unknown reward 'maths'; known: {rewards}$"):
         check_registered(load_config(None, BASE + ["reward.name=maths"]))
-    assert registered_choices()["algo.token_adv"] == ["rlsd", "grpo", "opsd", "grpo_opsd"]
+    assert registered_choices()["algo.token_adv"] == [
+        "rlsd",
+        "grpo",
+        "opsd",
+        "grpo_opsd",
+        "opsd_release",
+        "grpo_opsd_release",
+    ]
     monkeypatch.setitem(METHODS, "ppo", get_method("grpo"))
     assert check_registered(load_config(None, BASE + ["algo.token_adv=ppo"])).algo.token_adv == "ppo"
 

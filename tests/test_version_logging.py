@@ -30,3 +30,19 @@ print(len(logging.getLogger().handlers), len(logging.getLogger("mmrlsd").handler
     assert r.stdout.split() == ["0", "1"]
     assert r.stderr.count("library says hi") == 1
     assert r.stderr.count("INFO mmrlsd.train: ours") == 1 and "hidden" not in r.stderr
+
+
+def test_the_log_handler_follows_a_replaced_stderr(monkeypatch):
+    """The CLI may run several times in one process with `sys.stderr` swapped in between (tests, notebooks): the
+    handler writes to the current one, never to a closed stream."""
+    import io
+    import logging
+
+    from mmrlsd.cli import setup_logging
+
+    setup_logging()
+    for _ in range(2):
+        buf = io.StringIO()
+        monkeypatch.setattr(sys, "stderr", buf)
+        logging.getLogger("mmrlsd.x").warning("to the current stderr")
+        assert "WARNING mmrlsd.x: to the current stderr" in buf.getvalue()

@@ -1,4 +1,8 @@
-"""Group advantages: one scalar A per response from the verifier rewards of its group of G samples."""
+"""Group advantages: one scalar A per response from the verifier rewards of its group of G samples.
+
+An estimator is called as `fn(rewards, group_size, norm_std=..., lengths=..., reduce=...)`: `lengths` `(B*G,)`
+response tokens per row and `reduce` (a sum over ranks, identity in one process) serve the estimators that
+normalise over the whole batch's tokens (REINFORCE++); the group estimators ignore them."""
 
 from __future__ import annotations
 
@@ -25,7 +29,12 @@ def get_advantage(name: str) -> Callable[..., torch.Tensor]:
 
 @register_advantage("grpo")
 def grpo_advantages(
-    rewards: torch.Tensor, group_size: int, norm_std: bool = True, eps: float = 1e-6
+    rewards: torch.Tensor,
+    group_size: int,
+    norm_std: bool = True,
+    eps: float = 1e-6,
+    lengths=None,
+    reduce=None,
 ) -> torch.Tensor:
     """GRPO: `A_i = (R_i - mean_G(R)) / (std_G(R) + eps)` (or `R_i - mean_G(R)` with `norm_std=False`).
 
@@ -49,22 +58,34 @@ def grpo_advantages(
     return centred.reshape(-1)  # (B*G,)
 
 
-def reinforce_pp_advantages(rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+@register_advantage("reinforce_pp")
+def reinforce_pp_registered(rewards, group_size, norm_std=True, lengths=None, reduce=None) -> torch.Tensor:
+    """`algo.adv: reinforce_pp`: `reinforce_pp_advantages` (needs the response lengths; no group baseline)."""
+    if lengths is None:
+        raise ValueError("reinforce_pp needs the response lengths")
+    return reinforce_pp_advantages(rewards, lengths, reduce=reduce)
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, lengths: torch.Tensor, eps: float = 1e-8, reduce=None
+) -> torch.Tensor:
     """REINFORCE++ with an outcome reward (γ = 1), as the release's GRPO+OPSD outcome term computes it: every
     token of response i has return R_i, and the returns are whitened over all response tokens of the batch (no
     group baseline): `A_i = (R_i - μ) / sqrt(σ² + eps)` with the token-weighted mean μ = Σ L_i R_i / Σ L_i and
     unbiased variance σ² = Σ L_i (R_i - μ)² / (Σ L_i - 1), `L_i` the response lengths.
 
-    Args: `rewards` `(N,)`, `lengths` `(N,)` response tokens per row. Returns `(N,)`, one value for all of a
-    response's tokens (0-length rows get a value that no token uses).
+    Args: `rewards` `(N,)`, `lengths` `(N,)` response tokens per row; `reduce(t)` sums a tensor over ranks
+    (under torchrun, so that μ and σ are the whole batch's, as the release computes them; None: this batch).
+    Returns `(N,)`, one value for all of a response's tokens (0-length rows get a value that no token uses).
 
     >>> [round(a, 6) for a in reinforce_pp_advantages(torch.tensor([1.0, 0.0]), torch.tensor([1, 3])).tolist()]
     [1.5, -0.5]
     """
     r, w = rewards.double(), lengths.double()  # (N,)
-    n = w.sum()
-    mean = (w * r).sum() / n.clamp_min(1.0)
-    var = (w * (r - mean) ** 2).sum() / n.clamp_min(1.0)
+    reduce = reduce or (lambda t: t)
+    n, s, sq = reduce(torch.stack([w.sum(), (w * r).sum(), (w * r * r).sum()]))  # Σ L, Σ L R, Σ L R²
+    mean = s / n.clamp_min(1.0)
+    var = (sq / n.clamp_min(1.0) - mean**2).clamp_min(0.0)
     if n > 1:
         var = var * n / (n - 1)  # Bessel's correction over tokens
     return ((r - mean) / torch.sqrt(var + eps)).float()  # (N,)

@@ -6,6 +6,8 @@ token advantages Â_t, and in whether the teacher pass can matter:
     rlsd        A·((1-λ) + λ·clip(w_t, 1-ε_w, 1+ε_w))      when λ > 0              rlsd
     opsd        Δ_t                                        always                  opsd
     grpo_opsd   A + coef·Δ_t                               always                  grpo_opsd
+    (release)   coef (the released OPSD loss's gradient)   always (logs only)      opsd_release
+    (release)   A + coef (with `algo.adv: reinforce_pp`)   always (logs only)      grpo_opsd_release
 
 SDPO is opsd (or grpo_opsd) with the sibling teacher prompt (`algo.teacher_info: sibling`): the teacher sees a
 correct response of the same group instead of the reference answer, so it is a teacher prompt, not a method.
@@ -27,6 +29,7 @@ import torch
 from mmrlsd.algo.rlsd import (
     grpo_opsd_token_advantages,
     grpo_token_advantages,
+    opsd_release_token_advantages,
     opsd_token_advantages,
     rlsd_token_advantages,
 )
@@ -91,6 +94,17 @@ register_method("opsd", Method(
 register_method("grpo_opsd", Method(
     lambda adv, delta, mask, r: grpo_opsd_token_advantages(adv, delta, mask, coef=r.coef),
     needs_teacher=lambda lam, diagnostics: True, distills=True,
+))  # fmt: skip
+# The authors' release's OPSD and GRPO+OPSD losses (see `opsd_release_token_advantages`): the teacher pass only
+# feeds the logged Δ_t, as there.
+register_method("opsd_release", Method(
+    lambda adv, delta, mask, r: opsd_release_token_advantages(adv, delta, mask, coef=r.coef),
+    needs_teacher=lambda lam, diagnostics: True, uses_reward=False,
+))  # fmt: skip
+register_method("grpo_opsd_release", Method(
+    lambda adv, delta, mask, r: grpo_token_advantages(adv, delta, mask)
+    + opsd_release_token_advantages(adv, delta, mask, coef=r.coef),
+    needs_teacher=lambda lam, diagnostics: True,
 ))  # fmt: skip
 
 

@@ -66,11 +66,22 @@ def setup_logging(verbose: bool = False) -> None:
     records (which often have their own handler and propagate) are printed once, by their own handler."""
     logger = logging.getLogger("mmrlsd")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not any(getattr(h, "_mmrlsd", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        handler._mmrlsd = True
         logger.addHandler(handler)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted (a caller may swap it, as pytest does)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; ignored
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:

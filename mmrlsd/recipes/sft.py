@@ -50,7 +50,7 @@ from mmrlsd.data.sanitize import PromptCheck, neutralize_special_tokens
 from mmrlsd.data.sources import FieldMap, RecordLimits, load_dataset_files
 from mmrlsd.errors import DataError
 from mmrlsd.log import MetricsWriter
-from mmrlsd.model.load import load_model, resolve_device
+from mmrlsd.model.load import compute_autocast, load_model, resolve_device
 from mmrlsd.model.logprobs import build_sequences, forward_logprobs, slice_seq
 from mmrlsd.model.tiny import TinySize
 from mmrlsd.train.validate import validate
@@ -251,7 +251,8 @@ def _sft(cfg: SFTConfig, run_dir: Path, progress: bool) -> Path:
         texts = [t for s in train.samples[: cfg.init.corpus_records] for t in (s.problem, s.solution or "")]
         model_path = init_model(cfg, run_dir, synth_corpus() + texts)
     device = resolve_device(cfg.trainer.device)
-    policy, processor = load_model(model_path, dtype=cfg.model.dtype, device=str(device),
+    # float32 master weights and AdamW states; model.dtype is the compute dtype (autocast around the passes)
+    policy, processor = load_model(model_path, dtype="float32", device=str(device),
                                    attn_implementation=cfg.model.attn_implementation,
                                    min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels)  # fmt: skip
     log.info("model: %s (%.2fM parameters)", model_path, sum(p.numel() for p in policy.parameters()) / 1e6)
@@ -265,8 +266,12 @@ def _sft(cfg: SFTConfig, run_dir: Path, progress: bool) -> Path:
     dump_config(cfg, run_dir / "config.yaml")
     metrics = MetricsWriter(run_dir)
     total = cfg.trainer.total_steps
+    def compute():
+        return compute_autocast(device, cfg.model.dtype, "float32")
+
     if val:
-        metrics.write({"step": 0, **validate(policy, processor, prompts, val, cfg, cfg.trainer.seed)})
+        with compute():
+            metrics.write({"step": 0, **validate(policy, processor, prompts, val, cfg, cfg.trainer.seed)})
     bar = tqdm(range(1, total + 1), desc="sft", disable=not progress)
     for step in bar:
         t0 = time.perf_counter()
@@ -279,7 +284,8 @@ def _sft(cfg: SFTConfig, run_dir: Path, progress: bool) -> Path:
         seq = solution_batch(processor, samples, texts)
         policy.train()
         opt.zero_grad(set_to_none=True)
-        loss, tokens = sft_loss(policy, seq, cfg.optim.micro_batch_size)
+        with compute():
+            loss, tokens = sft_loss(policy, seq, cfg.optim.micro_batch_size)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
         opt.step()
@@ -294,7 +300,8 @@ def _sft(cfg: SFTConfig, run_dir: Path, progress: bool) -> Path:
         }
         if val and (step == total or step % cfg.trainer.val_every == 0):
             t1 = time.perf_counter()
-            m.update(validate(policy, processor, prompts, val, cfg, cfg.trainer.seed))
+            with compute():
+                m.update(validate(policy, processor, prompts, val, cfg, cfg.trainer.seed))
             m["time/val_s"] = time.perf_counter() - t1
             log.info("step %d: loss %.3f val/accuracy %.3f", step, loss, m["val/accuracy"])
         metrics.write(m)

@@ -94,7 +94,9 @@ class _StopFlag:
 
 def build(cfg: Config):
     """Model, teacher, processor, optimizer and prompts for a run (sharded with FSDP2 under torchrun)."""
-    preflight.check_registered(cfg)  # reward plugins imported; method, reward, ... names checked before any model
+    preflight.check_registered(
+        cfg
+    )  # reward plugins imported; method, reward, ... names checked before any model
     distributed = dist.init_distributed(cfg.dist.backend)
     use_fsdp = cfg.dist.fsdp == "on" or (cfg.dist.fsdp == "auto" and distributed)
     if distributed and not use_fsdp:
@@ -207,7 +209,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
     load_kw = dict(seed=cfg.trainer.seed, max_pixels=int(max_pixels or 1280 * 28 * 28),
                    limits=RecordLimits.from_config(cfg.data))  # fmt: skip
     check = PromptCheck(ctx.prompts, ctx.processor, cfg.data.max_prompt_tokens)
-    train_fields = dataclasses.replace(FieldMap.from_config(cfg.data), require_solution=cfg.algo.teacher_info == "solution")
+    train_fields = dataclasses.replace(
+        FieldMap.from_config(cfg.data), require_solution=cfg.algo.teacher_info == "solution"
+    )
     train_data = load_dataset_files(cfg.data.train_files, train_fields, cfg.data.train_split,
                                     shuffle=cfg.data.shuffle, **load_kw)  # fmt: skip
     train_data.check = check
@@ -273,9 +277,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, flag: _Stop
             t0 = time.perf_counter()
             for group in ctx.optimizer.param_groups:
                 group["lr"] = _lr_at(step - 1, cfg)
-            samples = shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
+
+            def draw():  # this rank's share of the next global batch (online filtering draws more)
+                return shard(train_data.next_batch(cfg.rollout.batch_size), dist.rank(), dist.world_size())
+
+            samples = draw()
             with _compute(ctx):  # bf16 compute over float32 master weights (a no-op for float32 runs)
-                result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step))
+                result = rlsd_step(ctx, samples, step, seed=_sample_seed(cfg, step), more_prompts=draw)
             m = {"step": step, **dist.reduce_metrics(result.metrics), "optim/lr": _lr_at(step - 1, cfg)}
             bad_in_a_row = bad_in_a_row + 1 if m["actor/skipped_updates"] >= cfg.optim.mini_batches else 0
             if bad_in_a_row >= cfg.trainer.max_bad_steps:

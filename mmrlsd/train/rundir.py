@@ -7,8 +7,8 @@
   `--overwrite` clears it; a non-empty folder that is not a run is never cleared;
 * `--resume` of a different experiment is refused: the saved `config.yaml` is compared with the new config and
   every changed key that alters the training trajectory is listed (`--allow-config-change` accepts them).
-  Changing `HARMLESS` keys (length, cadence of logging, validation and checkpoints, paths, threads, sharding) is
-  always allowed.
+  Changing `HARMLESS` keys (length, cadence of logging, validation and checkpoints, trackers, paths, threads,
+  sharding) is always allowed.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ HARMLESS = {
     "trainer.dump_max", "trainer.output_dir", "trainer.threads", "trainer.max_bad_steps", "trainer.device",
     "data.val_files", "data.val_split", "data.max_val_items", "rollout.val_temperature", "rollout.val_n",
     "rollout.val_top_p", "rollout.val_top_k", "rollout.val_presence_penalty",
+    "trainer.logger", "trainer.project_name", "trainer.experiment_name",
     "dist.fsdp", "dist.backend", "dist.teacher_offload",
     "trainer.logger", "trainer.project_name", "trainer.experiment_name", "trainer.save_hf",
 }  # fmt: skip

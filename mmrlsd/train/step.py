@@ -7,6 +7,9 @@
 with one optimizer step per rollout batch), which makes RLSD a pure advantage-shaping stage before the update.
 The methods differ only through `mmrlsd.algo.methods` (how A and Δ_t become Â_t, and whether the teacher pass can
 matter): GRPO runs the same code and skips the teacher pass. SDPO is a teacher prompt (`teacher_info: sibling`).
+Online filtering (`algo.online_filtering`) replaces groups without signal by groups of more prompts before anything
+else runs (`mmrlsd.train.refill`); `algo.rlsd_thought_only` / `rlsd_negative_only` keep Δ_t (and so the teacher's
+reweighting) to the tokens they name.
 
 The fast path (`model.packing`, `model.share_vision`, `model.share_prefix`, `model.logprob_chunk`,
 `optim.token_budget`) runs the same computation with packed, vision-sharing, memory-lean passes. With one
@@ -18,15 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
+from mmrlsd import dist
 from mmrlsd.algo.advantage import all_equal_groups, get_advantage
 from mmrlsd.algo.methods import TokenRule, distill_coef, get_method, privileged_gain, token_advantages
-from mmrlsd.algo.rlsd import evidence_weights, lam_at
-from mmrlsd.algo.sdpo import demonstration_mask, pick_demonstrations
+from mmrlsd.algo.rlsd import evidence_weights, lam_at, reweight_tokens, thought_span_mask
+from mmrlsd.algo.sdpo import demonstration_mask, pick_demonstrations, pick_feedback
 from mmrlsd.config import Config
 from mmrlsd.data.encoding import encode, repeat_encoding
 from mmrlsd.data.prompts import PromptBuilder
@@ -36,6 +41,7 @@ from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.engine import HFEngine, RolloutEngine
 from mmrlsd.train import faults
 from mmrlsd.train.diagnostics import dump_rows, step_metrics
+from mmrlsd.train.refill import REFILL_SEED_STRIDE, fill_groups, gather_groups
 from mmrlsd.train.update import Credit, Distill, ppo_update
 from mmrlsd.types import Groups, Sample, SeqBatch, StepResult
 
@@ -73,14 +79,21 @@ def timed(times: dict[str, float], name: str):
     times[f"time/{name}"] = times.get(f"time/{name}", 0.0) + time.perf_counter() - t0
 
 
-def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> StepResult:
-    """Run optimizer step `step` (1-based) on B prompts; returns the metrics and the per-token dump."""
+def rlsd_step(
+    ctx: StepContext, samples: list[Sample], step: int, seed: int,
+    more_prompts: Callable[[], list[Sample]] | None = None,
+) -> StepResult:  # fmt: skip
+    """Run optimizer step `step` (1-based) on B prompts; returns the metrics and the per-token dump.
+    `more_prompts()` draws the next B prompts, for online filtering's refills."""
     cfg, a, o, t = ctx.cfg, ctx.cfg.algo, ctx.cfg.optim, {}
     fast, method = fast_options(cfg, cfg.rollout.n), get_method(a.token_adv)
     lam = lam_at(step, a.lam0, a.lam_decay_steps, a.lam_warmup_steps)  # λ
     rule = TokenRule(a.token_adv, lam=lam, eps_w=a.eps_w, coef=a.opsd_coef, distill=a.distill)  # Â_t rule
     g = sample_groups(ctx, samples, step, seed, t)  # x, y ~ π_θ(·|x), R (B*G,), A (B*G,)
-    mask = update_mask(g, a.dynamic_sampling)  # (B*G, T) the tokens the update counts
+    live, filt = None, {}
+    if a.online_filtering:  # groups inside (filter_low, filter_high) only, refilled from more prompts
+        g, live, filt = refill_groups(ctx, g, more_prompts, step, seed, t)  # live: (B*G,) 0 on padding
+    mask = update_mask(g, a.dynamic_sampling, live)  # (B*G, T) the tokens the update counts
     student = build_sequences(g.encoding, g.rollouts)  # (B*G, P+T) [x | y]
     teacher = None
     if method.needs_teacher(lam, a.teacher_diagnostics):
@@ -88,6 +101,9 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
             teacher = teacher_pass(ctx, g, fast)  # log P_T(y_t | x, r), (B*G, T)
     teacher_logp = teacher.logp if teacher is not None else None
     teacher_mask = teacher.mask if teacher is not None else g.rollouts.response_mask  # (B*G, T)
+    if a.rlsd_thought_only or a.rlsd_negative_only:  # Δ_t = 0 (w_t = 1, Â_t = A) outside the named tokens
+        thought = thought_mask(ctx, g) if a.rlsd_thought_only else None  # (B*G, T)
+        teacher_mask = teacher_mask * reweight_tokens(g.adv, mask, thought, a.rlsd_negative_only)
     student_logp = delta = token_adv = credit = None
     if fast.enabled and o.mini_batches == 1:  # π_old = π_θ: the update's forward gives log P_S
         credit = Credit(g.adv, teacher_logp, teacher_mask, rule)
@@ -108,7 +124,7 @@ def rlsd_step(ctx: StepContext, samples: list[Sample], step: int, seed: int) -> 
     metrics = step_metrics(g, delta, weights, token_adv, lam, a.eps_w, teacher)
     dump = dump_rows(step, g, ctx.processor, delta, weights, token_adv, student_logp, teacher, lam,
                      cfg.trainer.dump_max) if cfg.trainer.dump_every else []  # fmt: skip
-    return StepResult(metrics={**u.stats, **metrics, **t}, dump=dump)
+    return StepResult(metrics={**u.stats, **metrics, **filt, **t}, dump=dump)
 
 
 def sample_groups(
@@ -118,8 +134,7 @@ def sample_groups(
     A = (R - mean_G R) / (std_G R + eps). Call it again on other prompts to refill a filtered batch."""
     cfg, G = ctx.cfg, ctx.cfg.rollout.n
     with timed(t, "rollout"):
-        texts, images = [ctx.prompts.student(s) for s in samples], [s.pil_images for s in samples]
-        enc = repeat_encoding(encode(ctx.processor, texts, images), G)  # (B*G, P), each prompt encoded once
+        texts, images, enc = student_prompts(ctx, samples)  # enc: (B*G, P), each prompt encoded once
         rollouts = ctx.engine.sample(texts, images, group_size=G, seed=seed, cfg=cfg.rollout, encoding=enc)
     faults.point("rollout", step)
     with timed(t, "reward"):
@@ -128,18 +143,61 @@ def sample_groups(
                                   [s.problem_type for s in samples for _ in range(G)], name=r.name,
                                   timeout=r.timeout, acc_weight=r.acc_weight, format_weight=r.format_weight)  # fmt: skip
         rewards = torch.tensor([x.reward for x in results], dtype=torch.float32)  # (B*G,)
-    adv = get_advantage(cfg.algo.adv)(rewards, G, norm_std=cfg.algo.norm_std)  # (B*G,)
-    return Groups(samples, enc, rollouts, results, rewards, adv)
+    return Groups(samples, enc, rollouts, results, rewards, group_advantages(cfg, rewards, rollouts))
 
 
-def update_mask(g: Groups, dynamic_sampling: bool) -> torch.Tensor:
+def student_prompts(ctx: StepContext, samples: list[Sample]) -> tuple[list[str], list, dict]:
+    """The student prompts' texts and images, and their encoding with each prompt repeated G times."""
+    texts, images = [ctx.prompts.student(s) for s in samples], [s.pil_images for s in samples]
+    return texts, images, repeat_encoding(encode(ctx.processor, texts, images), ctx.cfg.rollout.n)
+
+
+def group_advantages(cfg: Config, rewards: torch.Tensor, rollouts) -> torch.Tensor:
+    """A `(B*G,)` by `algo.adv` (REINFORCE++ also needs the response lengths and sums over ranks)."""
+    reduce = dist.all_reduce_tensor if dist.enabled() else None
+    return get_advantage(cfg.algo.adv)(rewards, rollouts.group_size, norm_std=cfg.algo.norm_std,
+                                       lengths=rollouts.response_mask.sum(dim=1), reduce=reduce)  # fmt: skip
+
+
+def refill_groups(
+    ctx: StepContext, g: Groups, more_prompts, step: int, seed: int, t: dict[str, float]
+) -> tuple[Groups, torch.Tensor, dict[str, float]]:
+    """Online filtering with refill (`mmrlsd.train.refill`): the B groups to train on, `(B*G,)` 1 on the rows the
+    update counts (0 on padding groups, used only when the tries ran out), and the `filter/*` metrics."""
+    a, G = ctx.cfg.algo, g.group_size
+    if more_prompts is None:
+        raise ValueError("algo.online_filtering needs more_prompts to refill the batch")
+
+    def more(r: int) -> Groups:  # round r on the next prompts, with its own sampling seed
+        return sample_groups(ctx, more_prompts(), step, seed + r * REFILL_SEED_STRIDE, t)
+
+    kept, padding, stats = fill_groups(g, more, key=a.filter_key, low=a.filter_low, high=a.filter_high,
+                                       max_rounds=a.max_refill_tries)  # fmt: skip
+    tok = ctx.processor.tokenizer
+    samples, rollouts, results, rewards = gather_groups(kept + padding, pad_id=tok.pad_token_id or 0)
+    live = torch.tensor([1.0] * (len(kept) * G) + [0.0] * (len(padding) * G))  # (B*G,)
+    adv = group_advantages(ctx.cfg, rewards, rollouts) * live  # (B*G,) A, 0 on padding
+    return Groups(samples, student_prompts(ctx, samples)[2], rollouts, results, rewards, adv), live, stats
+
+
+def update_mask(g: Groups, dynamic_sampling: bool, live: torch.Tensor | None = None) -> torch.Tensor:
     """`(B*G, T)` response tokens the update counts; with `dynamic_sampling`, none of a group whose rewards are all
-    equal (A = 0 there: no GRPO signal, but they would still count in the token mean)."""
+    equal (A = 0 there: no GRPO signal, but they would still count in the token mean); none of the rows where
+    `live` `(B*G,)` is 0 (online filtering's padding)."""
     mask = g.rollouts.response_mask.float()  # (B*G, T)
     if dynamic_sampling:
         keep = ~all_equal_groups(g.rewards, g.group_size)  # (B,)
         mask = mask * keep.repeat_interleave(g.group_size)[:, None].float()
+    if live is not None:
+        mask = mask * live[:, None]
     return mask
+
+
+def thought_mask(ctx: StepContext, g: Groups) -> torch.Tensor:
+    """`(B*G, T)` 1 inside the responses' <thought>...</thought> spans (`algo.rlsd_thought_only`)."""
+    tok = ctx.processor.tokenizer
+    ids = [tok.encode(tag, add_special_tokens=False) for tag in ("<thought>", "</thought>")]
+    return thought_span_mask(g.rollouts.response_ids, g.rollouts.response_mask, *ids)
 
 
 def teacher_pass(ctx: StepContext, g: Groups, fast: FastOptions) -> TeacherPass:
@@ -159,15 +217,20 @@ def teacher_encoding(ctx: StepContext, g: Groups) -> tuple[dict, list[int | None
     """The teacher prompts of the B*G rows, and for `teacher_info: sibling` (SDPO) each row's demonstration.
 
     `answer | solution`: one teacher prompt per sample, repeated G times. `sibling`: each row's prompt carries the
-    first other correct response of its group (`demos[i]`, its row index); rows without one get the student
-    prompt."""
+    first (`algo.sdpo_pick: shortest`: the shortest) other correct response of its group (`demos[i]`, its row
+    index), with `shortest` also the shortest other incorrect one as `feedback`; rows without a correct one get
+    the student prompt."""
     G = g.group_size
     if ctx.cfg.algo.teacher_info != "sibling":
         texts = [ctx.prompts.teacher(s) for s in g.samples]
         return repeat_encoding(encode(ctx.processor, texts, [s.pil_images for s in g.samples]), G), None
-    demos = pick_demonstrations([x.accuracy >= 1.0 for x in g.results], G)
-    texts = [ctx.prompts.teacher(g.samples[i // G], demonstration=g.rollouts.texts[d]) if d is not None
-             else ctx.prompts.student(g.samples[i // G]) for i, d in enumerate(demos)]  # fmt: skip
+    correct, responses = [x.accuracy >= 1.0 for x in g.results], g.rollouts.texts
+    lengths = g.rollouts.response_mask.sum(dim=1).tolist() if ctx.cfg.algo.sdpo_pick == "shortest" else None
+    demos = pick_demonstrations(correct, G, lengths)  # the first (or shortest) other correct row
+    feedback = pick_feedback(correct, G, lengths) if lengths else [None] * len(demos)  # shortest incorrect
+    texts = [ctx.prompts.teacher(g.samples[i // G], demonstration=responses[d],
+                                 feedback=responses[f] if f is not None else None) if d is not None
+             else ctx.prompts.student(g.samples[i // G]) for i, (d, f) in enumerate(zip(demos, feedback))]  # fmt: skip
     return encode(ctx.processor, texts, [g.samples[i // G].pil_images for i in range(len(texts))]), demos
 
 

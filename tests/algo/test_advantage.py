@@ -48,3 +48,24 @@ def test_reinforce_pp_whitens_over_tokens():
     # token weighting: a longer response pulls the mean towards its reward
     short_long = reinforce_pp_advantages(torch.tensor([1.0, 0.0]), torch.tensor([3, 1]))
     torch.testing.assert_close(short_long, torch.tensor([0.5, -1.5]), rtol=0, atol=2e-6)
+
+
+def test_reinforce_pp_over_ranks_is_the_whole_batch():
+    # two "ranks" holding halves of the batch: summing the three token sums over them gives the whole batch's
+    # μ and σ, so each half's advantages equal the corresponding rows of the single-process result
+    from mmrlsd.algo import get_advantage
+
+    r, L = torch.tensor([1.0, 0.0, 0.5, 0.0]), torch.tensor([2, 1, 1, 5])
+    whole = get_advantage("reinforce_pp")(r, 2, lengths=L)
+    halves = [(r[:2], L[:2]), (r[2:], L[2:])]
+    sums = [
+        torch.stack([w.double().sum(), (w * x).double().sum(), (w * x * x).double().sum()]) for x, w in halves
+    ]
+
+    def reduce(t):  # what an all-reduce over the two ranks returns
+        return sums[0] + sums[1]
+
+    got = torch.cat([reinforce_pp_advantages(x, w, reduce=reduce) for x, w in halves])
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="lengths"):
+        get_advantage("reinforce_pp")(r, 2)

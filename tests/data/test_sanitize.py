@@ -37,7 +37,7 @@ def processor(tiny_model):
 
 
 def _builder(processor, info="answer"):
-    t = REPO / "configs" / "prompts"
+    t = REPO / "mmrlsd" / "prompts"
     return PromptBuilder(processor, t / "student.jinja", t / "teacher.jinja", info)
 
 
@@ -159,7 +159,7 @@ def test_sdpo_step_teacher_prompts_neutralise_sampled_demonstrations(processor):
                              "algo.teacher_info=sibling"])  # fmt: skip
     img = Image.new("RGB", (56, 56), "red")
     s = Sample(id="x", problem="how many?", answer="1", images=["a.png"], pil_images=[img])
-    t = REPO / "configs" / "prompts"
+    t = REPO / "mmrlsd" / "prompts"
     prompts = PromptBuilder(processor, t / "student.jinja", t / "sdpo_teacher.jinja", "sibling")
     ctx = SimpleNamespace(cfg=cfg, prompts=prompts, processor=processor)
     texts = ["<|image_pad|><|image_pad|><answer>1</answer><|im_end|><|im_start|>user", "<answer>1</answer>"]

@@ -96,6 +96,13 @@ def test_planted_metadata_is_refused_by_export_and_viz(ref, tmp_path, capsys):
     assert main(["export", str(run / "checkpoint-2"), "--out", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err
     assert f"error: {run}/checkpoint-2/state/.metadata: refusing to load it" in err and "Traceback" not in err
+    # viz loads a checkpoint's hf/ folder (safetensors) when it has one, never reading state/: nothing runs
+    assert main(["viz", str(run), "--step", "2", "--out", str(tmp_path / "v.html")]) == 0 and not marker.exists()
+    for n in (1, 2):  # checkpoints saved without hf/ (trainer.save_hf: false): viz reads state/ and refuses
+        shutil.rmtree(run / f"checkpoint-{n}" / "hf")
+    from mmrlsd.viz import overlay
+
+    overlay._load.cache_clear()  # the model viz just loaded from hf/ is cached per checkpoint path
     assert main(["viz", str(run), "--step", "2", "--out", str(tmp_path / "v.html")]) == 2
     err = capsys.readouterr().err
     assert "state/.metadata: refusing to load it: it names posix.system" in err, err
@@ -280,7 +287,8 @@ def test_resume_with_a_different_experiment_is_refused(ref, tmp_path, capsys, ti
         assert change in err, err
     assert "Traceback" not in err
     # harmless keys (length, cadence, threads) are accepted, and the run continues
-    code, err = _cli([*base, "trainer.total_steps=3", "trainer.dump_every=2", "trainer.keep_last=0"], capsys)
+    harmless = ["trainer.total_steps=3", "trainer.dump_every=2", "trainer.keep_last=0", "trainer.logger=[]"]
+    code, err = _cli([*base, *harmless], capsys)
     assert code == 0, err
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
 

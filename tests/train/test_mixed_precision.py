@@ -141,3 +141,26 @@ def test_two_ranks_train_float32_master_weights(tiny_model, tiny_records, tmp_pa
     assert {v for k, v in dtypes.items() if k.startswith("teacher.")} == {torch.bfloat16}
     total, least = moved(init_weights, load_policy_weights(run / "checkpoint-1"))
     assert least > 0.95 and total > 0.85, (least, total)
+
+
+def test_sft_keeps_float32_master_weights(tmp_path):
+    """`mmrlsd sft` with bf16 compute: the saved model is float32 and an lr-1e-6 step moved it."""
+    from safetensors.torch import load_file
+
+    from mmrlsd.experiments.lab.data import write_lab_data
+    from mmrlsd.recipes.sft import load_sft_config, sft
+
+    repo = Path(__file__).resolve().parents[2]
+    write_lab_data(tmp_path / "data", n_train=16, n_val=4, seed=5)
+    cfg = load_sft_config(repo / "configs" / "tiny_sft.yaml", [
+        f"model.path={repo / 'data' / 'tiny' / 'sft-qwen2vl'}", f"data.train_files=[{tmp_path / 'data' / 'train.jsonl'}]",
+        "data.val_files=[]", "trainer.val_every=0", "model.dtype=bfloat16", "optim.lr=1e-6", "optim.warmup_steps=0",
+        "trainer.total_steps=1", "trainer.save_every=0", "sft.batch_size=8", "trainer.threads=1",
+    ])  # fmt: skip
+    out = sft(cfg, tmp_path / "run", progress=False)
+    init = load_file(repo / "data" / "tiny" / "sft-qwen2vl" / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+    assert {v.dtype for v in trained.values()} == {torch.float32}
+    layers = [k for k in init if ".layers." in k and k.endswith("proj.weight")]
+    changed = sum((trained[k] != init[k]).sum().item() for k in layers) / sum(init[k].numel() for k in layers)
+    assert changed > 0.95, changed
