@@ -136,6 +136,10 @@ class RolloutConfig:
     share_prefill: bool = True
     """HF rollout: each prompt's prefill (images included) runs once and its KV cache is copied to its G samples;
     `gen_batch_size` then counts whole groups."""
+    hf_decode: str = "lean"
+    """HF rollout's decode loop: lean (a plain loop of forwards over the KV cache, several times less overhead per
+    token) | generate (Hugging Face `generate`). Both sample the same ids; a checkpoint whose generation config
+    adds logits processors of its own (e.g. repetition_penalty) always uses generate."""
     val_temperature: float = 0.7
     """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
     val_n: int = 1
@@ -338,6 +342,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
+    "rollout.hf_decode": ("lean", "generate"),
     "rollout.vllm_sleep": ("auto", "on", "off"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),

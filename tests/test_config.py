@@ -110,6 +110,9 @@ def test_validate_cli_and_help():
     # validate runs train's pre-model checks: a 7B recipe's data must exist on this machine
     r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml"],
                        capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "error: data.train_files: data/mmfinereason/" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "--no-data-check"],
+                       capture_output=True, text=True)  # fmt: skip
     assert r.returncode == 0 and "warning: data.train_files: data/mmfinereason/" in r.stderr, r.stderr
     r = subprocess.run([sys.executable, "-m", "mmrlsd", "validate", "configs/qwen2vl_7b.yaml", "algo.eps_W=0"],
                        capture_output=True, text=True)  # fmt: skip
@@ -144,7 +147,8 @@ def test_release_configs_hold_the_released_script_values():
 
 
 def test_validate_command_accepts_every_shipped_config(capsys):
-    """`mmrlsd validate` (its run function, in-process) passes on every config under configs/, SFT recipes too."""
+    """`mmrlsd validate` (its run function, in-process) passes on every config under configs/, SFT recipes too; the
+    paper recipes' data is not on this machine, so their data files are checked only where they ship (tiny)."""
     import argparse
     from pathlib import Path
 
@@ -152,7 +156,8 @@ def test_validate_command_accepts_every_shipped_config(capsys):
 
     configs = sorted(Path(__file__).resolve().parents[1].glob("configs/**/*.yaml"))
     for c in configs:
-        assert validate.run(argparse.Namespace(config=str(c), overrides=[])) == 0, c
+        local = c.name.startswith(("tiny", "grpo_tiny", "opsd_tiny", "sdpo_tiny", "credit"))
+        assert validate.run(argparse.Namespace(config=str(c), overrides=[], no_data_check=not local)) == 0, c
     out = capsys.readouterr().out
     assert out.count(": OK (") == len(configs) and "tiny_sft.yaml: OK" in out
 

@@ -82,8 +82,10 @@ def test_missing_files_are_reported_by_key_before_anything_runs(tmp_path, monkey
     assert cfg.data.val_files == ["cwd_only.jsonl"]  # left as given: found nowhere
     with pytest.raises(DataError, match=r"data.val_files: cwd_only.jsonl: file not found"):
         preflight.check(cfg)
-    assert cli_main(["validate", str(cfg_file), "trainer.val_every=1"]) == 0  # a warning: data may come later
-    assert "data.val_files: cwd_only.jsonl: file not found" in capsys.readouterr().err
+    assert cli_main(["validate", str(cfg_file), "trainer.val_every=1"]) == 2  # what train would stop on
+    assert "error: data.val_files: cwd_only.jsonl: file not found" in capsys.readouterr().err
+    assert cli_main(["validate", str(cfg_file), "trainer.val_every=1", "--no-data-check"]) == 0
+    assert "warning: data.val_files: cwd_only.jsonl: file not found" in capsys.readouterr().err
     cases = {"data.student_template=nope.jinja": (ConfigError, "data.student_template: nope.jinja: prompt template"),
              "model.path=./no_model": (ModelError, "no_model: model directory not found")}  # fmt: skip
     for override, (error, message) in cases.items():

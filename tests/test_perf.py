@@ -16,9 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_committed_configs_load():
-    for name in ("cpu", "gpu"):
+    for name, extra in (("cpu", {"rlsd_generate"}), ("gpu", set())):
         cfg = load_perf_config(resolve_config(name))
-        assert set(cfg.variants) == {"naive", "grpo", "rlsd", "trl"}
+        assert set(cfg.variants) == {"naive", "grpo", "rlsd", "trl"} | extra
     assert load_perf_config(resolve_config("gpu")).shape == "qwen2_5_vl_3b"
 
 
@@ -60,7 +60,7 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     from mmrlsd.experiments.perf import run
 
     monkeypatch.chdir(tmp_path)  # TRL writes into the working directory
-    variants = ["naive", "grpo", "rlsd"]
+    variants = ["naive", "grpo", "rlsd", "rlsd_generate"]
     try:
         import trl  # noqa: F401
 
@@ -89,6 +89,10 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     assert saved["phases"]["rlsd"]["teacher"] > 0 and saved["phases"]["grpo"]["teacher"] == 0
     assert saved["rlsd_over_grpo_step_time"] > 0
     assert (saved["speedup_vs_trl"] is not None) == ("trl" in variants)
+    # the lean decode loop and `generate` sample the same responses: identical work, compared by time
+    lean, old = saved["variants"]["rlsd"], saved["variants"]["rlsd_generate"]
+    assert lean["response_len_mean"] == old["response_len_mean"] > 0
+    assert saved["lean_rollout_speedup"] > 0 and lean["rollout_tokens_per_s"] > 0
 
 
 def test_fast_step_forms_the_same_delta(tiny_model, tiny_records):

@@ -10,12 +10,18 @@ HELP = "check a config (and its templates, data files, model directory) without 
 EXAMPLES = """example:
   mmrlsd validate configs/qwen2vl_7b.yaml
   mmrlsd validate configs/tiny_cpu.yaml algo.lam0=0
+  mmrlsd validate configs/qwen2vl_7b.yaml --no-data-check   # on a machine other than the one that trains
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config")
     p.add_argument("overrides", nargs="*", help="dotted overrides")
+    p.add_argument(
+        "--no-data-check",
+        action="store_true",
+        help="report missing local data files as warnings, not errors (the data lives on another machine)",
+    )
 
 
 def _is_sft(path: str) -> bool:
@@ -41,7 +47,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
         # registry names, reward, templates, data files, model directory: what train checks before loading a model
-        for line in preflight.check(cfg, data=False):
-            print(f"warning: {line} (train stops here unless it is created first)", file=sys.stderr)
+        missing = preflight.check(cfg, data=False)
+        for line in missing:
+            print(f"{'warning' if args.no_data_check else 'error'}: {line}", file=sys.stderr)
+        if missing and not args.no_data_check:
+            print(f"{args.config}: {len(missing)} data file(s) missing; train would stop here "
+                  "(--no-data-check to validate the rest only)", file=sys.stderr)  # fmt: skip
+            return 2
     print(f"{args.config}: OK ({sum(len(v) for v in to_dict(cfg).values())} keys)")
     return 0

@@ -5,6 +5,8 @@
     grpo   mmrlsd's fast path with λ = 0 (no teacher pass): packing, vision shared per prompt, memory-lean
            log-probs, no old-log-prob pass (one optimizer step per rollout batch)
     rlsd   the same fast path running RLSD (λ = 0.5, a frozen teacher snapshot, its own teacher prompt)
+    rlsd_generate  `rlsd` with the rollout's decode loop in Hugging Face `generate` (`rollout.hf_decode:
+           generate`) instead of the lean loop: the same samples, so the rollout time of the two compares the loops
     trl    TRL's GRPOTrainer on the same model, prompts, images, G, response length, micro-batch size and
            sampling (β = 0, DAPO token mean, clip 0.2/0.28: the same loss)
 
@@ -41,7 +43,7 @@ from mmrlsd.model.tiny import ARCHS, TinySize
 from mmrlsd.reward.rewards import REWARDS, RewardResult, register_reward
 from mmrlsd.types import Sample
 
-VARIANTS = ("naive", "grpo", "rlsd", "trl")
+VARIANTS = ("naive", "grpo", "rlsd", "rlsd_generate", "trl")
 PHASES = ("rollout", "reward", "old_logp", "teacher", "update")
 @dataclass
 class PerfConfig(TinySize):
@@ -75,6 +77,8 @@ class PerfConfig(TinySize):
     share_prefix: bool = True
     share_prefill: bool = True
     """Rollout: each prompt's prefill once for its G samples (`rollout.share_prefill`)."""
+    hf_decode: str = "lean"
+    """Rollout decode loop of `grpo`/`rlsd` (`rollout.hf_decode`; `naive` and `rlsd_generate` use generate)."""
     token_budget: int = 2048
     logprob_chunk: int = 1024
     packed_attention: str = "auto"
@@ -186,6 +190,7 @@ if "perf_chars" not in REWARDS:
 def mmrlsd_config(pc: PerfConfig, variant: str):
     """The training config of an mmrlsd variant (`naive` = every fast-path switch off)."""
     fast = variant != "naive"
+    decode = pc.hf_decode if variant in ("grpo", "rlsd") else "generate"
     o = {
         "model.path": "<in memory>", "data.train_files": "[<in memory>]", "reward.name": "perf_chars",
         "rollout.n": pc.group_size, "rollout.batch_size": pc.batch_size, "rollout.max_new_tokens": pc.max_new_tokens,
@@ -195,7 +200,8 @@ def mmrlsd_config(pc: PerfConfig, variant: str):
         # the fast path (`naive`: all off)
         "model.packing": fast and pc.packing, "model.share_vision": fast and pc.share_vision,
         "model.share_prefix": fast and pc.share_prefix, "model.logprob_chunk": pc.logprob_chunk if fast else 0,
-        "rollout.share_prefill": fast and pc.share_prefill, "model.packed_attention": pc.packed_attention,
+        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode,
+        "model.packed_attention": pc.packed_attention,
         "optim.token_budget": pc.token_budget if fast else 0,
     }  # fmt: skip
     return load_config(None, [f"{k}={v}" for k, v in o.items()])
@@ -458,6 +464,8 @@ def summarise(pc: PerfConfig, records: dict, errors: dict, device, model, load_b
         s["response_tokens_per_s"] = (
             n_resp * s["response_len_mean"] / s["step_median_s"] if s["step_median_s"] else 0
         )
+        rollout = s["phases"].get("rollout", 0.0)
+        s["rollout_tokens_per_s"] = n_resp * s["response_len_mean"] / rollout if rollout else 0
     try:
         import trl
 
@@ -477,6 +485,12 @@ def summarise(pc: PerfConfig, records: dict, errors: dict, device, model, load_b
         "speedup_vs_trl": ratio("trl", "rlsd"),
         "grpo_speedup_vs_trl": ratio("trl", "grpo"),
         "speedup_vs_naive": ratio("naive", "rlsd"),
+        "lean_step_speedup": ratio("rlsd_generate", "rlsd"),
+        "lean_rollout_speedup": (
+            variants["rlsd_generate"]["phases"]["rollout"] / variants["rlsd"]["phases"]["rollout"]
+            if "rlsd" in variants and "rlsd_generate" in variants and variants["rlsd"]["phases"].get("rollout")
+            else None
+        ),
         "phases": {v: s["phases"] for v, s in variants.items()},
         "variants": variants,
         "errors": errors,
@@ -522,11 +536,18 @@ def table(result: dict) -> str:
     """A fixed-width table of the medians."""
     cols = ("step",) + PHASES
     lines = [f"{result['device']}  load {result['load_avg_before'][0]:.1f} -> {result['load_avg_after'][0]:.1f}",
-             f"{'variant':8s}" + "".join(f"{c:>10s}" for c in cols) + f"{'resp tok/s':>12s}"]  # fmt: skip
+             f"{'variant':14s}" + "".join(f"{c:>10s}" for c in cols) + f"{'resp tok/s':>12s}"]  # fmt: skip
     for v, s in result["variants"].items():
         vals = [s["step_median_s"]] + [s["phases"].get(p, 0.0) for p in PHASES]
-        lines.append(f"{v:8s}" + "".join(f"{x:10.2f}" for x in vals) + f"{s['response_tokens_per_s']:12.1f}")
-    for k in ("rlsd_over_grpo_step_time", "speedup_vs_trl", "grpo_speedup_vs_trl", "speedup_vs_naive"):
+        lines.append(f"{v:14s}" + "".join(f"{x:10.2f}" for x in vals) + f"{s['response_tokens_per_s']:12.1f}")
+    for k in (
+        "rlsd_over_grpo_step_time",
+        "speedup_vs_trl",
+        "grpo_speedup_vs_trl",
+        "speedup_vs_naive",
+        "lean_step_speedup",
+        "lean_rollout_speedup",
+    ):
         if result.get(k) is not None:
             lines.append(f"{k}: {result[k]:.3f}")
     for v, e in result.get("errors", {}).items():

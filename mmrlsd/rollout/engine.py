@@ -29,7 +29,8 @@ class RolloutEngine(Protocol):
 
 
 class HFEngine:
-    """Rollouts with Hugging Face `generate` on the policy itself (`mmrlsd.rollout.generate`)."""
+    """Rollouts on the policy itself (`mmrlsd.rollout.generate`: the lean decode loop or Hugging Face `generate`,
+    `rollout.hf_decode`)."""
 
     def __init__(self, policy, processor):
         self.policy, self.processor = policy, processor
@@ -46,7 +47,7 @@ class HFEngine:
         return generate(self.policy, self.processor, encoding, group_size=group_size, seed=seed,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, gen_batch_size=cfg.gen_batch_size,
-                        share_prefill=cfg.share_prefill)  # fmt: skip
+                        share_prefill=cfg.share_prefill, decode=cfg.hf_decode)  # fmt: skip
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: this engine samples from the policy module itself."""

@@ -1,4 +1,8 @@
-"""Rollouts with Hugging Face `generate`: G samples per prompt, batched, vision special tokens suppressed.
+"""Rollouts on a Hugging Face model: G samples per prompt, batched, vision special tokens suppressed.
+
+Decoding (`rollout.hf_decode`): `lean` (default, `lean_decode`) runs the forwards itself over a KV cache with room
+for the whole response, applying the same logits processors and sampler as `generate`, so the samples are
+identical; `generate` calls Hugging Face `generate`.
 
 Sampled responses could otherwise contain the image placeholder token, which breaks the next forward pass (the
 processor counts placeholders against the image grid), so every vision special token is suppressed.
@@ -115,6 +119,21 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+def prompt_positions(
+    model, ids: torch.Tensor, mask: torch.Tensor, extra: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The position ids `generate` gives a left-padded prompt, `(4, n, L)`: text positions from the attention mask
+    stacked on the three mRoPE axes (`get_rope_index` when images are present, else the text positions), and the
+    mRoPE offset of each row `(n, 1)`, which decoding adds to the text position of every new token."""
+    text_pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (n, L)
+    if "pixel_values" in extra:
+        mrope, deltas = model.model.get_rope_index(ids, mm_token_type_ids=extra["mm_token_type_ids"],
+                                                   image_grid_thw=extra["image_grid_thw"], attention_mask=mask)  # fmt: skip
+    else:
+        mrope, deltas = text_pos.expand(3, -1, -1), torch.zeros(ids.shape[0], 1, dtype=torch.long)
+    return torch.cat([text_pos[None], mrope.to(text_pos.device)]), deltas.to(ids.device)
+
+
 def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
     """Run every token but the last of each distinct prompt of `chunk` (images included) once, and copy the KV cache
     to the rows: the `generate` kwargs under which it computes only the last prompt token and the decode steps.
@@ -128,20 +147,16 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
     firsts = [prompt_of_row.index(p) for p in range(prompt_of_row[-1] + 1)]
     pre = select_rows(chunk, firsts)
     ids, mask = pre["input_ids"][:, :-1], pre["attention_mask"][:, :-1]  # (P, L-1)
-    text_pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)  # (P, L-1)
     extra = {}
     if "mm_token_type_ids" in pre:
         extra["mm_token_type_ids"] = pre["mm_token_type_ids"][:, :-1]
     if "pixel_values" in pre:
         extra.update(pixel_values=pre["pixel_values"], image_grid_thw=pre["image_grid_thw"])
-        mrope, deltas = model.model.get_rope_index(ids, mm_token_type_ids=extra["mm_token_type_ids"],
-                                                   image_grid_thw=pre["image_grid_thw"], attention_mask=mask)  # fmt: skip
-    else:
-        mrope, deltas = text_pos.expand(3, -1, -1), torch.zeros(len(firsts), 1, dtype=torch.long)
+    position_ids, deltas = prompt_positions(model, ids, mask, extra)  # (4, P, L-1), (P, 1)
     cache, name = DynamicCache(config=model.config), _cache_kwarg(model)
     with tower_on_every_rank(model, "pixel_values" in pre):  # the other ranks' prefill may run the tower
-        model(input_ids=ids, attention_mask=mask, position_ids=torch.cat([text_pos[None], mrope]),  # (4, P, L-1)
-              use_cache=True, logits_to_keep=1, **{name: cache}, **extra)  # fmt: skip
+        model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+              **{name: cache}, **extra)  # fmt: skip
     if cache.get_seq_length() != ids.shape[1]:  # a layer that dropped the cache (see `_eval_mode`)
         raise RuntimeError(
             f"shared prefill: the KV cache holds {cache.get_seq_length()} of {ids.shape[1]} tokens"
@@ -153,11 +168,134 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
     return {name: cache}
 
 
+# Generation-config settings under which `generate` adds logits processors of its own; the lean loop does not
+# reproduce them, so a model whose generation config sets one (e.g. a checkpoint's `repetition_penalty: 1.05`)
+# decodes with `generate`. Each entry: the attribute and the values that leave it off.
+_GENERATE_ONLY = {
+    "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
+    "encoder_repetition_penalty": (None, 1.0), "bad_words_ids": (None,), "sequence_bias": (None,),
+    "min_length": (None, 0), "min_new_tokens": (None, 0), "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,), "remove_invalid_values": (None, False), "exponential_decay_length_penalty": (None,),
+    "begin_suppress_tokens": (None,), "guidance_scale": (None, 1.0), "renormalize_logits": (None, False),
+    "watermarking_config": (None,),
+}  # fmt: skip
+
+
+def lean_unsupported(model) -> list[str]:
+    """The generation-config settings of `model` that only `generate` applies (empty: the lean loop is exact)."""
+    gc = model.generation_config
+    return [f"{k}={getattr(gc, k)!r}" for k, off in _GENERATE_ONLY.items() if getattr(gc, k, None) not in off]
+
+
+def _reserve(cache, extra_tokens: int) -> None:
+    """Give every layer of a `DynamicCache` room for `extra_tokens` more tokens, so that decoding writes each new key
+    and value into place instead of concatenating the whole cache at every step (a copy that grows with the
+    sequence). The layers then hold views of the first `length` positions of their buffers: the same tensors as
+    the concatenation, so attention computes the same numbers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class _Reserved(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            end = self.length + key_states.shape[-2]
+            if end > self.buf_k.shape[-2]:  # out of room: grow as DynamicLayer does
+                self.buf_k = torch.cat([self.buf_k[..., : self.length, :], key_states], dim=-2)
+                self.buf_v = torch.cat([self.buf_v[..., : self.length, :], value_states], dim=-2)
+            else:
+                self.buf_k[..., self.length : end, :] = key_states
+                self.buf_v[..., self.length : end, :] = value_states
+            self.length = end
+            self.keys, self.values = self.buf_k[..., :end, :], self.buf_v[..., :end, :]
+            return self.keys, self.values
+
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is not DynamicLayer or not layer.is_initialized:
+            continue  # sliding-window or other layers keep their own update
+        new = _Reserved()
+        k, v = layer.keys, layer.values  # (n, heads, length, head_dim)
+        new.length = k.shape[-2]
+        new.buf_k = k.new_empty(k.shape[:-2] + (k.shape[-2] + extra_tokens, k.shape[-1]))
+        new.buf_v = v.new_empty(v.shape[:-2] + (v.shape[-2] + extra_tokens, v.shape[-1]))
+        new.buf_k[..., : new.length, :] = k
+        new.buf_v[..., : new.length, :] = v
+        new.keys, new.values = new.buf_k[..., : new.length, :], new.buf_v[..., : new.length, :]
+        new.device, new.dtype, new.is_initialized = k.device, k.dtype, True
+        cache.layers[i] = new
+
+
+def lean_decode(
+    model, inputs: dict, *, cache, deltas: torch.Tensor | None, procs: list, suppress: list[int], eos: list[int],
+    pad: int, max_new_tokens: int, synced: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Greedy decoding over processed scores, as `generate(do_sample=False)` runs it, without its per-step overhead.
+
+    `inputs`: left-padded prompts `input_ids` / `attention_mask` `(n, L)` (plus pixels and `mm_token_type_ids`
+    when `cache` is None). With `cache` (the shared prefill: every prompt token but the last, `deltas` the rows'
+    mRoPE offsets `(n, 1)`) the first forward runs the last prompt token; without, the whole prompt into a new
+    `DynamicCache`. Every step: the last position's logits in float32, the vision tokens set to -inf, then `procs`
+    in order (each called with the ids so far `(n, L + t)` and the scores `(n, V)`), argmax; finished rows get
+    `pad`, a row finishes at its first token in `eos`, and decoding stops when every row has finished (with
+    `synced`, on every rank: a rank that finished keeps running forwards without appending, as `synced_gpus`
+    does). Positions follow `generate`: text position + 1 per token, the mRoPE axes the text position plus the
+    row's offset. Returns the new tokens `(n, steps)`.
+    """
+    from transformers import DynamicCache
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    n, L = ids.shape
+    device = ids.device
+    seq = ids.new_full((n, L + max_new_tokens), pad)  # prompt, then the tokens as they are sampled
+    seq[:, :L] = ids
+    full_mask = mask.new_ones((n, L + max_new_tokens))
+    full_mask[:, :L] = mask
+    name = _cache_kwarg(model)
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    text_pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -1:]  # (n, 1) the last prompt token
+    if cache is None:
+        cache = DynamicCache(config=model.config)
+        position_ids, deltas = prompt_positions(model, ids, mask, extra)  # (4, n, L)
+        cur = ids
+    else:
+        position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, n, 1)
+        cur, extra = ids[:, -1:], {}
+    deltas = deltas.to(device)
+    suppress_t = torch.tensor(suppress, dtype=torch.long, device=device)
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    unfinished = torch.ones(n, dtype=torch.bool, device=device)
+    steps, done_here = 0, False
+    while steps < max_new_tokens:
+        if synced:
+            if not dist.any_rank(not done_here):
+                break
+        elif done_here:
+            break
+        out = model(input_ids=cur, attention_mask=full_mask[:, : L + steps], position_ids=position_ids,
+                    use_cache=True, logits_to_keep=1, **{name: cache}, **extra)  # fmt: skip
+        if steps == 0 and not done_here:
+            _reserve(cache, max_new_tokens)
+        extra = {}
+        text_pos = text_pos + 1
+        position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, n, 1)
+        if done_here:  # synced: this rank has finished, the others still decode
+            continue
+        scores = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # (n, V)
+        scores[:, suppress_t] = -float("inf")
+        for proc in procs:
+            scores = proc(seq[:, : L + steps], scores)
+        nxt = torch.where(unfinished, scores.argmax(-1), pad)  # (n,)
+        seq[:, L + steps] = nxt
+        steps += 1
+        unfinished &= ~torch.isin(nxt, eos_t)
+        done_here = not bool(unfinished.any())
+        cur = nxt[:, None]
+    return seq[:, L : L + steps]
+
+
 @torch.no_grad()
 def generate(
     model, processor, enc, *, group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
     top_k: int = 0, gen_batch_size: int = 0, seed: int | None = None, progress: bool = False,
     row_offset: int | None = None, share_prefill: bool = True, presence_penalty: float = 0.0,
+    decode: str = "lean",
 ) -> Rollouts:  # fmt: skip
     """Sample responses for the N prompt rows of `enc` (already repeated G times per prompt).
 
@@ -169,6 +307,10 @@ def generate(
     `share_prefill` (with G > 1): each prompt's prefix is computed once for its G rows (`shared_prefill`), and
     `gen_batch_size` is rounded down to whole groups (when it is at least G). Used only where rows b*G .. b*G+G-1
     are checked to be one prompt (on every rank); otherwise, with a warning, every row runs its full prefill.
+
+    `decode`: `lean` (`lean_decode`: a plain loop of forwards over the KV cache, the same ids as `generate`) or
+    `generate` (Hugging Face `generate`). A model whose generation config adds logits processors of its own
+    (`lean_unsupported`) decodes with `generate` either way.
 
     Under FSDP every rank must pass as many rows (so as many `generate` calls): the decode steps are kept in
     step by `synced_gpus`, and a call without images runs the vision tower on a dummy image (in the shared
@@ -195,6 +337,9 @@ def generate(
         if not share:
             warnings.warn("share_prefill: the rows of a group are not one prompt (or the prompt ends in an image "
                           "token); running the full prefill for every row", stacklevel=2)  # fmt: skip
+    if decode not in ("lean", "generate"):
+        raise ValueError(f"decode is {decode!r}; valid: lean, generate")
+    lean = decode == "lean" and not lean_unsupported(model)
     chunk = gen_batch_size or n
     if share and chunk >= G:
         chunk -= chunk % G  # whole groups: each prompt's prefix is computed once
@@ -218,8 +363,16 @@ def generate(
                 base = 0 if seed is None else seed
                 rows = list(range(row_offset + start, row_offset + stop))
                 procs.extend(_warpers(temperature, top_p, top_k) + [RowSeededSampler(base, rows)])
-            out = model.generate(**inputs, logits_processor=procs, **kwargs)
-            pieces.append(out[:, inputs["input_ids"].shape[1] :].cpu())
+            if lean:
+                cache = prefill.pop(_cache_kwarg(model)) if share else None
+                deltas = model.model.rope_deltas if share else None
+                new = lean_decode(model, inputs, cache=cache, deltas=deltas, procs=list(procs),
+                                  suppress=kwargs["suppress_tokens"], eos=eos, pad=pad,
+                                  max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"])  # fmt: skip
+                pieces.append(new.cpu())
+            else:
+                out = model.generate(**inputs, logits_processor=procs, **kwargs)
+                pieces.append(out[:, inputs["input_ids"].shape[1] :].cpu())
     width = max(p.shape[1] for p in pieces)
     ids = torch.full((n, max(width, 1)), pad, dtype=torch.long)
     row = 0

@@ -158,10 +158,10 @@ def test_template_is_a_directory_or_missing(tmp_path, capsys):
 
 
 def test_validate_checks_data_files_model_and_reward(tmp_path, capsys):
-    # a missing data file: a warning from validate (data may be prepared on the training machine), an error in train
+    # a missing data file: an error from validate and train; a warning with --no-data-check (data prepared elsewhere)
     code, out = _validate(capsys, TINY, f"data.train_files=[{tmp_path / 'missing.jsonl'}]")
-    assert code == 0 and f"warning: data.train_files: {tmp_path / 'missing.jsonl'}: file not found" in out
-    code, out = _validate(capsys, TINY, f"data.val_files=[{tmp_path / 'v.parquet'}]")
+    assert code == 2 and f"error: data.train_files: {tmp_path / 'missing.jsonl'}: file not found" in out
+    code, out = _validate(capsys, TINY, f"data.val_files=[{tmp_path / 'v.parquet'}]", "--no-data-check")
     assert code == 0 and "warning: data.val_files: " in out
     code = main(["train", TINY, f"data.train_files=[{tmp_path / 'missing.jsonl'}]", "--output-dir",
                  str(tmp_path / "run")])  # fmt: skip

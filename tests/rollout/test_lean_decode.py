@@ -1,0 +1,148 @@
+"""The lean decode loop (`rollout.hf_decode: lean`) against Hugging Face `generate` (`hf_decode: generate`).
+
+Both paths run the same forwards (same batch shapes, same KV cache, same positions) and the same logits
+processors, so the sampled ids, the response masks and every step's scores as the row-seeded sampler sees them
+must agree exactly: the log-probabilities are compared with zero tolerance. A wrong position (an mRoPE offset
+dropped, a text position off by one) moves the scores of the image prompts (checked by breaking the loop once).
+"""
+
+import pytest
+import torch
+from PIL import Image
+
+from mmrlsd.data.encoding import chat_text, encode, repeat_encoding
+from mmrlsd.model.load import load_model
+from mmrlsd.rollout import generate as gen
+
+ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+G = 4
+
+
+def _encoding(proc, images: bool) -> dict:
+    """Three prompts of different lengths (left padding), each repeated G times; with `images`, two carry images
+    of different sizes and the third is text-only (a mixed batch)."""
+    texts = ["how many?", "a longer question about the shapes in this picture", "text only"]
+    pics = [[Image.new("RGB", (56, 56), "red")], [Image.new("RGB", (84, 56), "blue")], []]
+    if not images:
+        pics = [[], [], []]
+    chats = [chat_text(proc, t, len(p)) for t, p in zip(texts, pics)]
+    return repeat_encoding(encode(proc, chats, pics), G)
+
+
+def _run(model, proc, enc, monkeypatch, **kw):
+    """`generate` plus the log-probabilities the sampler saw at each step `[(N, V)]` (sampling only)."""
+    seen = []
+    sample = gen.RowSeededSampler.__call__
+
+    def record(self, input_ids, scores):
+        seen.append(torch.log_softmax(scores.float(), dim=-1))
+        return sample(self, input_ids, scores)
+
+    monkeypatch.setattr(gen.RowSeededSampler, "__call__", record)
+    try:
+        r = gen.generate(model, proc, enc, group_size=G, **kw)
+    finally:
+        monkeypatch.setattr(gen.RowSeededSampler, "__call__", sample)
+    return r, seen
+
+
+def _assert_same(a, b):
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.response_mask, b.response_mask)
+    assert a.texts == b.texts
+
+
+SAMPLED = {
+    "plain": dict(temperature=1.0),
+    "warped": dict(temperature=0.7, top_k=40, top_p=0.9),
+    "penalty": dict(temperature=0.8, top_p=0.95, presence_penalty=1.5),
+}
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "full"])
+@pytest.mark.parametrize("images", [True, False], ids=["images", "text"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lean_samples_as_generate(arch, images, share, tiny_model, monkeypatch):
+    model, proc = load_model(str(tiny_model(arch)))
+    enc = _encoding(proc, images)
+    for name, kw in SAMPLED.items():
+        kw = dict(kw, seed=5, max_new_tokens=12, share_prefill=share)
+        ref, ref_lp = _run(model, proc, enc, monkeypatch, decode="generate", **kw)
+        new, new_lp = _run(model, proc, enc, monkeypatch, decode="lean", **kw)
+        _assert_same(new, ref)
+        assert len(new_lp) == len(ref_lp) > 0, name
+        for step, (a, b) in enumerate(zip(new_lp, ref_lp)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{name} step {step}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lean_greedy_as_generate(arch, tiny_model):
+    model, proc = load_model(str(tiny_model(arch)))
+    enc = _encoding(proc, images=True)
+    for share in (True, False):
+        for penalty in (0.0, 1.0):
+            kw = dict(group_size=G, max_new_tokens=12, temperature=0.0, share_prefill=share,
+                      presence_penalty=penalty)  # fmt: skip
+            ref = gen.generate(model, proc, enc, decode="generate", **kw)
+            new = gen.generate(model, proc, enc, decode="lean", **kw)
+            _assert_same(new, ref)
+
+
+def test_lean_stops_at_eos_like_generate(tiny_model):
+    """Responses that end early: with 80 of the 512 tokens declared EOS, rows finish at different steps, finished
+    rows are padded, and the loop stops when the last row has finished, as `generate` does (same width, same
+    masks)."""
+    model, proc = load_model(str(tiny_model("qwen2_5_vl")))
+    enc = _encoding(proc, images=True)
+    vision = set(gen.vision_token_ids(proc))
+    model.generation_config.eos_token_id = [t for t in range(100, 200) if t not in vision][:80]
+    eos = gen.eos_token_ids(model, proc)
+    kw = dict(group_size=G, max_new_tokens=40, seed=1, temperature=1.0)
+    ref = gen.generate(model, proc, enc, decode="generate", **kw)
+    new = gen.generate(model, proc, enc, decode="lean", **kw)
+    _assert_same(new, ref)
+    lengths = ref.response_mask.sum(1)
+    assert ref.response_ids.shape[1] == int(lengths.max()) < 40  # stopped when the last row finished
+    assert len(set(lengths.tolist())) >= 4  # rows finished at different steps
+    ended = torch.isin(ref.response_ids[torch.arange(len(lengths)), lengths - 1], torch.tensor(eos))
+    assert bool(ended.all())
+
+
+def test_gen_batch_size_keeps_lean_samples(tiny_model):
+    """Chunks of whole groups (8) and of partial groups (3 < G) give each row the samples of its own stream."""
+    model, proc = load_model(str(tiny_model("qwen2_vl")))
+    enc = _encoding(proc, images=True)
+    kw = dict(group_size=G, max_new_tokens=10, seed=2, decode="lean")
+    ref = gen.generate(model, proc, enc, **kw)
+    for size in (8, 3):
+        r = gen.generate(model, proc, enc, gen_batch_size=size, **kw)
+        assert torch.equal(r.response_ids, ref.response_ids), size
+
+
+def test_generation_config_processors_fall_back_to_generate(tiny_model, monkeypatch):
+    """A checkpoint whose generation config adds a processor (Qwen's released ones set repetition_penalty 1.05)
+    decodes with `generate` even under `decode="lean"`, so the samples keep that processor."""
+    model, proc = load_model(str(tiny_model("qwen2_vl")))
+    enc = _encoding(proc, images=False)
+    assert gen.lean_unsupported(model) == []
+    model.generation_config.repetition_penalty = 1.3
+    assert gen.lean_unsupported(model) == ["repetition_penalty=1.3"]
+    called = []
+    monkeypatch.setattr(gen, "lean_decode", lambda *a, **k: called.append(1))
+    kw = dict(group_size=G, max_new_tokens=8, seed=0)
+    ref = gen.generate(model, proc, enc, decode="generate", **kw)
+    new = gen.generate(model, proc, enc, decode="lean", **kw)
+    assert not called
+    _assert_same(new, ref)
+    with pytest.raises(ValueError, match="decode"):
+        gen.generate(model, proc, enc, decode="fast", **kw)
+
+
+def test_hf_decode_config_choices():
+    from mmrlsd.config import ConfigError, load_config
+
+    base = ["model.path=x", "data.train_files=[a.jsonl]"]
+    assert load_config(None, base).rollout.hf_decode == "lean"
+    assert load_config(None, base + ["rollout.hf_decode=generate"]).rollout.hf_decode == "generate"
+    with pytest.raises(ConfigError, match="rollout.hf_decode.*lean, generate"):
+        load_config(None, base + ["rollout.hf_decode=fast"])
