@@ -14,7 +14,7 @@ from pathlib import Path
 from jinja2 import TemplateError, nodes
 
 from mmrlsd.algo.advantage import ADVANTAGES
-from mmrlsd.algo.methods import METHODS
+from mmrlsd.algo.methods import METHODS, get_method
 from mmrlsd.config import Config
 from mmrlsd.data.prompts import _ENV, VARIABLES, load_template
 from mmrlsd.errors import ConfigError, DataError
@@ -28,9 +28,10 @@ _LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".arrow", ".csv", ".tsv"}
 
 
 def needs_privileged(cfg: Config) -> bool:
-    """Whether the teacher prompt must carry r: RLSD with λ0 > 0, OPSD and GRPO+OPSD (GRPO never uses it)."""
+    """Whether the teacher prompt must carry r: whenever the method's teacher pass can matter at λ_0 (RLSD with
+    λ_0 > 0, OPSD and GRPO+OPSD; GRPO never uses it). An unknown method is `check_registered`'s to report."""
     a = cfg.algo
-    return a.token_adv in ("opsd", "grpo_opsd") or (a.token_adv == "rlsd" and a.lam0 > 0)
+    return a.token_adv in METHODS and get_method(a.token_adv).needs_teacher(a.lam0, False)
 
 
 def _render(path: str, key: str, values: dict) -> str:

@@ -253,7 +253,7 @@ def test_geometry3k_recipe_reads_easyr1_layout_through_hub(tmp_path, monkeypatch
     import datasets
 
     from mmrlsd.config import load_config
-    from mmrlsd.train.loop import _fields
+    from mmrlsd.data.sources import FieldMap
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
     repo = Path(__file__).resolve().parents[2]
@@ -272,8 +272,8 @@ def test_geometry3k_recipe_reads_easyr1_layout_through_hub(tmp_path, monkeypatch
         ds.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
     source = f"hub:{tmp_path / 'geometry3k'}"
     limits = RecordLimits.from_config(cfg.data)
-    train = load_dataset_files([source], _fields(cfg), cfg.data.train_split, limits=limits)
-    test = load_dataset_files([source], _fields(cfg), cfg.data.val_split, limits=limits)
+    train = load_dataset_files([source], FieldMap.from_config(cfg.data), cfg.data.train_split, limits=limits)
+    test = load_dataset_files([source], FieldMap.from_config(cfg.data), cfg.data.val_split, limits=limits)
     assert (len(train.samples), len(test.samples)) == (3, 2) and not train.skipped and not test.skipped
     s = train.next_batch(1)[0]
     assert (
