@@ -164,7 +164,8 @@ def math_reward(
     format_weight: float = 0.1,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> list[RewardResult]:
-    """The released RLSD reward: ``acc_weight * accuracy + format_weight * format``; MC: accuracy only."""
+    """``acc_weight * accuracy + format_weight * format`` (MC: accuracy only) with the shared checker
+    (`mmrlsd.reward.answer`: last ``<answer>``, math-verify equivalence); `unified` is the released code's reward."""
     kinds = _check_lengths(responses, answers, problem_types)
     extracted = [extract_answer(r) for r in responses]
     accs = _accuracies(extracted, answers, kinds, timeout)
