@@ -1,4 +1,5 @@
-"""`rollout.engine: vllm` trains the tiny default, and `mmrlsd eval --engine vllm` answers as the hf engine does."""
+"""`rollout.engine: vllm` trains the tiny default, its checkpoint's Hugging Face folder loads in vLLM unchanged, and
+`mmrlsd eval --engine vllm` answers as the hf engine does."""
 
 from __future__ import annotations
 
@@ -35,6 +36,25 @@ def test_tiny_default_trains_two_steps_with_vllm(tmp_path):
     assert p.stderr.count("weight tensors pushed") == 2, p.stderr[-3000:]
     dumps = sorted(run.glob("**/*rollout*"))
     assert dumps, sorted(str(x.relative_to(run)) for x in run.rglob("*"))
+    _checkpoint_loads_in_vllm(run / "checkpoint-2", tmp_path)
+
+
+def _checkpoint_loads_in_vllm(checkpoint: Path, tmp_path: Path) -> None:
+    """The trained checkpoint's `hf/` folder, given to vLLM as it is, answers as transformers does on it."""
+    from test_bench_e2e import mathvista_data
+
+    from mmrlsd.bench import get_bench
+    from mmrlsd.bench.run import EvalConfig, generate_predictions
+
+    assert (checkpoint / "hf" / "config.json").is_file(), sorted(p.name for p in checkpoint.iterdir())
+    bench = get_bench("mathvista")()
+    data, split = mathvista_data(tmp_path / "mathvista")
+    records = bench.load(str(data), split)
+    cfg = EvalConfig(split=split, max_new_tokens=16, batch_size=2)
+    kw = dict(data_root=data.parent, dtype="float32", device="cpu", progress=False)
+    hf = generate_predictions(bench, records, str(checkpoint / "hf"), cfg, engine="hf", **kw)
+    vl = generate_predictions(bench, records, str(checkpoint / "hf"), cfg, engine="vllm", **kw)
+    assert [r["response"] for r in vl] == [r["response"] for r in hf] and len(hf) == 3
 
 
 def test_eval_vllm_gives_the_hf_predictions(vllm_model, tmp_path):
