@@ -261,17 +261,18 @@ def lean_decode(
     suppress_t = torch.tensor(suppress, dtype=torch.long, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     unfinished = torch.ones(n, dtype=torch.bool, device=device)
-    steps, done_here = 0, False
-    while steps < max_new_tokens:
+    steps, forwards, done_here = 0, 0, False  # tokens appended; forwards run (more on a finished synced rank)
+    while forwards < max_new_tokens:  # every rank runs the same number of forwards and any_rank calls
         if synced:
             if not dist.any_rank(not done_here):
                 break
         elif done_here:
             break
-        out = model(input_ids=cur, attention_mask=full_mask[:, : L + steps], position_ids=position_ids,
+        out = model(input_ids=cur, attention_mask=full_mask[:, : L + forwards], position_ids=position_ids,
                     use_cache=True, logits_to_keep=1, **{name: cache}, **extra)  # fmt: skip
-        if steps == 0 and not done_here:
+        if forwards == 0:
             _reserve(cache, max_new_tokens)
+        forwards += 1
         extra = {}
         text_pos = text_pos + 1
         position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, n, 1)
@@ -339,7 +340,10 @@ def generate(
                           "token); running the full prefill for every row", stacklevel=2)  # fmt: skip
     if decode not in ("lean", "generate"):
         raise ValueError(f"decode is {decode!r}; valid: lean, generate")
-    lean = decode == "lean" and not lean_unsupported(model)
+    # Under FSDP without the shared prefill, `generate` encodes a rank's images before its first forward, outside
+    # the root's hooks, where the text-only ranks run `dummy_vision`; the lean loop would encode them inside its
+    # first forward, after the root's all-gather, and the ranks' collectives would no longer pair up.
+    lean = decode == "lean" and not lean_unsupported(model) and (share or not dist.enabled())
     chunk = gen_batch_size or n
     if share and chunk >= G:
         chunk -= chunk % G  # whole groups: each prompt's prefix is computed once
