@@ -8,25 +8,10 @@ dropped, a text position off by one) moves the scores of the image prompts (chec
 
 import pytest
 import torch
-from PIL import Image
+from test_shared_prefill import ARCHS, G, _encoding  # the same mixed batch of prompts
 
-from mmrlsd.data.encoding import chat_text, encode, repeat_encoding
 from mmrlsd.model.load import load_model
 from mmrlsd.rollout import generate as gen
-
-ARCHS = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
-G = 4
-
-
-def _encoding(proc, images: bool) -> dict:
-    """Three prompts of different lengths (left padding), each repeated G times; with `images`, two carry images
-    of different sizes and the third is text-only (a mixed batch)."""
-    texts = ["how many?", "a longer question about the shapes in this picture", "text only"]
-    pics = [[Image.new("RGB", (56, 56), "red")], [Image.new("RGB", (84, 56), "blue")], []]
-    if not images:
-        pics = [[], [], []]
-    chats = [chat_text(proc, t, len(p)) for t, p in zip(texts, pics)]
-    return repeat_encoding(encode(proc, chats, pics), G)
 
 
 def _run(model, proc, enc, monkeypatch, **kw):
