@@ -143,8 +143,8 @@ def test_configs_differ_only_in_the_method_lines():
     assert {m for m in CREDIT_METHODS if m.startswith("rlsd")} == {
         "rlsd",
         "rlsd_eps05",
-        "rlsd_eps09",
-        "rlsd_eps09_lam1",
+        "rlsd_eps10",
+        "rlsd_eps10_lam1",
     }
 
 

@@ -180,7 +180,7 @@ CONFIG_CASES = [
     Case("config-inf-float", _override("reward.timeout=.inf"),
          Raises(ConfigError, r"'reward\.timeout' must be a finite number, got inf")),
     Case("config-out-of-range-lam0", _override("algo.lam0=1.5"), Raises(ConfigError, r"'algo\.lam0' must be in \[0, 1\]")),
-    Case("config-out-of-range-eps-w", _override("algo.eps_w=1.0"), Raises(ConfigError, r"'algo\.eps_w' must be < 1")),
+    Case("config-out-of-range-eps-w", _override("algo.eps_w=1.5"), Raises(ConfigError, r"'algo\.eps_w' must be <= 1")),
     Case("config-out-of-range-top-p", _override("rollout.top_p=0"), Raises(ConfigError, r"'rollout\.top_p' must be in")),
     Case("config-betas-length", _override("optim.betas=[0.9]"),
          Raises(ConfigError, r"'optim\.betas' must have 2 values")),

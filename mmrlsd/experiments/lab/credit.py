@@ -29,18 +29,18 @@ CREDIT_METHODS: dict[str, tuple[str, tuple[str, ...]]] = {
     "grpo": ("configs/credit_grpo.yaml", ()),
     "rlsd": ("configs/credit_rlsd.yaml", ()),
     "rlsd_eps05": ("configs/credit_rlsd.yaml", ("algo.eps_w=0.5",)),
-    "rlsd_eps09": ("configs/credit_rlsd.yaml", ("algo.eps_w=0.9",)),
-    "rlsd_eps09_lam1": (
+    "rlsd_eps10": ("configs/credit_rlsd.yaml", ("algo.eps_w=1.0",)),
+    "rlsd_eps10_lam1": (
         "configs/credit_rlsd.yaml",
-        ("algo.eps_w=0.9", "algo.lam0=1.0", "algo.lam_decay_steps=1000000"),
+        ("algo.eps_w=1.0", "algo.lam0=1.0", "algo.lam_decay_steps=1000000"),
     ),
     "opsd": ("configs/credit_opsd.yaml", ()),
     "sdpo": ("configs/credit_sdpo.yaml", ()),
 }
 """Method -> (config, overrides of that method). `rlsd` is the paper's setting (ε_w 0.2, λ 0.5 decaying to 0 over
-the run); the sweep widens the clip (ε_w 0.5, 0.9: the loader refuses ε_w >= 1, whose clip floor would be 0) and,
-in `rlsd_eps09_lam1`, keeps λ at 1 for the whole run (Â_t = A·clip(w_t, 0.1, 1.9): the teacher alone sets each
-token's share of A)."""
+the run); the sweep widens the clip (ε_w 0.5, 1.0: at 1.0 the clip floor is 0, so a token can lose its share
+of A entirely) and, in `rlsd_eps10_lam1`, keeps λ at 1 for the whole run (Â_t = A·clip(w_t, 0, 2): the teacher
+alone sets each token's share of A)."""
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 STEP_LABELS = ("right", "first_wrong", "later_wrong", "answer", "other")
 """Token labels of `step_labels`."""
