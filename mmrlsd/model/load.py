@@ -82,9 +82,15 @@ def load_model(
     attn_implementation: str | None = "sdpa",
     min_pixels: int = 0,
     max_pixels: int = 0,
+    empty: bool = False,
 ):
     """`(model, processor)` through the transformers Auto classes; the processor pads on the left. `path` may
-    also be a training checkpoint or a run directory (`resolve_model_path`)."""
+    also be a training checkpoint or a run directory (`resolve_model_path`).
+
+    `empty`: the model is built from its config with every parameter and buffer on the meta device (no memory,
+    no weight file read) and left there (`device` is ignored): what FSDP ranks > 0 start from before receiving
+    rank 0's weights (`mmrlsd.train.fsdp.shard_model(from_rank0=True)`). Config, generation config and
+    eval mode are those `from_pretrained` gives."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = resolve_model_path(path)
@@ -95,7 +101,10 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        if empty:
+            model = _empty_model(path, kwargs)
+        else:
+            model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(
@@ -107,7 +116,24 @@ def load_model(
         )
     set_pixel_budget(processor, min_pixels, max_pixels)
     processor.tokenizer.padding_side = "left"
-    return model.to(device), processor
+    return (model if empty else model.to(device)), processor
+
+
+def _empty_model(path: str, kwargs: dict):
+    """`from_pretrained(path, **kwargs)` without the weights: built under the meta device, as `from_pretrained`
+    itself builds before it loads (tied weights stay tied), then the generation config read the same way and
+    eval mode set."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=kwargs["trust_remote_code"])
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config, **kwargs)
+    if model.can_generate():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except OSError:  # no generation_config.json: keep the one built from the model config
+            pass
+    return model.eval()
 
 
 def master_dtype(compute_dtype: str, mixed_precision: bool) -> str:

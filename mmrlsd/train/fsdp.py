@@ -30,17 +30,30 @@ def layer_modules(model) -> list[torch.nn.Module]:
 
 
 def shard_model(
-    model: torch.nn.Module, compute_dtype: torch.dtype | None = None, offload: bool = False
+    model: torch.nn.Module,
+    compute_dtype: torch.dtype | None = None,
+    offload: bool = False,
+    from_rank0: bool = False,
 ) -> torch.nn.Module:
     """Apply FSDP2 in place: each block/layer, then the root.
 
     `compute_dtype` different from the parameters' dtype (bf16 compute over float32 master weights): each unit's
     parameters are all-gathered in `compute_dtype` for its forward and backward, and gradients are reduced and
     kept in float32 (`MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32)`). None or the same
-    dtype: no mixed-precision policy (everything in the parameters' dtype)."""
+    dtype: no mixed-precision policy (everything in the parameters' dtype).
+
+    `from_rank0`: only rank 0's model holds weights (read from disk, on the CPU); the other ranks' models are
+    empty, on the meta device (`load_model(empty=True)`). After sharding, those ranks allocate their shards
+    and every rank receives its shard of rank 0's weights, and rank 0's buffers, which are not in the state dict
+    (rotary `inv_freq`), so no rank but 0 ever holds the full weights (`load_from_rank0`)."""
+    import torch.distributed as td
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-    kw = {"offload_policy": CPUOffloadPolicy() if offload else OffloadPolicy()}
+    # rank 0's full weights, kept alive (not copied) until the broadcast: fully_shard replaces the parameters
+    full = model.state_dict() if from_rank0 and td.get_rank() == 0 else {}
+    # pinned CPU memory speeds up the copies to the GPU and needs CUDA: a CPU-only run offloads unpinned
+    offload_policy = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload else OffloadPolicy()
+    kw = {"offload_policy": offload_policy}
     stored = next(model.parameters()).dtype
     if compute_dtype is not None and compute_dtype != stored:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
@@ -50,8 +63,36 @@ def shard_model(
     # `get_image_features` before the first forward, outside the root module's hooks.
     fully_shard(model.model.visual, **kw)
     fully_shard(model, **kw)
+    if from_rank0:
+        load_from_rank0(model, full, offload)
+        full.clear()
     model._get_fsdp_state()._lazy_init()  # make the root the root before `generate` calls the tower directly
     return model
+
+
+def load_from_rank0(model: torch.nn.Module, full: dict[str, torch.Tensor], offload: bool = False) -> None:
+    """Fill a sharded `model` with rank 0's weights: `full` is rank 0's full state dict (empty on the other ranks,
+    whose parameters may still be on the meta device). Ranks > 0 allocate their shards (on the CPU when
+    `offload`, else on FSDP's device), then each tensor is broadcast from rank 0 and each rank keeps its shard
+    (`set_model_state_dict(broadcast_from_rank0=True)`, one tensor at a time). The buffers, outside the state
+    dict, are then replaced by rank 0's (values, dtype and shape) on FSDP's device."""
+    import torch.distributed as td
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = model._get_fsdp_state()._device  # where fully_shard put rank 0's parameters and buffers
+    rank0 = td.get_rank() == 0
+    if not rank0:
+        model.to_empty(device="cpu" if offload else device)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full, options=opts)
+    spec = [{n: (b.shape, b.dtype) for n, b in model.named_buffers()} if rank0 else None]
+    td.broadcast_object_list(spec, src=0)
+    for name, (shape, dtype) in spec[0].items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        if not rank0:
+            module._buffers[attr] = torch.empty(shape, dtype=dtype, device=device)
+        td.broadcast(module._buffers[attr], src=0)
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -108,9 +108,13 @@ def build(cfg: Config):
         torch.set_num_threads(cfg.trainer.threads)
     torch.manual_seed(cfg.trainer.seed)
     params_dtype = master_dtype(cfg.model.dtype, cfg.dist.mixed_precision)  # float32 master weights
-    load_kw = dict(dtype=params_dtype, device=str(device), trust_remote_code=cfg.model.trust_remote_code,
-                   attn_implementation=cfg.model.attn_implementation, min_pixels=cfg.model.min_pixels,
-                   max_pixels=cfg.model.max_pixels)  # fmt: skip
+    # Under FSDP on several ranks only rank 0 reads the weights (on the CPU); the other ranks build the model on
+    # the meta device and receive their shards from rank 0 once it is sharded (fsdp.shard_model(from_rank0)).
+    from_rank0 = use_fsdp and dist.enabled()
+    load_kw = dict(dtype=params_dtype, device="cpu" if from_rank0 else str(device),
+                   trust_remote_code=cfg.model.trust_remote_code, attn_implementation=cfg.model.attn_implementation,
+                   min_pixels=cfg.model.min_pixels, max_pixels=cfg.model.max_pixels,
+                   empty=from_rank0 and dist.rank() > 0)  # fmt: skip
     policy, processor = load_model(cfg.model.path, **load_kw)
     if params_dtype != "float32":
         log.warning("dist.mixed_precision is off: parameters and AdamW states in %s; at small learning rates "
@@ -123,18 +127,20 @@ def build(cfg: Config):
                 p.requires_grad_(False)
     teacher = policy
     compute = DTYPES[cfg.model.dtype]
+    if use_fsdp:  # mixed precision when the parameters are float32
+        fsdp.shard_model(policy, compute_dtype=compute, from_rank0=from_rank0)
     if cfg.algo.teacher_refresh > 0:  # the frozen snapshot is kept in the compute dtype (it is never updated)
         if use_fsdp:
             teacher = load_model(cfg.model.path, **{**load_kw, "dtype": cfg.model.dtype})[0]
         else:
             teacher = copy.deepcopy(policy).to(compute)
         teacher.eval().requires_grad_(False)
-        if not use_fsdp:
+        if use_fsdp:
+            fsdp.shard_model(
+                teacher, compute_dtype=compute, offload=cfg.dist.teacher_offload, from_rank0=from_rank0
+            )
+        else:
             fsdp.copy_weights(teacher, policy)
-    if use_fsdp:
-        fsdp.shard_model(policy, compute_dtype=compute)  # mixed precision when the parameters are float32
-        if teacher is not policy:
-            fsdp.shard_model(teacher, compute_dtype=compute, offload=cfg.dist.teacher_offload)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay,
                                   betas=tuple(cfg.optim.betas))  # fmt: skip

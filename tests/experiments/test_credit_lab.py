@@ -114,14 +114,21 @@ def test_step_credit_from_a_dump(tmp_path):
         0,
         0,
     ]
-    rows = [{"id": "x", "adv": -1.0, "tokens": TOKENS, "delta": delta, "w": [math.exp(-d) for d in delta]},
+    # RLSD's Â_t at λ = 0.5, ε_w = 0.2, A = -2: A·(0.5 + 0.5·clip(exp(-Δ_t), 0.8, 1.2))
+    token_adv = [-2.0 * (0.5 + 0.5 * min(max(math.exp(-d), 0.8), 1.2)) for d in delta]
+    rows = [{"id": "x", "adv": -2.0, "tokens": TOKENS, "delta": delta, "w": [math.exp(-d) for d in delta],
+             "token_adv": token_adv},
             {"id": "x", "adv": 0.0, "tokens": TOKENS, "delta": delta, "w": delta}]  # fmt: skip
     (run / "rollouts" / "step_000005.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     sc = step_credit([run], eps_w=0.2)
     neg = sc["A<0"]
     # right steps: Δ -0.1 x 3, 0.3, 0, 0 (mean 0); only w = exp(-0.3) = 0.741 lies outside [0.8, 1.2]
-    assert neg["right"] == {"tokens": 6, "delta_mean": 0.0, "clipped_frac": round(1 / 6, 4)}
-    assert neg["first_wrong"] == {"tokens": 5, "delta_mean": -1.6, "clipped_frac": 1.0}
+    # Â_t / A on the right steps: 0.5 + 0.5·w with w = exp(0.1) x 3, exp(-0.3) -> 0.8 (clipped), 1, 1
+    right_scale = statistics.fmean([0.5 + 0.5 * math.exp(0.1)] * 3 + [0.9, 1.0, 1.0])
+    assert neg["right"] == {"tokens": 6, "delta_mean": 0.0, "clipped_frac": round(1 / 6, 4),
+                            "adv_scale": round(right_scale, 4)}  # fmt: skip
+    # the first wrong step: Δ <= -1 on every token, w = exp(-Δ) > 1.2 is clipped: Â_t = 1.1·A
+    assert neg["first_wrong"] == {"tokens": 5, "delta_mean": -1.6, "clipped_frac": 1.0, "adv_scale": 1.1}
     assert neg["answer"]["delta_mean"] == -0.5 and "A>0" not in sc  # the A = 0 row is left out
     assert sc["error_localised"] == {"responses": 1, "frac": 1.0}
 
@@ -176,6 +183,12 @@ def test_write_up_numbers_come_from_the_results():
     res = _toy_results()
     res["paired_rlsd_minus_grpo"] = {**res["paired_rlsd_minus_grpo"], "mean": 0.1, "ci95": [0.02, 0.18]}
     assert "**Yes.** RLSD's greedy gain exceeds GRPO's by +0.100" in write_up(res)
+    assert "0.875 of 8 | - |" in text and "What reaches the update" not in text  # no token advantages dumped
+    neg = res["methods"]["rlsd"]["step_credit"]["A<0"]
+    neg["right"]["adv_scale"], neg["first_wrong"]["adv_scale"] = 0.998, 1.041
+    text = write_up(res)
+    assert "0.875 of 8 | 0.998, 1.041 |" in text
+    assert "Â_t is on average 1.041·A on the first wrong step and 0.998·A on the right steps" in text
 
 
 @pytest.mark.skipif(not (REPO / "data" / "tiny" / "sft-credit" / "model.safetensors").is_file(),

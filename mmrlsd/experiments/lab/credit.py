@@ -155,11 +155,14 @@ def reference_thoughts(run_dir: Path) -> dict[str, str]:
 
 def step_credit(run_dirs: Sequence[Path], eps_w: float = 0.2) -> dict:
     """Where Δ_t lands per step of reasoning, from the rollout dumps of `run_dirs`: for responses with A > 0 and
-    A < 0, per `step_labels` label, the token count, the mean Δ_t and the share of tokens whose w_t falls outside
-    [1-ε_w, 1+ε_w]; and, over responses with A < 0 that have both right steps and a first wrong step,
+    A < 0, per `step_labels` label, the token count, the mean Δ_t, the share of tokens whose w_t falls outside
+    [1-ε_w, 1+ε_w] and, where the dump has the token advantages, `adv_scale`: the mean of Â_t / A (1 for GRPO on
+    every token: how much of A the method actually moved onto or off those tokens); and, over responses with
+    A < 0 that have both right steps and a first wrong step,
     `error_localised`: the share whose mean Δ_t on the first wrong step is below their mean on the right steps
     (the teacher blames the step that went wrong more than the ones that did not)."""
     acc: dict[tuple[str, str], list[tuple[float, bool]]] = {}
+    scale: dict[tuple[str, str], list[float]] = {}
     localised = compared = 0
     for run_dir in run_dirs:
         refs = reference_thoughts(run_dir)
@@ -174,6 +177,8 @@ def step_credit(run_dirs: Sequence[Path], eps_w: float = 0.2) -> dict:
                 for lab, d, w in zip(labels, row["delta"], row["w"]):
                     acc.setdefault((sign, lab), []).append((d, not 1 - eps_w <= w <= 1 + eps_w))
                     by.setdefault(lab, []).append(d)
+                for lab, a in zip(labels, row.get("token_adv") or []):
+                    scale.setdefault((sign, lab), []).append(a / row["adv"])
                 if sign == "A<0" and by.get("right") and by.get("first_wrong"):
                     compared += 1
                     localised += statistics.fmean(by["first_wrong"]) < statistics.fmean(by["right"])
@@ -184,6 +189,8 @@ def step_credit(run_dirs: Sequence[Path], eps_w: float = 0.2) -> dict:
             "delta_mean": round(statistics.fmean(d for d, _ in vals), 4),
             "clipped_frac": round(sum(c for _, c in vals) / len(vals), 4),
         }
+        if scale.get((sign, lab)):
+            out[sign][lab]["adv_scale"] = round(statistics.fmean(scale[(sign, lab)]), 4)
     out["error_localised"] = {
         "responses": compared,
         "frac": round(localised / compared, 4) if compared else None,
@@ -382,8 +389,9 @@ def write_up(results: dict) -> str:
             per = ", ".join(f"{v:+.3f}" for v in p["per_seed"].values())
             lines.append(f"| {m} − grpo | {p['mean']:+.3f} | {ci} | {per} |")
     lines += ["", "Where Δ_t lands (rollout dumps; responses with A < 0; steps labelled against the reference):", "",
-              "| method | right steps | first wrong step | later wrong steps | answer | other | error localised |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| method | right steps | first wrong step | later wrong steps | answer | other | error localised | "
+              "Â_t/A: right, first wrong |",
+              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for m, r in ms.items():
         sc = r["step_credit"]
         neg = sc.get("A<0", {})
@@ -394,7 +402,9 @@ def write_up(results: dict) -> str:
             for lab in STEP_LABELS
         ]
         loc = sc["error_localised"]
-        lines.append(f"| {m} | " + " | ".join(cells) + f" | {loc['frac']} of {loc['responses']} |")
+        scales = [neg.get(lab, {}).get("adv_scale") for lab in ("right", "first_wrong")]
+        scale = ", ".join(f"{x:.3f}" for x in scales) if None not in scales else "-"
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {loc['frac']} of {loc['responses']} | {scale} |")
     lines += [
         "",
         "![credit](credit.png)",
@@ -428,6 +438,11 @@ def verdict(results: dict) -> str:
                  f"first wrong step against {sc['right']['delta_mean']:+.3f} on the right ones (lower on the wrong "
                  f"step in {loc['frac']} of {loc['responses']} responses), and {sc['first_wrong']['clipped_frac']:.3f} "
                  f"of the wrong step's tokens have w_t outside the clip.")  # fmt: skip
+        if "adv_scale" in sc["first_wrong"] and "adv_scale" in sc["right"]:
+            text += (f" What reaches the update is small, though: on those responses Â_t is on average "
+                     f"{sc['first_wrong']['adv_scale']:.3f}·A on the first wrong step and {sc['right']['adv_scale']:.3f}·A "
+                     f"on the right steps (GRPO: 1·A everywhere), because Â_t/A = (1-λ) + λ·clip(w_t, 1-ε_w, 1+ε_w) "
+                     f"stays within 1 ± λ·ε_w.")  # fmt: skip
     best = max((m for m in results.get("paired_minus_grpo", {}) if m.startswith("rlsd")),
                key=lambda m: results["paired_minus_grpo"][m]["mean"], default=None)  # fmt: skip
     if best:
