@@ -137,9 +137,10 @@ class RolloutConfig:
     """HF rollout: each prompt's prefill (images included) runs once and its KV cache is copied to its G samples;
     `gen_batch_size` then counts whole groups."""
     hf_decode: str = "lean"
-    """HF rollout's decode loop: lean (a plain loop of forwards over the KV cache, several times less overhead per
-    token) | generate (Hugging Face `generate`). Both sample the same ids; a checkpoint whose generation config
-    adds logits processors of its own (e.g. repetition_penalty) always uses generate."""
+    """HF rollout's decode loop: lean (a plain loop of forwards over a KV cache with room for the whole response;
+    on a CPU running one thread, finished rows leave the batch) | generate (Hugging Face `generate`). Both sample
+    the same ids; a checkpoint whose generation config adds logits processors of its own (e.g.
+    repetition_penalty) always uses generate."""
     val_temperature: float = 0.7
     """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
     val_n: int = 1

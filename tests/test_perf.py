@@ -125,3 +125,25 @@ def test_fast_step_forms_the_same_delta(tiny_model, tiny_records):
         torch.testing.assert_close(
             torch.tensor(b["token_adv"]), torch.tensor(a["token_adv"]), rtol=0, atol=1e-5
         )
+
+
+def test_rollout_ab_tiny(tmp_path, monkeypatch):
+    """The rollout-only comparison runs every decode setting on the same batch, refuses settings that sample other
+    ids, and breaks the lean call's time down into non-negative parts."""
+    from mmrlsd.experiments import perf
+
+    pc = PerfConfig(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, vision_hidden=16, vision_depth=1,
+                    vision_heads=1, device="cpu", batch_size=2, group_size=2, max_new_tokens=5, image_px=56)  # fmt: skip
+    result, path = perf.rollout_ab(pc, 1, tmp_path)
+    assert path.name.endswith("-cpu-rollout-ab.json") and json.loads(path.read_text()) == result
+    assert set(result["settings"]) == set(perf.ROLLOUT_SETTINGS)
+    assert all(len(s["calls_s"]) == 1 and s["median_s"] > 0 for s in result["settings"].values())
+    b = result["lean_breakdown"]
+    assert b["decode_forwards"] == len(b["decode_batch_rows"]) >= 1 and b["decode_batch_rows"][0] == 4
+    parts = ("decode_linear_s", "decode_attention_s", "decode_layers_other_s", "decode_lm_head_s",
+             "decode_model_other_s", "outside_model_s", "prefill_forward_s")  # fmt: skip
+    assert all(b[k] > 0 for k in parts), b
+    assert b["decode_linear_s"] + b["decode_attention_s"] < b["decode_forwards_s"] < b["total_s"]
+    monkeypatch.setitem(perf.ROLLOUT_SETTINGS, "greedy", {"temperature": 0.0})  # other samples: refused
+    with pytest.raises(RuntimeError, match="greedy sampled other ids"):
+        perf.rollout_ab(pc, 1, tmp_path)

@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   mmrlsd perf --config gpu --out eval/results/perf/            # Qwen2.5-VL-3B shape on one GPU
   mmrlsd perf --config cpu --set repeats=1 --set variants=[naive,rlsd]
   mmrlsd perf --config my_perf.yaml                            # your own settings file
+  mmrlsd perf --config cpu --rollout-ab 8 --out eval/results/perf/   # rollout only: generate vs the lean loop
 """
 
 
@@ -34,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="eval/results/perf", help="directory for <YYYY-MM-DD>-<device>.json")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (YAML scalar/list), repeatable")  # fmt: skip
+    parser.add_argument("--rollout-ab", type=int, default=0, metavar="N",
+                        help="instead of the steps: the rollout alone, `generate` against the lean decode loop "
+                             "(with and without dropping finished rows), N calls each in turn, the same ids "
+                             "asserted; writes <YYYY-MM-DD>-<device>-rollout-ab.json")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +46,12 @@ def run(args: argparse.Namespace) -> int:
     from mmrlsd.experiments.perf import run as run_perf
 
     cfg = load_perf_config(resolve_config(args.config), args.set)
+    if args.rollout_ab:
+        from mmrlsd.experiments.perf import rollout_ab
+
+        _, path = rollout_ab(cfg, args.rollout_ab, Path(args.out))
+        print(f"wrote {path}")
+        return 0
     result, path = run_perf(cfg, Path(args.out))
     print(f"wrote {path}")
     return 0 if result.get("errors") in (None, {}) else 1

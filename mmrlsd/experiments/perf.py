@@ -45,6 +45,8 @@ from mmrlsd.types import Sample
 
 VARIANTS = ("naive", "grpo", "rlsd", "rlsd_generate", "trl")
 PHASES = ("rollout", "reward", "old_logp", "teacher", "update")
+
+
 @dataclass
 class PerfConfig(TinySize):
     """One benchmark setting (`perf_configs/*.yaml` in this package); unknown keys are errors. The model's widths
@@ -503,7 +505,9 @@ def prompt_lengths(pc: PerfConfig, processor, sample: Sample) -> dict[str, int]:
     from mmrlsd.data.encoding import encode
     from mmrlsd.data.prompts import PromptBuilder
 
-    pb = PromptBuilder(processor, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer")
+    pb = PromptBuilder(
+        processor, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer"
+    )
     return {k: int(encode(processor, [f(sample)], [sample.pil_images])["input_ids"].shape[1])
             for k, f in (("student", pb.student), ("teacher", pb.teacher))}  # fmt: skip
 
@@ -553,3 +557,154 @@ def table(result: dict) -> str:
     for v, e in result.get("errors", {}).items():
         lines.append(f"{v}: FAILED {e}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- rollout only
+
+# The decode settings of the rollout-only comparison: `generate` arguments.
+ROLLOUT_SETTINGS = {
+    "generate": {"decode": "generate"},
+    "lean": {"decode": "lean"},
+    "lean_keep_rows": {"decode": "lean", "compact": False},
+}
+
+
+def _rollout_breakdown(model, call) -> dict:
+    """Where one `call()` spends its time: the first model forward (the shared prefill, vision tower included), and
+    over the decode forwards the linear layers of the decoder layers, attention, the rest of the decoder layers
+    (norms, rotary embedding, cache writes, residuals), the LM head, the rest of the model forward (embedding,
+    mask, rotary tables, wrappers), and time outside the model (prompt preparation, logits processors, sampler,
+    loop). Timers on every module call add a little time of their own."""
+    import torch.nn.functional as F
+
+    lm = model.model.language_model
+    acc = dict.fromkeys(("linear", "attention", "layers", "lm_head"), 0.0)
+    forwards, starts, rows, first = [], {}, [], {}
+    sdpa = F.scaled_dot_product_attention
+
+    def timed_sdpa(*a, **k):
+        t = time.perf_counter()
+        out = sdpa(*a, **k)
+        acc["attention"] += time.perf_counter() - t
+        return out
+
+    def pre(key):
+        def hook(mod, args, kwargs):
+            starts[key] = time.perf_counter()
+            if key == "model":
+                rows.append(int(kwargs["input_ids"].shape[0]))
+
+        return hook
+
+    def post(key, slot):
+        def hook(mod, args, kwargs, out):
+            dt = time.perf_counter() - starts[key]
+            if slot == "model":
+                forwards.append(dt)
+                if len(forwards) == 1:
+                    first.update(acc)  # what the prefill spent, taken off the decode totals below
+            else:
+                acc[slot] += dt
+
+        return hook
+
+    mods = [("model", model), ("lm_head", model.lm_head)] + [("layers", layer) for layer in lm.layers]
+    mods += [("linear", m) for m in lm.layers.modules() if isinstance(m, torch.nn.Linear)]
+    hooks = []
+    for i, (slot, mod) in enumerate(mods):
+        key = "model" if slot == "model" else i
+        hooks.append(mod.register_forward_pre_hook(pre(key), with_kwargs=True))
+        hooks.append(mod.register_forward_hook(post(key, slot), with_kwargs=True))
+    F.scaled_dot_product_attention = timed_sdpa
+    try:
+        t0 = time.perf_counter()
+        call()
+        total = time.perf_counter() - t0
+    finally:
+        F.scaled_dot_product_attention = sdpa
+        for h in hooks:
+            h.remove()
+    dec = {k: acc[k] - first.get(k, 0.0) for k in acc}
+    decode = sum(forwards[1:])
+    out = {
+        "total_s": total,
+        "prefill_forward_s": forwards[0] if forwards else 0.0,
+        "decode_forwards": len(forwards) - 1,
+        "decode_forwards_s": decode,
+        "decode_linear_s": dec["linear"],
+        "decode_attention_s": dec["attention"],
+        "decode_layers_other_s": dec["layers"] - dec["linear"] - dec["attention"],
+        "decode_lm_head_s": dec["lm_head"],
+        "decode_model_other_s": decode - dec["layers"] - dec["lm_head"],
+        "outside_model_s": total - sum(forwards),
+        "decode_batch_rows": rows[1:],
+    }
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
+
+
+def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path) -> tuple[dict, Path]:
+    """Rollout only: `mmrlsd.rollout.generate.generate` on the config's model and first batch (B prompts x G, the
+    student prompt and image, T new tokens, seed 0), each setting of `ROLLOUT_SETTINGS` called in turn `calls`
+    times in this process, the sampled ids asserted equal on every call; then one more lean call with timers
+    (`_rollout_breakdown`). Writes `<out_dir>/<YYYY-MM-DD>-<cpu|card>-rollout-ab.json`."""
+    from mmrlsd.data.encoding import encode, repeat_encoding
+    from mmrlsd.data.prompts import PromptBuilder
+    from mmrlsd.model.load import resolve_device
+    from mmrlsd.rollout.generate import generate
+
+    if pc.threads:
+        torch.set_num_threads(pc.threads)
+    device = resolve_device(pc.device)
+    load_before = os.getloadavg()
+    model, processor = build_model(pc, device)
+    model.eval()
+    samples = make_samples(pc, pc.batch_size)
+    pb = PromptBuilder(
+        processor, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer"
+    )
+    enc = repeat_encoding(encode(processor, [pb.student(s) for s in samples], [s.pil_images for s in samples]),
+                          pc.group_size)  # fmt: skip
+
+    def call(settings: dict):
+        return generate(model, processor, enc, group_size=pc.group_size, max_new_tokens=pc.max_new_tokens,
+                        seed=0, share_prefill=pc.share_prefill, **settings)  # fmt: skip
+
+    ref = call(ROLLOUT_SETTINGS["generate"])  # warm-up, and the ids every call must give
+    times: dict[str, list[float]] = {k: [] for k in ROLLOUT_SETTINGS}
+    for _ in range(calls):
+        for name, settings in ROLLOUT_SETTINGS.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            r = call(settings)
+            _sync(device)
+            times[name].append(round(time.perf_counter() - t0, 4))
+            if not torch.equal(r.response_ids, ref.response_ids):
+                raise RuntimeError(f"rollout_ab: {name} sampled other ids than generate")
+    breakdown = _rollout_breakdown(model, lambda: call(ROLLOUT_SETTINGS["lean"]))
+    lengths = ref.response_mask.sum(1).float()
+    med = {k: _median(v) for k, v in times.items()}
+    n = enc["input_ids"].shape[0]
+    result = {
+        "what": (f"Rollout only: generate() on the '{pc.arch}' perf model and batch ({pc.batch_size} prompts x "
+                 f"G={pc.group_size}, {enc['input_ids'].shape[1]}-token prompts, {pc.max_new_tokens} new tokens, "
+                 f"seed 0, {torch.get_num_threads()} thread(s)); the settings called in turn {calls} times in one "
+                 "process, ids asserted equal to generate's on every call. Seconds per call."),
+        "date": _dt.date.today().isoformat(),
+        "device": device_name(device, torch.get_num_threads()),
+        "load_avg_before": list(load_before),
+        "load_avg_after": list(os.getloadavg()),
+        "settings": {k: {"generate_kwargs": ROLLOUT_SETTINGS[k], "median_s": med[k], "calls_s": times[k]}
+                     for k in ROLLOUT_SETTINGS},  # fmt: skip
+        "lean_over_generate_speed": med["generate"] / med["lean"] if med["lean"] else None,
+        "drop_rows_speedup": med["lean_keep_rows"] / med["lean"] if med["lean"] else None,
+        "response_len_mean": float(lengths.mean()),
+        "response_len_max": int(lengths.max()),
+        "row_steps_fraction": float(lengths.sum() / (n * ref.response_ids.shape[1])),
+        "lean_breakdown": breakdown,
+    }  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    path = out_dir / f"{_dt.date.today().isoformat()}-{tag}-rollout-ab.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
+    return result, path
