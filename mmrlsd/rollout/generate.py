@@ -2,7 +2,8 @@
 
 Decoding (`rollout.hf_decode`): `lean` (default, `lean_decode`) runs the forwards itself over a KV cache with room
 for the whole response, applying the same logits processors and sampler as `generate`, so the samples are
-identical; `generate` calls Hugging Face `generate`.
+identical; on a CPU with one thread it also drops finished rows from the batch where the matrix-multiply kernels
+give every row the same bits in the smaller batch (probed at run time). `generate` calls Hugging Face `generate`.
 
 Sampled responses could otherwise contain the image placeholder token, which breaks the next forward pass (the
 processor counts placeholders against the image grid), so every vision special token is suppressed.
@@ -15,6 +16,7 @@ tokens are those of the full prefill up to float rounding (a different batch sha
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from contextlib import contextmanager
@@ -59,7 +61,14 @@ class RowSeededSampler:
     """
 
     def __init__(self, seed: int, rows: list[int]):
+        self.rows = list(rows)
         self.gens = [torch.Generator().manual_seed(seed * 1_000_003 + r) for r in rows]
+
+    def select(self, keep: list[int]) -> RowSeededSampler:
+        """The sampler of rows `keep` (positions in this one's rows), sharing their generators."""
+        out = RowSeededSampler.__new__(RowSeededSampler)
+        out.rows, out.gens = [self.rows[i] for i in keep], [self.gens[i] for i in keep]
+        return out
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         u = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64) for g in self.gens])
@@ -187,14 +196,12 @@ def lean_unsupported(model) -> list[str]:
     return [f"{k}={getattr(gc, k)!r}" for k, off in _GENERATE_ONLY.items() if getattr(gc, k, None) not in off]
 
 
-def _reserve(cache, extra_tokens: int) -> None:
-    """Give every layer of a `DynamicCache` room for `extra_tokens` more tokens, so that decoding writes each new key
-    and value into place instead of concatenating the whole cache at every step (a copy that grows with the
-    sequence). The layers then hold views of the first `length` positions of their buffers: the same tensors as
-    the concatenation, so attention computes the same numbers."""
+@functools.cache
+def _reserved_layer():
+    """A `DynamicLayer` whose keys and values are views into buffers with room for the rest of the response."""
     from transformers.cache_utils import DynamicLayer
 
-    class _Reserved(DynamicLayer):
+    class ReservedLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
             end = self.length + key_states.shape[-2]
             if end > self.buf_k.shape[-2]:  # out of room: grow as DynamicLayer does
@@ -207,10 +214,24 @@ def _reserve(cache, extra_tokens: int) -> None:
             self.keys, self.values = self.buf_k[..., :end, :], self.buf_v[..., :end, :]
             return self.keys, self.values
 
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            self.buf_k, self.buf_v = self.buf_k.index_select(0, indices), self.buf_v.index_select(0, indices)
+            self.keys, self.values = self.buf_k[..., : self.length, :], self.buf_v[..., : self.length, :]
+
+    return ReservedLayer
+
+
+def _reserve(cache, extra_tokens: int) -> None:
+    """Give every layer of a `DynamicCache` room for `extra_tokens` more tokens, so that decoding writes each new key
+    and value into place instead of concatenating the whole cache at every step (a copy that grows with the
+    sequence). The layers then hold views of the first `length` positions of their buffers: the same tensors as
+    the concatenation, so attention computes the same numbers."""
+    from transformers.cache_utils import DynamicLayer
+
     for i, layer in enumerate(cache.layers):
         if type(layer) is not DynamicLayer or not layer.is_initialized:
             continue  # sliding-window or other layers keep their own update
-        new = _Reserved()
+        new = _reserved_layer()()
         k, v = layer.keys, layer.values  # (n, heads, length, head_dim)
         new.length = k.shape[-2]
         new.buf_k = k.new_empty(k.shape[:-2] + (k.shape[-2] + extra_tokens, k.shape[-1]))
@@ -222,9 +243,53 @@ def _reserve(cache, extra_tokens: int) -> None:
         cache.layers[i] = new
 
 
+_INVARIANT: dict[tuple, bool] = {}  # (device type, dtype, linear shapes, n, k) -> probe result
+
+
+def _decode_linears(model) -> dict:
+    """One linear layer of each (weight shape, bias) the decode steps run: the language model's and the LM head."""
+    lin = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and "visual" not in name:
+            lin.setdefault((tuple(mod.weight.shape), mod.bias is not None), mod)
+    return lin
+
+
+def _linear_rows_invariant(lin: dict, n: int, k: int) -> bool:
+    """Whether every linear layer in `lin` (`_decode_linears`) gives any `k` of `n` rows the same bits in a batch of
+    those `k` rows as in the batch of all `n`: the matrix-multiply kernel can depend on the number of rows and on a
+    row's place among them (measured on a CPU with one thread: for 1-3 rows it does, for 4-128 it does not; with
+    two threads it does for most sizes). Probed with random inputs (the kernel choice depends on shapes, not
+    values) for the first `k` rows and for random subsets, per layer shape; memoised."""
+    w = next(iter(lin.values())).weight
+    key = (w.device.type, w.dtype, torch.get_num_threads(), tuple(sorted(lin)), n, k)
+    if key not in _INVARIANT:
+        gen = torch.Generator().manual_seed(n * 1009 + k)
+        subsets = [torch.arange(k)] + [torch.randperm(n, generator=gen)[:k].sort().values for _ in range(3)]
+        ok = True
+        for (shape, _), mod in lin.items():
+            x = torch.randn(n, 1, shape[1], generator=gen).to(w.device, w.dtype)
+            full = mod(x)
+            ok = ok and all(torch.equal(full[s], mod(x[s])) for s in subsets)
+        _INVARIANT[key] = ok
+    return _INVARIANT[key]
+
+
+def _compact_size(lin: dict, n: int, current: int, active: int) -> int:
+    """The batch size to shrink a decode batch of `current` rows (`active` of them unfinished) to, or `current`:
+    shrink once at most 3/4 of the rows are active, to the smallest size >= `active` at which the linear layers are
+    row-for-row exact (`_linear_rows_invariant`) against the original `n` rows."""
+    if 4 * active > 3 * current:
+        return current
+    for k in range(max(active, 1), current):
+        if _linear_rows_invariant(lin, n, k):
+            return k
+    return current
+
+
 def lean_decode(
     model, inputs: dict, *, cache, deltas: torch.Tensor | None, procs: list, suppress: list[int], eos: list[int],
-    pad: int, max_new_tokens: int, synced: bool = False,
+    pad: int, max_new_tokens: int, synced: bool = False, compact: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """Greedy decoding over processed scores, as `generate(do_sample=False)` runs it, without its per-step overhead.
 
@@ -232,13 +297,20 @@ def lean_decode(
     when `cache` is None). With `cache` (the shared prefill: every prompt token but the last, `deltas` the rows'
     mRoPE offsets `(n, 1)`) the first forward runs the last prompt token; without, the whole prompt into a new
     `DynamicCache`. Every step: the last position's logits in float32, the vision tokens set to -inf, then `procs`
-    in order (each called with the ids so far `(n, L + t)` and the scores `(n, V)`), argmax; finished rows get
-    `pad`, a row finishes at its first token in `eos`, and decoding stops when every row has finished (with
+    in order (each called with the ids so far `(rows, L + t)` and the scores `(rows, V)`), argmax; finished rows
+    get `pad`, a row finishes at its first token in `eos`, and decoding stops when every row has finished (with
     `synced`, on every rank: a rank that finished keeps running forwards without appending, as `synced_gpus`
     does). Positions follow `generate`: text position + 1 per token, the mRoPE axes the text position plus the
     row's offset. Returns the new tokens `(n, steps)`.
+
+    `compact` (on a CPU running one thread): once at most 3/4 of the rows in the batch are unfinished, the finished
+    ones leave it (KV cache, mask, positions and the sampler's streams are indexed down), keeping the batch at a
+    size where every linear layer gives each row the same bits as in the full batch (`_linear_rows_invariant`);
+    attention, norms and element-wise ops compute each row on its own, so the scores stay bit-identical.
+    `generate` keeps computing the finished rows and discards their tokens. Elsewhere (GPU kernels, or several
+    threads that split a batch by its size) the batch keeps all `n` rows.
     """
-    from transformers import DynamicCache
+    from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n, L = ids.shape
@@ -261,6 +333,11 @@ def lean_decode(
     suppress_t = torch.tensor(suppress, dtype=torch.long, device=device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     unfinished = torch.ones(n, dtype=torch.bool, device=device)
+    rowwise = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, PresencePenalty, RowSeededSampler)
+    compact = compact and device.type == "cpu" and torch.get_num_threads() == 1
+    compact = compact and all(isinstance(p, rowwise) for p in procs)
+    lin = _decode_linears(model) if compact else {}
+    rows = None  # the rows (of n) in the batch, once finished rows have left it
     steps, forwards, done_here = 0, 0, False  # tokens appended; forwards run (more on a finished synced rank)
     while forwards < max_new_tokens:  # every rank runs the same number of forwards and any_rank calls
         if synced:
@@ -272,22 +349,36 @@ def lean_decode(
                     use_cache=True, logits_to_keep=1, **{name: cache}, **extra)  # fmt: skip
         if forwards == 0:
             _reserve(cache, max_new_tokens)
+            compact = compact and all(isinstance(x, _reserved_layer()) for x in cache.layers)
         forwards += 1
         extra = {}
         text_pos = text_pos + 1
-        position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, n, 1)
-        if done_here:  # synced: this rank has finished, the others still decode
-            continue
-        scores = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # (n, V)
-        scores[:, suppress_t] = -float("inf")
-        for proc in procs:
-            scores = proc(seq[:, : L + steps], scores)
-        nxt = torch.where(unfinished, scores.argmax(-1), pad)  # (n,)
-        seq[:, L + steps] = nxt
-        steps += 1
-        unfinished &= ~torch.isin(nxt, eos_t)
-        done_here = not bool(unfinished.any())
-        cur = nxt[:, None]
+        position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, m, 1)
+        if not done_here:  # synced: a rank that has finished runs forwards while the others still decode
+            scores = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # (m, V)
+            scores[:, suppress_t] = -float("inf")
+            for proc in procs:
+                scores = proc(seq[:, : L + steps] if rows is None else seq[rows, : L + steps], scores)
+            nxt = torch.where(unfinished, scores.argmax(-1), pad)  # (m,)
+            if rows is None:
+                seq[:, L + steps] = nxt
+            else:
+                seq[rows, L + steps] = nxt
+            steps += 1
+            unfinished &= ~torch.isin(nxt, eos_t)
+            done_here = not bool(unfinished.any())
+            cur = nxt[:, None]
+        if compact and (synced or not done_here):  # (a synced rank that has finished decodes a smaller batch)
+            m = cur.shape[0]
+            k = _compact_size(lin, n, m, int(unfinished.sum()))
+            if k < m:  # keep the unfinished rows and the first finished ones, in order
+                order = torch.cat([unfinished.nonzero()[:, 0], (~unfinished).nonzero()[:, 0]])  # (m,)
+                keep = order[:k].sort().values
+                rows = keep if rows is None else rows[keep]
+                cache.batch_select_indices(keep)
+                full_mask, text_pos, deltas = full_mask[keep], text_pos[keep], deltas[keep]
+                position_ids, unfinished, cur = position_ids[:, keep], unfinished[keep], cur[keep]
+                procs = [p.select(keep.tolist()) if isinstance(p, RowSeededSampler) else p for p in procs]
     return seq[:, L : L + steps]
 
 
@@ -296,7 +387,7 @@ def generate(
     model, processor, enc, *, group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
     top_k: int = 0, gen_batch_size: int = 0, seed: int | None = None, progress: bool = False,
     row_offset: int | None = None, share_prefill: bool = True, presence_penalty: float = 0.0,
-    decode: str = "lean",
+    decode: str = "lean", compact: bool = True,
 ) -> Rollouts:  # fmt: skip
     """Sample responses for the N prompt rows of `enc` (already repeated G times per prompt).
 
@@ -372,7 +463,7 @@ def generate(
                 deltas = model.model.rope_deltas if share else None
                 new = lean_decode(model, inputs, cache=cache, deltas=deltas, procs=list(procs),
                                   suppress=kwargs["suppress_tokens"], eos=eos, pad=pad,
-                                  max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"])  # fmt: skip
+                                  max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"], compact=compact)  # fmt: skip
                 pieces.append(new.cpu())
             else:
                 out = model.generate(**inputs, logits_processor=procs, **kwargs)

@@ -131,3 +131,91 @@ def test_hf_decode_config_choices():
     assert load_config(None, base + ["rollout.hf_decode=generate"]).rollout.hf_decode == "generate"
     with pytest.raises(ConfigError, match="rollout.hf_decode.*lean, generate"):
         load_config(None, base + ["rollout.hf_decode=fast"])
+
+
+def _record_rows(model, proc, enc, monkeypatch, **kw):
+    """`generate` plus, per step, the global rows the sampler (or greedy argmax) scored and their log-probabilities
+    `[(rows, (m, V))]`: with finished rows dropped from the batch, `m` shrinks."""
+    seen = []
+    sample = gen.RowSeededSampler.__call__
+
+    def record(self, input_ids, scores):
+        seen.append((list(self.rows), torch.log_softmax(scores.float(), dim=-1)))
+        return sample(self, input_ids, scores)
+
+    monkeypatch.setattr(gen.RowSeededSampler, "__call__", record)
+    try:
+        r = gen.generate(model, proc, enc, group_size=G, **kw)
+    finally:
+        monkeypatch.setattr(gen.RowSeededSampler, "__call__", sample)
+    return r, seen
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "full"])
+@pytest.mark.parametrize("images", [True, False], ids=["images", "text"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lean_drops_finished_rows_exactly(arch, images, share, tiny_model, monkeypatch):
+    """Rows that finish early leave the lean loop's batch (KV cache, mask, positions and sampler streams indexed
+    down); every row still unfinished gets the scores `generate` gives it in the full batch, bit for bit, and the
+    same ids. 80 declared EOS tokens make rows finish at different steps; the batch must actually shrink."""
+    model, proc = load_model(str(tiny_model(arch)))
+    enc = _encoding(proc, images)
+    vision = set(gen.vision_token_ids(proc))
+    model.generation_config.eos_token_id = [t for t in range(100, 200) if t not in vision][:80]
+    n = enc["input_ids"].shape[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # rows leave the batch only with one thread (two split the batch by its size)
+    try:
+        _check_drops(model, proc, enc, n, share, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_drops(model, proc, enc, n, share, monkeypatch):
+    settings = {"plain": dict(temperature=1.0), "warped": SAMPLED["warped"], "penalty": SAMPLED["penalty"]}
+    for name, kw in settings.items():
+        kw = dict(kw, seed=7, max_new_tokens=40, share_prefill=share)
+        ref, ref_seen = _record_rows(model, proc, enc, monkeypatch, decode="generate", **kw)
+        new, new_seen = _record_rows(model, proc, enc, monkeypatch, decode="lean", **kw)
+        _assert_same(new, ref)
+        lengths = ref.response_mask.sum(1)
+        assert len(set(lengths.tolist())) >= 4, name  # rows finished at different steps
+        assert len(new_seen) == len(ref_seen) == ref.response_ids.shape[1]
+        sizes = [len(rows) for rows, _ in new_seen]
+        assert sizes[0] == n and min(sizes) < n // 2, (name, sizes)  # the batch shrank
+        for step, ((rows, lp), (ref_rows, ref_lp)) in enumerate(zip(new_seen, ref_seen)):
+            assert ref_rows == list(range(n))
+            live = [r for r in range(n) if lengths[r] > step]  # rows that sample a token at this step
+            assert set(live) <= set(rows), (name, step)
+            at = [rows.index(r) for r in live]
+            torch.testing.assert_close(lp[at], ref_lp[live], rtol=0, atol=0, msg=f"{name} step {step}")
+        off = gen.generate(model, proc, enc, group_size=G, decode="lean", compact=False, **kw)
+        _assert_same(off, ref)
+
+
+def test_linear_probe_finds_exact_batch_sizes(tiny_model):
+    """The probe behind dropping finished rows: the sizes it accepts really give every row of the language model's
+    linear layers its full-batch bits, and the sizes it refuses really do not."""
+    model, _ = load_model(str(tiny_model("qwen2_vl")))
+    lin = gen._decode_linears(model)
+    assert any(shape[0] == model.lm_head.weight.shape[0] for shape, _ in lin)  # the LM head is probed
+    n = 12
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for k in range(1, n):
+            subsets = [torch.randperm(n)[:k].sort().values for _ in range(8)]
+            exact = all(torch.equal(m(x)[s], m(x[s])) for (shape, _), m in lin.items()
+                        for x in [torch.randn(n, 1, shape[1])] for s in subsets)  # fmt: skip
+            assert gen._linear_rows_invariant(lin, n, k) == exact, k
+        _check_sizes(lin, n)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_sizes(lin, n):
+    assert gen._compact_size(lin, n, n, 10) == n  # more than 3/4 active: keep the batch
+    k = gen._compact_size(lin, n, n, 2)
+    assert 2 <= k < n and gen._linear_rows_invariant(lin, n, k)
+    assert all(not gen._linear_rows_invariant(lin, n, j) for j in range(2, k))
