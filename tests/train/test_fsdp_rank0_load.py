@@ -21,6 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -58,6 +59,35 @@ def test_only_rank0_reads_the_weights(tiny_model, tmp_path):
     r = torchrun(argv, env, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert sorted(p.name for p in out.iterdir()) == ["rank0.ok", "rank1.ok"]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "tied"])
+def test_empty_model_is_from_pretrained_without_weights(arch, tiny_model, tmp_path):
+    """`load_model(empty=True)`: every parameter and buffer on the meta device, with the names, shapes and dtypes
+    of `from_pretrained`'s model, its config, generation config, eval mode and tied weights."""
+    from mmrlsd.model.load import load_model
+
+    path = _tied_copy(tiny_model("qwen3_vl"), tmp_path / "tied") if arch == "tied" else tiny_model(arch)
+    for dtype in ("float32", "bfloat16"):
+        empty, _ = load_model(str(path), dtype=dtype, empty=True)
+        real, _ = load_model(str(path), dtype=dtype)
+        assert {t.device.type for t in [*empty.parameters(), *empty.buffers()]} == {"meta"}
+        for got, want in (
+            (empty.state_dict(), real.state_dict()),
+            (dict(empty.named_buffers()), dict(real.named_buffers())),
+        ):
+            assert got.keys() == want.keys()
+            assert all((got[k].shape, got[k].dtype) == (want[k].shape, want[k].dtype) for k in want), (
+                arch,
+                dtype,
+            )
+        assert empty.config.to_dict() == real.config.to_dict()
+        assert empty.generation_config.to_dict() == real.generation_config.to_dict()
+        assert not empty.training and not real.training
+        tied = empty.lm_head.weight is empty.model.language_model.embed_tokens.weight
+        assert (
+            tied == (arch == "tied") == (real.lm_head.weight is real.model.language_model.embed_tokens.weight)
+        )
 
 
 # ---- the 2-rank worker (run by torchrun) ----
