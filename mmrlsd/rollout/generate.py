@@ -243,46 +243,50 @@ def _reserve(cache, extra_tokens: int) -> None:
         cache.layers[i] = new
 
 
-_INVARIANT: dict[tuple, bool] = {}  # (device type, dtype, linear shapes, n, k) -> probe result
+_INVARIANT: dict[tuple, bool] = {}  # (dtype, autocast, threads, linear shapes, n, k) -> probe result
 
 
-def _decode_linears(model) -> dict:
-    """One linear layer of each (weight shape, bias) the decode steps run: the language model's and the LM head."""
-    lin = {}
+def _decode_linears(model) -> list[tuple[int, int, bool]]:
+    """The `(out, in, bias)` shapes of the linear layers the decode steps run: the language model's and the LM head
+    (full shapes also when the weights are sharded)."""
+    shapes = set()
     for name, mod in model.named_modules():
         if isinstance(mod, torch.nn.Linear) and "visual" not in name:
-            lin.setdefault((tuple(mod.weight.shape), mod.bias is not None), mod)
-    return lin
+            shapes.add((mod.out_features, mod.in_features, mod.bias is not None))
+    return sorted(shapes)
 
 
-def _linear_rows_invariant(lin: dict, n: int, k: int) -> bool:
-    """Whether every linear layer in `lin` (`_decode_linears`) gives any `k` of `n` rows the same bits in a batch of
-    those `k` rows as in the batch of all `n`: the matrix-multiply kernel can depend on the number of rows and on a
-    row's place among them (measured on a CPU with one thread: for 1-3 rows it does, for 4-128 it does not; with
-    two threads it does for most sizes). Probed with random inputs (the kernel choice depends on shapes, not
-    values) for the first `k` rows and for random subsets, per layer shape; memoised."""
-    w = next(iter(lin.values())).weight
-    key = (w.device.type, w.dtype, torch.get_num_threads(), tuple(sorted(lin)), n, k)
+def _linear_rows_invariant(lin: list, n: int, k: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether a linear layer of every shape in `lin` (`_decode_linears`) gives any `k` of `n` rows the same bits in
+    a batch of those `k` rows as in the batch of all `n`: the matrix-multiply kernel can depend on the number of
+    rows and on a row's place among them (measured on a CPU with one thread: for 1-3 rows it does, for 4-128 it
+    does not; with two threads it does for most sizes). Probed on the CPU in `dtype` (under the caller's autocast)
+    with random weights and inputs (the kernel choice depends on shapes, not values), for the first `k` rows and
+    for random subsets; memoised."""
+    autocast = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    key = (dtype, autocast, torch.get_num_threads(), tuple(lin), n, k)
     if key not in _INVARIANT:
         gen = torch.Generator().manual_seed(n * 1009 + k)
         subsets = [torch.arange(k)] + [torch.randperm(n, generator=gen)[:k].sort().values for _ in range(3)]
         ok = True
-        for (shape, _), mod in lin.items():
-            x = torch.randn(n, 1, shape[1], generator=gen).to(w.device, w.dtype)
-            full = mod(x)
-            ok = ok and all(torch.equal(full[s], mod(x[s])) for s in subsets)
+        for out_f, in_f, bias in lin:
+            w = torch.randn(out_f, in_f, generator=gen).to(dtype) / in_f**0.5
+            b = torch.randn(out_f, generator=gen).to(dtype) if bias else None
+            x = torch.randn(n, 1, in_f, generator=gen).to(dtype)
+            full = torch.nn.functional.linear(x, w, b)
+            ok = ok and all(torch.equal(full[s], torch.nn.functional.linear(x[s], w, b)) for s in subsets)
         _INVARIANT[key] = ok
     return _INVARIANT[key]
 
 
-def _compact_size(lin: dict, n: int, current: int, active: int) -> int:
+def _compact_size(lin: list, n: int, current: int, active: int, dtype: torch.dtype = torch.float32) -> int:
     """The batch size to shrink a decode batch of `current` rows (`active` of them unfinished) to, or `current`:
     shrink once at most 3/4 of the rows are active, to the smallest size >= `active` at which the linear layers are
     row-for-row exact (`_linear_rows_invariant`) against the original `n` rows."""
     if 4 * active > 3 * current:
         return current
     for k in range(max(active, 1), current):
-        if _linear_rows_invariant(lin, n, k):
+        if _linear_rows_invariant(lin, n, k, dtype):
             return k
     return current
 
@@ -336,7 +340,7 @@ def lean_decode(
     rowwise = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, PresencePenalty, RowSeededSampler)
     compact = compact and device.type == "cpu" and torch.get_num_threads() == 1
     compact = compact and all(isinstance(p, rowwise) for p in procs)
-    lin = _decode_linears(model) if compact else {}
+    lin = _decode_linears(model) if compact else []
     rows = None  # the rows (of n) in the batch, once finished rows have left it
     steps, forwards, done_here = 0, 0, False  # tokens appended; forwards run (more on a finished synced rank)
     while forwards < max_new_tokens:  # every rank runs the same number of forwards and any_rank calls
@@ -370,7 +374,7 @@ def lean_decode(
             cur = nxt[:, None]
         if compact and (synced or not done_here):  # (a synced rank that has finished decodes a smaller batch)
             m = cur.shape[0]
-            k = _compact_size(lin, n, m, int(unfinished.sum()))
+            k = _compact_size(lin, n, m, int(unfinished.sum()), out.logits.dtype)  # the matmuls' dtype
             if k < m:  # keep the unfinished rows and the first finished ones, in order
                 order = torch.cat([unfinished.nonzero()[:, 0], (~unfinished).nonzero()[:, 0]])  # (m,)
                 keep = order[:k].sort().values

@@ -194,11 +194,17 @@ def _check_drops(model, proc, enc, n, share, monkeypatch):
 
 
 def test_linear_probe_finds_exact_batch_sizes(tiny_model):
-    """The probe behind dropping finished rows: the sizes it accepts really give every row of the language model's
+    """The probe behind dropping finished rows: the sizes it accepts really give every row of the model's own
     linear layers its full-batch bits, and the sizes it refuses really do not."""
     model, _ = load_model(str(tiny_model("qwen2_vl")))
     lin = gen._decode_linears(model)
-    assert any(shape[0] == model.lm_head.weight.shape[0] for shape, _ in lin)  # the LM head is probed
+    head = model.lm_head.weight.shape
+    assert (head[0], head[1], False) in lin and len(lin) >= 4  # the LM head and the layers' projections
+    mods = {}  # one of the model's layers per probed shape
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and "visual" not in name:
+            mods.setdefault((m.out_features, m.in_features, m.bias is not None), m)
+    assert sorted(mods) == lin
     n = 12
     torch.manual_seed(0)
     threads = torch.get_num_threads()
@@ -206,16 +212,29 @@ def test_linear_probe_finds_exact_batch_sizes(tiny_model):
     try:
         for k in range(1, n):
             subsets = [torch.randperm(n)[:k].sort().values for _ in range(8)]
-            exact = all(torch.equal(m(x)[s], m(x[s])) for (shape, _), m in lin.items()
-                        for x in [torch.randn(n, 1, shape[1])] for s in subsets)  # fmt: skip
+            exact = all(torch.equal(m(x)[s], m(x[s])) for (_, d_in, _), m in mods.items()
+                        for x in [torch.randn(n, 1, d_in)] for s in subsets)  # fmt: skip
             assert gen._linear_rows_invariant(lin, n, k) == exact, k
-        _check_sizes(lin, n)
+        assert gen._compact_size(lin, n, n, 10) == n  # more than 3/4 active: keep the batch
+        k = gen._compact_size(lin, n, n, 2)
+        assert 2 <= k < n and gen._linear_rows_invariant(lin, n, k)
+        assert all(not gen._linear_rows_invariant(lin, n, j) for j in range(2, k))
     finally:
         torch.set_num_threads(threads)
 
 
-def _check_sizes(lin, n):
-    assert gen._compact_size(lin, n, n, 10) == n  # more than 3/4 active: keep the batch
-    k = gen._compact_size(lin, n, n, 2)
-    assert 2 <= k < n and gen._linear_rows_invariant(lin, n, k)
-    assert all(not gen._linear_rows_invariant(lin, n, j) for j in range(2, k))
+@pytest.mark.parametrize("arch", ["qwen2_5_vl", "qwen3_vl"])
+def test_lean_drops_finished_rows_exactly_under_bf16_autocast(arch, tiny_model, monkeypatch):
+    """The same under bf16 autocast (`model.dtype: bfloat16` over float32 weights): the probe runs in the matmuls'
+    dtype, and the live rows' scores stay bit-identical to `generate`'s."""
+    model, proc = load_model(str(tiny_model(arch)))
+    enc = _encoding(proc, images=True)
+    vision = set(gen.vision_token_ids(proc))
+    model.generation_config.eos_token_id = [t for t in range(100, 200) if t not in vision][:80]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _check_drops(model, proc, enc, enc["input_ids"].shape[0], True, monkeypatch)
+    finally:
+        torch.set_num_threads(threads)

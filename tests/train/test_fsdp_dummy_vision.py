@@ -105,6 +105,32 @@ def _check_weights(model, ref, what: str) -> None:
         torch.testing.assert_close(full[k], want[k], rtol=0, atol=1e-5, msg=f"{what}: {k}")
 
 
+def _check_rows_leave_batch(model, ref, proc, texts, images) -> None:
+    """The sharded lean loop with rows leaving the batch (80 EOS tokens: rows, and the two ranks, finish at
+    different steps; a finished rank keeps running forwards on its smaller batch) samples what the unsharded
+    model's `generate` samples."""
+    from mmrlsd.data.encoding import encode, repeat_encoding
+    from mmrlsd.rollout import generate as gen
+
+    eos = [t for t in range(100, 200) if t not in set(gen.vision_token_ids(proc))][:80]
+    shrunk, size = [], gen._compact_size
+    gen._compact_size = lambda lin, n, m, *a: shrunk.append((m, k := size(lin, n, m, *a))) or k
+    saved = [m.generation_config.eos_token_id for m in (model, ref)]
+    try:
+        for m in (model, ref):
+            m.generation_config.eos_token_id = eos
+        enc = repeat_encoding(encode(proc, texts, images), 4)  # 8 rows
+        kw = dict(group_size=4, max_new_tokens=24, seed=3)
+        got = gen.generate(model, proc, enc, decode="lean", **kw)
+        want = gen.generate(ref, proc, enc, decode="generate", **kw)
+    finally:
+        gen._compact_size = size
+        for m, e in zip((model, ref), saved):
+            m.generation_config.eos_token_id = e
+    assert torch.equal(got.response_ids, want.response_ids), "rollouts with rows leaving the batch"
+    assert any(k < m for m, k in shrunk), ("the batch never shrank", shrunk)
+
+
 def _worker(model_dir: str, out: str) -> None:
     import torch.distributed as td
 
@@ -129,6 +155,7 @@ def _worker(model_dir: str, out: str) -> None:
     enc = repeat_encoding(encode(proc, texts, images), G)
     got, want = (generate(m, proc, enc, group_size=G, max_new_tokens=6, seed=0) for m in (model, ref))
     assert torch.equal(got.response_ids, want.response_ids), "rollouts"
+    _check_rows_leave_batch(model, ref, proc, texts, images)
     seq, mask = build_sequences(enc, want), want.response_mask.float()
 
     fast = {
@@ -157,8 +184,12 @@ def _worker(model_dir: str, out: str) -> None:
         "ppo_update fast shared": lambda m: ppo_update(
             m, sgd[m], seq, mask, old_logp=old_logp, token_adv=adv, fast=fast["shared"], **kw
         ),
-        "ppo_update fused shared": lambda m: ppo_update(m, sgd[m], seq, mask, credit=credit, fast=fast["shared"], **kw),
-        "ppo_update fused budget": lambda m: ppo_update(m, sgd[m], seq, mask, credit=credit, fast=fast["budget"], **kw),
+        "ppo_update fused shared": lambda m: ppo_update(
+            m, sgd[m], seq, mask, credit=credit, fast=fast["shared"], **kw
+        ),
+        "ppo_update fused budget": lambda m: ppo_update(
+            m, sgd[m], seq, mask, credit=credit, fast=fast["budget"], **kw
+        ),
     }
     for name, run in updates.items():
         before = {k: p.detach().clone() for k, p in ref.named_parameters()}
