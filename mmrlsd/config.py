@@ -490,7 +490,9 @@ def _validate(cfg: Config, src: str) -> None:
             f"{src}: 'algo.filter_low' ({cfg.algo.filter_low}) must be < 'algo.filter_high' ({cfg.algo.filter_high})"
         )
     if cfg.algo.eps_w > 1:
-        raise ConfigError(f"{src}: 'algo.eps_w' must be <= 1 (a clip floor 1-eps_w below 0 would flip the sign of A)")
+        raise ConfigError(
+            f"{src}: 'algo.eps_w' must be <= 1 (a clip floor 1-eps_w below 0 would flip the sign of A)"
+        )
     for key in ("rollout.top_p", "rollout.val_top_p", "rollout.vllm_gpu_memory_utilization"):
         if not 0 < get_key(cfg, key) <= 1:
             raise ConfigError(f"{src}: '{key}' must be in (0, 1], got {get_key(cfg, key)}")
