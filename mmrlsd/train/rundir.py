@@ -35,7 +35,7 @@ HARMLESS = {
     "rollout.val_top_p", "rollout.val_top_k", "rollout.val_presence_penalty",
     "trainer.logger", "trainer.project_name", "trainer.experiment_name",
     "dist.fsdp", "dist.backend", "dist.teacher_offload",
-    "trainer.logger", "trainer.project_name", "trainer.experiment_name", "trainer.save_hf",
+    "trainer.save_hf",
 }  # fmt: skip
 HARMLESS_SECTIONS = ("log.", "logging.", "tracker.", "trackers.")
 
