@@ -104,6 +104,12 @@ class Credit:
         c.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2: one per core)")
         c.add_argument("--skip-runs", action="store_true", help="only summarise existing run directories")
         c.add_argument("--model", default="data/tiny/sft-credit", help="tokenizer for mean_response_tokens")
+        c.add_argument(
+            "--census-items",
+            type=int,
+            default=256,
+            help="validation items for the greedy error census of the start model and every run (0: off)",
+        )
         c.add_argument("overrides", nargs="*", help="dotted overrides for every run (the shared budget)")
 
     @staticmethod
@@ -120,7 +126,8 @@ class Credit:
             shlex.join(["mmrlsd", "lab", *sys.argv[sys.argv.index("lab") + 1 :]]) if "lab" in sys.argv else ""
         )
         res = credit_compare(args.out, args.runs, methods, seeds, args.overrides, args.jobs,
-                             skip_runs=args.skip_runs, command=command, model=args.model)  # fmt: skip
+                             skip_runs=args.skip_runs, command=command, model=args.model,
+                             census_items=args.census_items)  # fmt: skip
         p = res.get("paired_rlsd_minus_grpo")
         if p:
             print(

@@ -16,6 +16,7 @@ from mmrlsd.experiments.lab.credit import (
     CREDIT_METHODS,
     paired_difference,
     step_credit,
+    step_errors,
     step_labels,
     t_quantile,
     write_up,
@@ -133,6 +134,22 @@ def test_step_credit_from_a_dump(tmp_path):
     assert sc["error_localised"] == {"responses": 1, "frac": 1.0}
 
 
+def test_step_errors_counts_wrong_readings_and_inconsistent_arithmetic():
+    ref = "a = 3 ; b = 7 ; c = 2 ; 3 + 7 = 10 ; 10 - 2 = 8"
+    assert step_errors(f"<thought>{ref}</thought><answer>8</answer>", ref) == (3, 0, 2, 0)
+    # b misread as 1: the next step is consistent with the misreading (3 + 1 = 4), so it is not an arithmetic error
+    text = "<thought>a = 3 ; b = 1 ; c = 2 ; 3 + 1 = 4 ; 4 - 2 = 3</thought><answer>3</answer>"
+    assert step_errors(text, ref) == (3, 1, 2, 1)  # 4 - 2 = 3 is
+    # an answer-shaped fudge: readings right, the result bent; a non-number operand counts as inconsistent
+    assert step_errors("<thought>a = 3 ; b = 7 ; c = 2 ; 3 + 7 = 12 ; x - 2 = 8</thought>", ref) == (
+        3,
+        0,
+        2,
+        2,
+    )
+    assert step_errors("no thought here", ref) == (0, 0, 0, 0)
+
+
 def test_configs_differ_only_in_the_method_lines():
     def flat(name: str) -> dict:
         return _flat(to_dict(load_config(REPO / "configs" / f"credit_{name}.yaml")))
@@ -189,6 +206,12 @@ def test_write_up_numbers_come_from_the_results():
     text = write_up(res)
     assert "0.875 of 8 | 0.998, 1.041 |" in text
     assert "Â_t is on average 1.041·A on the first wrong step and 0.998·A on the right steps" in text
+    mean = {"accuracy": 0.061, "reading_wrong": 0.2, "arithmetic_wrong": 0.29}
+    res["census"] = {"items": 256, "start": {"accuracy": 0.48, "reading_wrong": 0.007, "arithmetic_wrong": 0.064},
+                     "methods": {"opsd": {"mean": mean}}}  # fmt: skip
+    text = write_up(res)
+    assert "| start | 0.480 | 0.0070 | 0.0640 |" in text and "| opsd | 0.061 | 0.2000 | 0.2900 |" in text
+    assert "`opsd` ends at 0.061 greedy accuracy (start 0.480) with 0.290 of its arithmetic steps" in text
 
 
 @pytest.mark.skipif(not (REPO / "data" / "tiny" / "sft-credit" / "model.safetensors").is_file(),
@@ -202,7 +225,7 @@ def test_lab_credit_end_to_end_on_a_toy_budget(tmp_path, monkeypatch):
     budget = ["rollout.batch_size=2", "rollout.n=4", "data.max_val_items=4", "trainer.total_steps=2",
               "trainer.val_every=2", "trainer.dump_every=1", "rollout.max_new_tokens=72", "algo.max_refill_tries=1"]  # fmt: skip
     argv = ["lab", "credit", "--out", str(out), "--runs", str(tmp_path / "runs"), "--methods", "grpo,rlsd",
-            "--seeds", "0,1", "--jobs", "2", *budget]  # fmt: skip
+            "--seeds", "0,1", "--jobs", "2", "--census-items", "4", *budget]  # fmt: skip
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["mean_response_tokens"] == pytest.approx(66.7, abs=0.1)
@@ -222,3 +245,15 @@ def test_lab_credit_end_to_end_on_a_toy_budget(tmp_path, monkeypatch):
     assert set(res["methods"]["rlsd"]["step_credit"]) >= {"error_localised"}
     assert (out / "credit.png").stat().st_size > 10_000
     assert (out / "README.md").read_text() == write_up(res)
+    census = res["census"]
+    assert census["items"] == 4 and set(census["methods"]) == {"grpo", "rlsd"}
+    for m in ("grpo", "rlsd"):
+        per = census["methods"][m]["seeds"]
+        assert set(per) == {"0", "1"} and all(v["items"] == 4 for v in per.values())
+        assert census["methods"][m]["mean"]["accuracy"] == pytest.approx(
+            statistics.fmean(v["accuracy"] for v in per.values()), abs=1e-4
+        )
+    # the start census scores the shipped model: its greedy accuracy on the first 4 items equals a run's step-0
+    # validation on the same items
+    start = res["methods"]["grpo"]["curves"]["0"]["val/accuracy"][0]
+    assert census["start"]["accuracy"] == pytest.approx(start, abs=1e-4)

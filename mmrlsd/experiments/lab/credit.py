@@ -198,6 +198,98 @@ def step_credit(run_dirs: Sequence[Path], eps_w: float = 0.2) -> dict:
     return out
 
 
+def step_errors(tokens_text: str, reference_thought: str) -> tuple[int, int, int, int]:
+    """(readings, wrong readings, arithmetic steps, inconsistent arithmetic steps) of one response's thought.
+
+    A reading is a step `name = value`, wrong when it differs from the reference step at the same position; an
+    arithmetic step `x + y = z` / `x - y = z` is inconsistent when z is not x ± y, whatever the reference says (the
+    response's own operands: an error of calculation, not one carried over from a wrong reading)."""
+    ref = [_norm(x) for x in reference_thought.split(";")]
+    t0, t1 = tokens_text.find("<thought>"), tokens_text.find("</thought>")
+    if not 0 <= t0 < t1:
+        return 0, 0, 0, 0
+    reads = bad_reads = ariths = bad_ariths = 0
+    for i, part in enumerate(tokens_text[t0 + len("<thought>") : t1].split(";")):
+        words = part.split()
+        if len(words) == 3 and words[1] == "=":
+            reads += 1
+            bad_reads += i >= len(ref) or _norm(part) != ref[i]
+        elif len(words) == 5 and words[1] in "+-" and words[3] == "=":
+            ariths += 1
+            try:
+                x, y, z = int(words[0]), int(words[2]), int(words[4])
+                bad_ariths += z != (x + y if words[1] == "+" else x - y)
+            except ValueError:
+                bad_ariths += 1
+    return reads, bad_reads, ariths, bad_ariths
+
+
+def error_census(run_dirs: Sequence[Path]) -> dict:
+    """Share of wrong readings and of inconsistent arithmetic steps (`step_errors`) over all sampled responses of
+    the first and of the last rollout dump of `run_dirs`: what the method changed in the policy's reasoning."""
+    out = {}
+    for which in ("first", "last"):
+        tot = [0, 0, 0, 0]
+        for run_dir in run_dirs:
+            dumps = sorted((run_dir / "rollouts").glob("step_*.jsonl"))
+            if not dumps:
+                continue
+            refs = reference_thoughts(run_dir)
+            path = dumps[0] if which == "first" else dumps[-1]
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                if row["id"] in refs:
+                    tot = [a + b for a, b in zip(tot, step_errors("".join(row["tokens"]), refs[row["id"]]))]
+        out[which] = {
+            "reading_wrong": round(tot[1] / tot[0], 4) if tot[0] else None,
+            "arithmetic_wrong": round(tot[3] / tot[2], 4) if tot[2] else None,
+            "readings": tot[0],
+            "arithmetic_steps": tot[2],
+        }
+    return out
+
+
+def val_census(run_dir: Path, model: str | Path | None = None, items: int = 256, batch: int = 128) -> dict:
+    """Greedy answers of `model` (default: the run's last checkpoint) on the run's first `items` validation items, through
+    `step_errors`: accuracy and the shares of wrong readings and inconsistent arithmetic steps. Unlike the rollout
+    dumps (groups kept by online filtering, biased towards what the policy still gets wrong), this is the whole
+    validation set, so start and end are comparable."""
+    import torch
+
+    from mmrlsd.config import load_config
+    from mmrlsd.data.encoding import encode
+    from mmrlsd.data.prompts import PromptBuilder
+    from mmrlsd.data.sources import FieldMap, load_dataset_files
+    from mmrlsd.model.load import load_model
+    from mmrlsd.reward.rewards import score_responses
+    from mmrlsd.rollout.generate import generate
+
+    cfg = load_config(run_dir / "config.yaml")
+    policy, processor = load_model(str(model or run_dir), max_pixels=cfg.model.max_pixels,
+                                   min_pixels=cfg.model.min_pixels)  # fmt: skip
+    prompts = PromptBuilder(
+        processor, cfg.data.student_template, cfg.data.teacher_template, cfg.algo.teacher_info
+    )
+    samples = load_dataset_files(cfg.data.val_files, FieldMap.from_config(cfg.data), cfg.data.val_split,
+                                 shuffle=False, max_items=items).load_all()  # fmt: skip
+    tot, correct = [0, 0, 0, 0], 0.0
+    for start in range(0, len(samples), batch):
+        chunk = samples[start : start + batch]
+        enc = encode(processor, [prompts.student(x) for x in chunk], [x.pil_images for x in chunk])
+        with torch.no_grad():
+            texts = generate(policy, processor, enc, group_size=1, max_new_tokens=cfg.rollout.max_new_tokens,
+                             temperature=0.0, seed=0).texts  # fmt: skip
+        scores = score_responses(texts, [x.answer for x in chunk], [x.problem_type for x in chunk],
+                                 name=cfg.reward.name)  # fmt: skip
+        correct += sum(r.accuracy for r in scores)
+        for x, text in zip(chunk, texts):
+            thought = (x.solution or "").split("<thought>", 1)[-1].split("</thought>", 1)[0]
+            tot = [a + b for a, b in zip(tot, step_errors(text, thought))]
+    return {"accuracy": round(correct / len(samples), 4), "items": len(samples),
+            "reading_wrong": round(tot[1] / tot[0], 4) if tot[0] else None,
+            "arithmetic_wrong": round(tot[3] / tot[2], 4) if tot[2] else None}  # fmt: skip
+
+
 def mean_response_tokens(data_file: str | Path, model_path: str | Path) -> float:
     """Mean token count of the reference solutions of `data_file` (plus the end-of-turn token SFT trains), with
     the tokenizer of `model_path`."""
@@ -245,6 +337,7 @@ def summarize_credit(runs: Path, methods: Sequence[str], seeds: Sequence[int], w
             "step_s_median": _ms([x["step_s_median"] for x in ss]),
             "all_equal_mean": _ms([x["all_equal_mean"] for x in ss]),
             "step_credit": step_credit([run_dir_of(runs, m, s) for s in seeds], eps.get(m, 0.2)),
+            "errors": error_census([run_dir_of(runs, m, s) for s in seeds]),
             "curves": per,
         }
     return out
@@ -259,8 +352,11 @@ def paired_to(methods_out: dict, base: str, key: str = "greedy_gain") -> dict:
 
 def credit_compare(out: Path, runs: Path, methods: Sequence[str], seeds: Sequence[int], overrides: Sequence[str],
                    jobs: int, skip_runs: bool = False, command: str = "",
-                   sft_data: str = "data/tiny/credit/train.jsonl", model: str = "data/tiny/sft-credit") -> dict:  # fmt: skip
-    """Run (unless `skip_runs`) and summarise the credit comparison; writes results.json, credit.png, README.md."""
+                   sft_data: str = "data/tiny/credit/train.jsonl", model: str = "data/tiny/sft-credit",
+                   census_items: int = 256, recensus: bool = False) -> dict:  # fmt: skip
+    """Run (unless `skip_runs`) and summarise the credit comparison; writes results.json, credit.png, README.md.
+    `census_items`: validation items of `val_census` for the start model and every run's last checkpoint (0: no
+    census; with `skip_runs` an earlier census is reused unless `recensus`)."""
     from mmrlsd.config import load_config
     from mmrlsd.experiments.lab.compare import budget_text
 
@@ -282,6 +378,16 @@ def credit_compare(out: Path, runs: Path, methods: Sequence[str], seeds: Sequenc
         walls = prev.get("run_wall_s", {})
     eps = {m: load_config(configs[m], [*overrides, *extra[m]]).algo.eps_w for m in methods}
     methods_out = summarize_credit(runs, methods, seeds, walls, eps)
+    census = prev.get("census") if prev and not recensus else None
+    if census is None and census_items:
+        first = run_dir_of(runs, methods[0], seeds[0])
+        census = {"items": census_items,
+                  "start": val_census(first, load_config(first / "config.yaml").model.path, census_items),
+                  "methods": {}}  # fmt: skip
+        for m in methods:
+            per = {str(s): val_census(run_dir_of(runs, m, s), None, census_items) for s in seeds}
+            census["methods"][m] = {"seeds": per, "mean": {k: round(statistics.fmean(v[k] for v in per.values()), 4)
+                                                           for k in ("accuracy", "reading_wrong", "arithmetic_wrong")}}  # fmt: skip
     results = {
         "command": command,
         "task": "digit_chain (mmrlsd lab data --task credit)",
@@ -297,6 +403,8 @@ def credit_compare(out: Path, runs: Path, methods: Sequence[str], seeds: Sequenc
         "mean_response_tokens": round(mean_response_tokens(sft_data, model), 2),
         "methods": methods_out,
     }
+    if census:
+        results["census"] = census
     if prev:
         results.update({k: prev[k] for k in ("command", "jobs", "wall_s", "load_avg_at_end") if k in prev})
     if "grpo" in methods:
@@ -405,6 +513,19 @@ def write_up(results: dict) -> str:
         scales = [neg.get(lab, {}).get("adv_scale") for lab in ("right", "first_wrong")]
         scale = ", ".join(f"{x:.3f}" for x in scales) if None not in scales else "-"
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {loc['frac']} of {loc['responses']} | {scale} |")
+    census = results.get("census")
+    if census:
+        st = census["start"]
+        lines += ["", f"Greedy answers on the first {census['items']} validation items, at the start and after each run "
+                  "(mean over seeds): accuracy, share of wrong digit readings, share of arithmetic steps whose result "
+                  "does not follow from their own operands:", "",
+                  "| model | accuracy | wrong readings | inconsistent arithmetic |", "|---|---|---|---|",
+                  f"| start | {st['accuracy']:.3f} | {st['reading_wrong']:.4f} | {st['arithmetic_wrong']:.4f} |"]  # fmt: skip
+        for m, c in census["methods"].items():
+            mc = c["mean"]
+            lines.append(
+                f"| {m} | {mc['accuracy']:.3f} | {mc['reading_wrong']:.4f} | {mc['arithmetic_wrong']:.4f} |"
+            )
     lines += [
         "",
         "![credit](credit.png)",
@@ -443,6 +564,20 @@ def verdict(results: dict) -> str:
                      f"{sc['first_wrong']['adv_scale']:.3f}·A on the first wrong step and {sc['right']['adv_scale']:.3f}·A "
                      f"on the right steps (GRPO: 1·A everywhere), because Â_t/A = (1-λ) + λ·clip(w_t, 1-ε_w, 1+ε_w) "
                      f"stays within 1 ± λ·ε_w.")  # fmt: skip
+    ps = results.get("paired_minus_grpo_sampled", {}).get("rlsd")
+    if ps and ps.get("ci95"):
+        text += (f" On sampled accuracy (T = 1, the quantity RL optimises) the paired difference is {ps['mean']:+.3f} "
+                 f"(95% interval [{ps['ci95'][0]:+.3f}, {ps['ci95'][1]:+.3f}]).")  # fmt: skip
+    census = results.get("census")
+    if census:
+        st = census["start"]
+        for m in ("opsd", "sdpo"):
+            c = census["methods"].get(m, {}).get("mean")
+            if c and c["arithmetic_wrong"] > st["arithmetic_wrong"]:
+                text += (f" `{m}` ends at {c['accuracy']:.3f} greedy accuracy (start {st['accuracy']:.3f}) with "
+                         f"{c['arithmetic_wrong']:.3f} of its arithmetic steps inconsistent with their own operands "
+                         f"(start {st['arithmetic_wrong']:.3f}) and {c['reading_wrong']:.3f} of its readings wrong "
+                         f"(start {st['reading_wrong']:.3f}).")  # fmt: skip
     best = max((m for m in results.get("paired_minus_grpo", {}) if m.startswith("rlsd")),
                key=lambda m: results["paired_minus_grpo"][m]["mean"], default=None)  # fmt: skip
     if best:
