@@ -214,6 +214,31 @@ def test_write_up_numbers_come_from_the_results():
     assert "`opsd` ends at 0.061 greedy accuracy (start 0.480) with 0.290 of its arithmetic steps" in text
 
 
+def test_what_would_change_is_computed_from_the_results():
+    res = _toy_results()  # paired +0.080, -0.020, +0.120: mean +0.060, sd 0.0721, interval contains 0
+    neg = res["methods"]["rlsd"]["step_credit"]["A<0"]
+    neg["right"]["adv_scale"], neg["first_wrong"]["adv_scale"] = 0.998, 1.041
+    for m, (g0, g1) in {"grpo": (0.5, 0.52), "rlsd": (0.5, 0.6)}.items():
+        for s in res["methods"][m]["seeds"].values():
+            s.update(greedy_first=g0, greedy_last=g1, sampled_first=0.25, sampled_last=0.375)
+    text = write_up(res)
+    assert "**What would have to change.**" in text
+    assert (
+        "spread with sd 0.072, so a difference of +0.060 would need about 6 seeds" in text
+    )  # (1.96·0.0721/0.06)² = 5.5
+    assert "`rlsd`, raises the first wrong step's Â_t/A only to 1.041 and ends +0.060 against GRPO" in text
+    assert (
+        "averages -1.250 nats (exp(|Δ|) ≈ 3.49), and it is lower there than on the right steps in 0.875"
+        in text
+    )
+    assert (
+        "grpo: sampled 0.250 → 0.375, greedy 0.500 → 0.520; rlsd: sampled 0.250 → 0.375, greedy 0.500 → 0.600"
+        in text
+    )
+    res["paired_rlsd_minus_grpo"] = {**res["paired_rlsd_minus_grpo"], "ci95": [0.02, 0.18]}
+    assert "What would have to change" not in write_up(res)  # RLSD above GRPO: nothing to explain
+
+
 @pytest.mark.skipif(not (REPO / "data" / "tiny" / "sft-credit" / "model.safetensors").is_file(),
                     reason="the credit lab's SFT model is not there")  # fmt: skip
 def test_lab_credit_end_to_end_on_a_toy_budget(tmp_path, monkeypatch):
@@ -257,3 +282,22 @@ def test_lab_credit_end_to_end_on_a_toy_budget(tmp_path, monkeypatch):
     # validation on the same items
     start = res["methods"]["grpo"]["curves"]["0"]["val/accuracy"][0]
     assert census["start"]["accuracy"] == pytest.approx(start, abs=1e-4)
+
+
+def test_committed_results_write_up_and_interval_are_recomputable():
+    """The shipped comparison: README is exactly write_up(results.json), and the paired interval and each method's
+    mean gain follow from the per-seed numbers."""
+    out = REPO / "eval" / "results" / "credit_lab"
+    res = json.loads((out / "results.json").read_text())
+    assert (out / "README.md").read_text() == write_up(res)
+    assert (out / "credit.png").stat().st_size > 10_000
+    gains = {m: {s: v["greedy_gain"] for s, v in r["seeds"].items()} for m, r in res["methods"].items()}
+    assert len(gains["rlsd"]) >= 5 and gains["rlsd"].keys() == gains["grpo"].keys()
+    assert res["paired_rlsd_minus_grpo"] == paired_difference(gains["rlsd"], gains["grpo"])
+    for m, g in gains.items():
+        assert res["methods"][m]["greedy_gain"]["mean"] == pytest.approx(
+            statistics.fmean(g.values()), abs=1e-4
+        )
+        for s in res["methods"][m]["seeds"].values():
+            assert s["greedy_gain"] == pytest.approx(s["greedy_last"] - s["greedy_first"], abs=1e-4)
+    assert 40 <= res["mean_response_tokens"] <= 120

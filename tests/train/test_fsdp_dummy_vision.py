@@ -134,6 +134,7 @@ def _check_rows_leave_batch(model, ref, proc, texts, images) -> None:
 def _worker(model_dir: str, out: str) -> None:
     import torch.distributed as td
 
+    from mmrlsd import dist
     from mmrlsd.algo.methods import TokenRule
     from mmrlsd.data.encoding import encode, repeat_encoding
     from mmrlsd.model.load import load_model
@@ -200,7 +201,7 @@ def _worker(model_dir: str, out: str) -> None:
         assert moved, f"{name}: the image's gradient did not reach the vision tower"
         _check_weights(model, ref, name)
     Path(out, f"rank{rank}.ok").write_text("ok\n")
-    td.destroy_process_group()
+    dist.destroy_distributed()  # barrier first: without it rank 1 sometimes aborted in gloo's teardown
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def _worker(data: str, out: str, *models: str) -> None:
         model_dir, kind = spec.rsplit(":", 1)
         _check_model(model_dir, kind, data)
     Path(out, f"rank{td.get_rank()}.ok").write_text("ok\n")
-    td.destroy_process_group()
+    dist.destroy_distributed()  # barrier first: a rank tearing gloo down while its peer still exits can abort
 
 
 if __name__ == "__main__":

@@ -454,7 +454,7 @@ def plot_credit(results: dict, path: Path) -> None:
         sc = results["methods"][m]["step_credit"].get("A<0", {})
         axes[3].bar([j + i * width for j in range(len(labs))], [sc.get(lab, {}).get("delta_mean", 0.0) for lab in labs],
                     width, label=m)  # fmt: skip
-    axes[3].set_xticks([j + 0.4 for j in range(len(labs))], labs)
+    axes[3].set_xticks([j + 0.4 for j in range(len(labs))], labs, rotation=20, ha="right")
     axes[3].set_title("mean Δ_t per step label, responses with A < 0", fontsize=10)
     axes[3].legend(fontsize=7)
     fig.suptitle(f"credit lab, {results['budget_text']}, seeds {results['seeds']}", fontsize=11)
@@ -583,4 +583,50 @@ def verdict(results: dict) -> str:
     if best:
         bp = results["paired_minus_grpo"][best]
         text += f" The best RLSD setting against GRPO is `{best}` ({bp['mean']:+.3f} paired)."
+    if lo <= 0:
+        text += "\n\n" + what_would_change(results)
     return text
+
+
+def what_would_change(results: dict) -> str:
+    """Where RLSD does not beat GRPO: how many seeds would resolve a difference of the measured size, what the
+    sweep says about the clip and λ, and whether RL moved greedy or sampled accuracy."""
+    p = results["paired_rlsd_minus_grpo"]
+    diffs = list(p["per_seed"].values())
+    parts = ["**What would have to change.**"]
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    if p["mean"] and sd > 0:
+        need = math.ceil((1.96 * sd / abs(p["mean"])) ** 2)
+        parts.append(f"Per-seed paired differences spread with sd {sd:.3f}, so a difference of {p['mean']:+.3f} "
+                     f"would need about {need} seeds to exclude 0 at 95% (mean ± 1.96·sd/√n).")  # fmt: skip
+    scales = {m: r["step_credit"].get("A<0", {}).get("first_wrong", {}) for m, r in results["methods"].items()
+              if m.startswith("rlsd")}  # fmt: skip
+    scales = {
+        m: s for m, s in scales.items() if "adv_scale" in s and m in results.get("paired_minus_grpo", {})
+    }
+    if scales:
+        top = max(scales, key=lambda m: scales[m]["adv_scale"])
+        ref = "rlsd" if "rlsd" in scales else top
+        d = scales[ref]["delta_mean"]
+        loc = results["methods"][ref]["step_credit"].get("error_localised", {})
+        parts.append(f"Letting more of the teacher through does not help: the widest setting, `{top}`, raises the "
+                     f"first wrong step's Â_t/A only to {scales[top]['adv_scale']:.3f} and ends "
+                     f"{results['paired_minus_grpo'][top]['mean']:+.3f} against GRPO. The teacher's signal is weak "
+                     f"and noisy: in `{ref}` its Δ_t on the first wrong step averages {d:+.3f} nats "
+                     f"(exp(|Δ|) ≈ {math.exp(abs(d)):.2f}), and it is lower there than on the right steps in "
+                     f"{loc.get('frac', float('nan'))} of responses (0.5 would be chance). The knob that would have "
+                     f"to change is the teacher's confidence where the student errs (a larger model, or a start "
+                     f"trained to use the reference in its prompt), not ε_w or λ.")  # fmt: skip
+    moves = []
+    for m in ("grpo", "rlsd"):
+        seeds = results["methods"].get(m, {}).get("seeds", {})
+        if not seeds or not all("sampled_first" in s for s in seeds.values()):
+            continue
+        mean = {k: statistics.fmean(s[k] for s in seeds.values())
+                for k in ("sampled_first", "sampled_last", "greedy_first", "greedy_last")}  # fmt: skip
+        moves.append(f"{m}: sampled {mean['sampled_first']:.3f} → {mean['sampled_last']:.3f}, greedy "
+                     f"{mean['greedy_first']:.3f} → {mean['greedy_last']:.3f}")  # fmt: skip
+    if moves:
+        parts.append(f"Within this budget RL mostly moves sampled accuracy toward the greedy one ({'; '.join(moves)}); "
+                     "a longer run that moves the greedy answer is where per-token credit would have to show.")  # fmt: skip
+    return " ".join(parts)
