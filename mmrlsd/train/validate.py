@@ -24,9 +24,10 @@ class ValidationStopped(Exception):
     """A stop signal arrived during validation: its numbers are dropped."""
 
 
-def _sums(policy, processor, prompts, samples, n_real, first_index, cfg, temperature, n, seed,
-          stop=None, top_p=1.0, top_k=0, presence_penalty=0.0) -> torch.Tensor:  # fmt: skip
-    """(correct, reward, count) summed over the first `n_real` of `samples` (the rest is padding)."""
+def score_samples(policy, processor, prompts, samples, n_real, first_index, cfg, temperature, n, seed,
+                  stop=None, top_p=1.0, top_k=0, presence_penalty=0.0, texts: list[str] | None = None) -> torch.Tensor:  # fmt: skip
+    """(correct, reward, count) summed over the first `n_real` of `samples` (the rest is padding), `n` responses
+    each; `texts`, when given, receives those responses' texts in order."""
     per_call = max(1, (cfg.rollout.gen_batch_size or 64) // n)
     out = torch.zeros(3, dtype=torch.float64)
     for start in range(0, len(samples), per_call):
@@ -46,6 +47,8 @@ def _sums(policy, processor, prompts, samples, n_real, first_index, cfg, tempera
         for i, x in enumerate(res):
             if start + i // n < n_real:
                 out += torch.tensor([x.accuracy, x.reward, 1.0], dtype=torch.float64)
+                if texts is not None:
+                    texts.append(r.texts[i])
     return out
 
 
@@ -61,13 +64,13 @@ def validate(
     n_real = len(mine)
     mine = mine + samples[: per - n_real]  # equal shares; repeats are not counted
     greedy = dist.all_reduce_tensor(
-        _sums(policy, processor, prompts, mine, n_real, rank * per, cfg, 0.0, 1, seed, stop)
+        score_samples(policy, processor, prompts, mine, n_real, rank * per, cfg, 0.0, 1, seed, stop)
     )
     out = {"val/accuracy": float(greedy[0] / greedy[2]), "val/reward": float(greedy[1] / greedy[2]),
            "val/n": float(greedy[2])}  # fmt: skip
     if cfg.rollout.val_n > 0:
         ro = cfg.rollout
-        s = dist.all_reduce_tensor(_sums(policy, processor, prompts, mine, n_real, rank * per, cfg,
+        s = dist.all_reduce_tensor(score_samples(policy, processor, prompts, mine, n_real, rank * per, cfg,
                                          ro.val_temperature, ro.val_n, seed + 7919, stop, top_p=ro.val_top_p,
                                          top_k=ro.val_top_k, presence_penalty=ro.val_presence_penalty))  # fmt: skip
         out["val/sample_accuracy"] = float(s[0] / s[2])

@@ -94,6 +94,18 @@ def _norm(step: str) -> str:
     return " ".join(step.split())
 
 
+def _thought(text: str) -> str | None:
+    """The text between `<thought>` and the first `</thought>` after it (None without a closed thought)."""
+    t0, t1 = text.find("<thought>"), text.find("</thought>")
+    return text[t0 + len("<thought>") : t1] if 0 <= t0 < t1 else None
+
+
+def _error_shares(tot: list[int]) -> dict:
+    """`step_errors` counts summed -> the shares of wrong readings and of inconsistent arithmetic steps."""
+    return {"reading_wrong": round(tot[1] / tot[0], 4) if tot[0] else None,
+            "arithmetic_wrong": round(tot[3] / tot[2], 4) if tot[2] else None}  # fmt: skip
+
+
 def step_labels(tokens: Sequence[str], reference_thought: str) -> list[str]:
     """Label each response token by the reasoning step it belongs to (`STEP_LABELS`).
 
@@ -147,9 +159,9 @@ def reference_thoughts(run_dir: Path) -> dict[str, str]:
     for f in cfg["data"]["train_files"]:
         for line in Path(f).read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
-            sol = rec.get("solution") or ""
-            if "<thought>" in sol and "</thought>" in sol:
-                out[rec["id"]] = sol.split("<thought>", 1)[1].split("</thought>", 1)[0]
+            thought = _thought(rec.get("solution") or "")
+            if thought is not None:
+                out[rec["id"]] = thought
     return out
 
 
@@ -205,11 +217,11 @@ def step_errors(tokens_text: str, reference_thought: str) -> tuple[int, int, int
     arithmetic step `x + y = z` / `x - y = z` is inconsistent when z is not x ± y, whatever the reference says (the
     response's own operands: an error of calculation, not one carried over from a wrong reading)."""
     ref = [_norm(x) for x in reference_thought.split(";")]
-    t0, t1 = tokens_text.find("<thought>"), tokens_text.find("</thought>")
-    if not 0 <= t0 < t1:
+    thought = _thought(tokens_text)
+    if thought is None:
         return 0, 0, 0, 0
     reads = bad_reads = ariths = bad_ariths = 0
-    for i, part in enumerate(tokens_text[t0 + len("<thought>") : t1].split(";")):
+    for i, part in enumerate(thought.split(";")):
         words = part.split()
         if len(words) == 3 and words[1] == "=":
             reads += 1
@@ -240,29 +252,22 @@ def error_census(run_dirs: Sequence[Path]) -> dict:
                 row = json.loads(line)
                 if row["id"] in refs:
                     tot = [a + b for a, b in zip(tot, step_errors("".join(row["tokens"]), refs[row["id"]]))]
-        out[which] = {
-            "reading_wrong": round(tot[1] / tot[0], 4) if tot[0] else None,
-            "arithmetic_wrong": round(tot[3] / tot[2], 4) if tot[2] else None,
-            "readings": tot[0],
-            "arithmetic_steps": tot[2],
-        }
+        out[which] = {**_error_shares(tot), "readings": tot[0], "arithmetic_steps": tot[2]}
     return out
 
 
-def val_census(run_dir: Path, model: str | Path | None = None, items: int = 256, batch: int = 128) -> dict:
+def val_census(run_dir: Path, model: str | Path | None = None, items: int = 256) -> dict:
     """Greedy answers of `model` (default: the run's last checkpoint) on the run's first `items` validation items, through
     `step_errors`: accuracy and the shares of wrong readings and inconsistent arithmetic steps. Unlike the rollout
     dumps (groups kept by online filtering, biased towards what the policy still gets wrong), this is the whole
-    validation set, so start and end are comparable."""
+    validation set, so start and end are comparable. The answers come from the trainer's validation pass."""
     import torch
 
     from mmrlsd.config import load_config
-    from mmrlsd.data.encoding import encode
     from mmrlsd.data.prompts import PromptBuilder
     from mmrlsd.data.sources import FieldMap, load_dataset_files
     from mmrlsd.model.load import load_model
-    from mmrlsd.reward.rewards import score_responses
-    from mmrlsd.rollout.generate import generate
+    from mmrlsd.train.validate import score_samples
 
     cfg = load_config(run_dir / "config.yaml")
     policy, processor = load_model(str(model or run_dir), max_pixels=cfg.model.max_pixels,
@@ -272,22 +277,14 @@ def val_census(run_dir: Path, model: str | Path | None = None, items: int = 256,
     )
     samples = load_dataset_files(cfg.data.val_files, FieldMap.from_config(cfg.data), cfg.data.val_split,
                                  shuffle=False, max_items=items).load_all()  # fmt: skip
-    tot, correct = [0, 0, 0, 0], 0.0
-    for start in range(0, len(samples), batch):
-        chunk = samples[start : start + batch]
-        enc = encode(processor, [prompts.student(x) for x in chunk], [x.pil_images for x in chunk])
-        with torch.no_grad():
-            texts = generate(policy, processor, enc, group_size=1, max_new_tokens=cfg.rollout.max_new_tokens,
-                             temperature=0.0, seed=0).texts  # fmt: skip
-        scores = score_responses(texts, [x.answer for x in chunk], [x.problem_type for x in chunk],
-                                 name=cfg.reward.name)  # fmt: skip
-        correct += sum(r.accuracy for r in scores)
-        for x, text in zip(chunk, texts):
-            thought = (x.solution or "").split("<thought>", 1)[-1].split("</thought>", 1)[0]
-            tot = [a + b for a, b in zip(tot, step_errors(text, thought))]
-    return {"accuracy": round(correct / len(samples), 4), "items": len(samples),
-            "reading_wrong": round(tot[1] / tot[0], 4) if tot[0] else None,
-            "arithmetic_wrong": round(tot[3] / tot[2], 4) if tot[2] else None}  # fmt: skip
+    texts: list[str] = []
+    with torch.no_grad():
+        correct, _, n = score_samples(policy, processor, prompts, samples, len(samples), 0, cfg, 0.0, 1, 0,
+                                      texts=texts).tolist()  # fmt: skip
+    tot = [0, 0, 0, 0]
+    for x, text in zip(samples, texts):
+        tot = [a + b for a, b in zip(tot, step_errors(text, _thought(x.solution or "") or ""))]
+    return {"accuracy": round(correct / n, 4), "items": len(samples), **_error_shares(tot)}
 
 
 def mean_response_tokens(data_file: str | Path, model_path: str | Path) -> float:
