@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from mmrlsd.experiments.gpu_check import main
@@ -60,3 +61,43 @@ def test_gpu_check_reports_a_failing_part(tmp_path, monkeypatch, capsys):
         set(result["gpu_check"]["errors"]) == {"perf", "packed_attention_parity"}
         and result["train"]["finite"]
     )
+
+
+def test_a_part_past_its_time_limit_keeps_the_steps_it_measured(tmp_path, monkeypatch, capsys):
+    """`--limit perf=…` stops the perf part mid-run: the steps measured before the limit stay in the JSON (marked
+    partial), the timeout is recorded under errors, and the parts after it still run."""
+    import mmrlsd.experiments.perf as perf
+
+    real_step, calls = perf.run_mmrlsd_step, []
+
+    def step_then_stall(ctx, samples, step, seed, device):
+        calls.append(step)
+        if len(calls) > 2:  # the third step outlasts the limit
+            time.sleep(60)
+        return real_step(ctx, samples, step, seed, device)
+
+    monkeypatch.setattr(perf, "run_mmrlsd_step", step_then_stall)
+    t0 = time.perf_counter()
+    code = main(["--reduced", "--device", "cpu", "--out", str(tmp_path), "--parts", "perf,train", "--limit",
+                 "perf=20", "--set", "variants=[grpo,rlsd]", "--set", "repeats=2"])  # fmt: skip
+    assert code == 1 and time.perf_counter() - t0 < 55
+    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert result["partial"] is True
+    assert result["gpu_check"]["errors"].keys() == {"perf"}
+    assert result["gpu_check"]["errors"]["perf"].startswith("PartTimeout: perf ran past its 20 s limit")
+    assert len(result["variants"]["grpo"]["step_s"]) == 2 and "rlsd" not in result["variants"]
+    assert result["train"]["finite"] and "packed_attention_parity" not in result
+
+
+def test_unknown_part_or_limit_is_refused(tmp_path, capsys):
+    for argv in (["--parts", "perf,speed"], ["--limit", "perf=soon"], ["--limit", "decode=10"]):
+        try:
+            main(["--reduced", "--device", "cpu", "--out", str(tmp_path), *argv])
+        except SystemExit as e:
+            assert e.code == 2
+        else:
+            raise AssertionError(argv)
+    err = capsys.readouterr().err
+    assert "unknown part(s) ['speed']" in err and "'perf=soon': expected PART=SECONDS" in err
+    assert "unknown part 'decode'" in err
+    assert not list(tmp_path.iterdir())

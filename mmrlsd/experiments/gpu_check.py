@@ -16,7 +16,9 @@ parity, on one GPU with torch and transformers only (no vLLM, flash-attn, datase
 
 Writes `<out>/<YYYY-MM-DD>-<card>.json`: the perf result (`update_mfu`, `teacher_mfu`, `rlsd_over_grpo_step_time`,
 `speedup_vs_trl`, ...) plus `train` and `packed_attention_parity` sections. A part that fails is recorded under
-`errors` and the others still run; the exit status is 1 then.
+`errors` and the others still run; the exit status is 1 then. `--parts` picks and orders the parts, and
+`--limit PART=SECONDS` bounds one: the file is rewritten after every part and every perf step, so a check that
+runs out of time (or is killed) keeps what it measured (`"partial": true` marks a cut-short perf run).
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -152,38 +156,79 @@ def check_parity(pc: PerfConfig, device: torch.device, kernels: list[str]) -> di
     return out
 
 
+PARTS = ("perf", "train", "packed_attention_parity")
+
+
+class PartTimeout(BaseException):
+    """A part ran past its time limit (a BaseException: the perf loop's per-variant `except Exception` must not
+    swallow it)."""
+
+
+@contextmanager
+def time_limit(seconds: float | None, part: str):
+    """Raise `PartTimeout` in the main thread after `seconds` (None: no limit)."""
+    if not seconds:
+        yield
+        return
+
+    def fire(*_):
+        raise PartTimeout(f"{part} ran past its {seconds:g} s limit")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def gpu_check(out_dir: Path, *, reduced: bool = False, device: str = "auto", overrides: list[str] | None = None,
-              train_steps: int = 2) -> tuple[dict, Path]:  # fmt: skip
-    """Run the three parts; returns the combined result and the JSON path."""
+              train_steps: int = 2, parts: tuple[str, ...] = PARTS,
+              limits: dict[str, float] | None = None) -> tuple[dict, Path]:  # fmt: skip
+    """Run `parts` in order, each under its time limit in `limits` (seconds); the JSON is rewritten after each
+    part, so a check cut short keeps what it measured. Returns the combined result and the JSON path."""
+    from mmrlsd.model.load import resolve_device
+
     sets = (REDUCED if reduced else []) + [f"device={device}"] + list(overrides or [])
     pc = load_perf_config(CONFIGS / "gpu.yaml", sets)
     if "trl" in pc.variants and not _has_trl():
         pc = dataclasses.replace(pc, variants=[v for v in pc.variants if v != "trl"])
         print("[gpu-check] TRL/datasets not installed: the trl variant is left out", file=sys.stderr)
-    errors: dict[str, str] = {}
-    try:
-        result, path = run(pc, out_dir)
-    except Exception as e:
-        result, errors["perf"] = {}, _err(e)
-        path = out_dir / f"{time.strftime('%Y-%m-%d')}-{device}-gpu-check.json"
-    from mmrlsd.model.load import resolve_device
-
     dev = resolve_device(pc.device)
+    tag = "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev).lower().replace(" ", "-")
+    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{tag}.json"
     small = dataclasses.replace(pc, shape="tiny", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512,
                                 vision_hidden=64, vision_depth=2, vision_heads=2) if not reduced else pc  # fmt: skip
     kernels = ["varlen_sdpa"] if dev.type == "cpu" else ["flex_attention", "varlen_sdpa"]
-    for name, part in (("train", lambda: check_training(pc, dev, 1 if reduced else train_steps)),
-                       ("packed_attention_parity", lambda: check_parity(small, dev, kernels))):  # fmt: skip
+    runs = {"perf": lambda: run(pc, out_dir)[0],
+            "train": lambda: check_training(pc, dev, 1 if reduced else train_steps),
+            "packed_attention_parity": lambda: check_parity(small, dev, kernels)}  # fmt: skip
+    result: dict = {}
+    errors: dict[str, str] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    for name in parts:
+        t0 = time.perf_counter()
         try:
-            result[name] = part()
+            with time_limit((limits or {}).get(name), name):
+                part = runs[name]()
+        except PartTimeout as e:
+            part, errors[name] = None, f"PartTimeout: {e}"
         except Exception as e:
-            errors[name] = _err(e)
+            part, errors[name] = None, _err(e)
+        if name == "perf":
+            if part is None and path.exists() and path.stat().st_mtime >= started:  # a cut-short run's steps
+                part = json.loads(path.read_text())
+            result.update(part or {})
+        elif part is not None:
+            result[name] = part
+        print(f"[gpu-check] {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    result["gpu_check"] = {"reduced": reduced, "perf_config": dataclasses.asdict(pc),
-                           "errors": {**result.get("errors", {}), **errors}}  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        result["gpu_check"] = {"reduced": reduced, "parts": list(parts), "perf_config": dataclasses.asdict(pc),
+                               "errors": {**result.get("errors", {}), **errors}}  # fmt: skip
+        path.write_text(json.dumps(result, indent=2, default=str) + "\n")
     return result, path
 
 
@@ -229,9 +274,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a perf config key"
     )
+    ap.add_argument(
+        "--parts", default=",".join(PARTS), help=f"comma-separated, run in this order: {', '.join(PARTS)}"
+    )
+    ap.add_argument("--limit", action="append", default=[], metavar="PART=SECONDS",
+                    help="time limit of a part: past it the part stops, is recorded under errors, and the "
+                    "steps it measured are kept")  # fmt: skip
     args = ap.parse_args(argv)
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    if unknown := [p for p in parts if p not in PARTS]:
+        ap.error(f"--parts: unknown part(s) {unknown}; choose from {list(PARTS)}")
+    limits = {}
+    for item in args.limit:
+        name, _, secs = item.partition("=")
+        try:
+            limits[name] = float(secs)
+        except ValueError:
+            ap.error(f"--limit {item!r}: expected PART=SECONDS")
+        if name not in PARTS:
+            ap.error(f"--limit {item!r}: unknown part {name!r}; choose from {list(PARTS)}")
     result, path = gpu_check(Path(args.out), reduced=args.reduced, device=args.device, overrides=args.set,
-                             train_steps=args.train_steps)  # fmt: skip
+                             train_steps=args.train_steps, parts=parts, limits=limits)  # fmt: skip
     print(summary(result))
     print(f"wrote {path}")
     return 1 if result["gpu_check"]["errors"] else 0

@@ -262,8 +262,9 @@ def run_mmrlsd_step(ctx, samples, step: int, seed: int, device) -> tuple[float, 
 # ---------------------------------------------------------------------------------------------- TRL
 
 
-def run_trl(pc: PerfConfig, model, processor, samples: list[Sample], device) -> dict:
-    """TRL GRPOTrainer, `warmup + repeats` optimizer steps; per-step time and its generate+score time."""
+def run_trl(pc: PerfConfig, model, processor, samples: list[Sample], device, on_step=None) -> dict:
+    """TRL GRPOTrainer, `warmup + repeats` optimizer steps; per-step time and its generate+score time.
+    `on_step(record)` is called after each step with the record so far."""
     from datasets import Dataset
     from transformers import TrainerCallback
 
@@ -303,6 +304,8 @@ def run_trl(pc: PerfConfig, model, processor, samples: list[Sample], device) -> 
             rec["phases"]["rollout"].append(trainer.gen_s)
             rec["phases"]["update"].append(dt - trainer.gen_s)
             rec["response_len_mean"].append(sum(trainer.lengths) / max(len(trainer.lengths), 1))
+            if on_step is not None:
+                on_step(rec)
 
     n = pc.batch_size * pc.group_size
     args = GRPOConfig(
@@ -409,6 +412,16 @@ def run(pc: PerfConfig, out_dir: Path) -> tuple[dict, Path]:
         else [(i, v) for v in mm_variants for i in steps]
     )
     contexts: dict = {}
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    path = out_dir / f"{_dt.date.today().isoformat()}-{tag}.json"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save_partial() -> (
+        None
+    ):  # what a run cut short (killed, out of time) leaves: the steps measured so far
+        partial = summarise(pc, records, errors, device, base, load_before)
+        path.write_text(json.dumps({**partial, "partial": True}, indent=2) + "\n")
+
     for i, v in order:
         if v in errors:
             continue
@@ -432,20 +445,23 @@ def run(pc: PerfConfig, out_dir: Path) -> tuple[dict, Path]:
         except Exception as e:  # a variant that fails is reported, not fatal to the others
             errors[v] = f"{type(e).__name__}: {e}"
             contexts.pop(v, None)
+        save_partial()
     contexts.clear()
     _free(device)
+
+    def trl_step(rec: dict) -> None:
+        records["trl"] = rec
+        save_partial()
+
     if "trl" in pc.variants:
         try:
-            records["trl"] = run_trl(pc, base, processor, samples, device)
+            records["trl"] = run_trl(pc, base, processor, samples, device, on_step=trl_step)
         except Exception as e:
             errors["trl"] = f"{type(e).__name__}: {e}"
     result = summarise(pc, records, errors, device, base, load_before)
     result["prompt_tokens"] = prompt_lengths(pc, processor, samples[0])
     if device.type == "cuda":
         result.update(gpu_efficiency(pc, result["variants"], base, device, result["prompt_tokens"]))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    path = out_dir / f"{_dt.date.today().isoformat()}-{tag}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
     return result, path
