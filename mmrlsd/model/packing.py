@@ -334,17 +334,45 @@ def make_layout(model, seq: SeqBatch, rows: list[int], fast: FastOptions, positi
     return pack(seq, rows, positions, fast.group_size, prefix_shared(model, fast))
 
 
+def _registered(impl: str) -> str:
+    """The attention-interface name of a packed kernel (varlen_sdpa is ours, registered on first use)."""
+    if impl == "varlen_sdpa":
+        _register_varlen()
+        return VARLEN_SDPA
+    return impl
+
+
+@contextmanager
+def packed_kernel(model, fast: FastOptions):
+    """Keep the language model's attention on the packed kernel from a packed forward through its backward.
+
+    Gradient checkpointing re-runs each decoder layer's forward inside `backward()`, and the layer picks its
+    attention function from `config._attn_implementation` at call time: a backward outside this context would
+    recompute with the model's own kernel (sdpa) on the packed inputs (a `BlockMask` it cannot take, or no
+    segments at all). A no-op when `fast.packing` is off."""
+    if not fast.packing:
+        yield
+        return
+    config = model.model.language_model.config
+    old = config._attn_implementation
+    config._attn_implementation = _registered(resolve_kernel(model, fast.attention))
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
+
+
 @contextmanager
 def packed_attention(model, layout: Layout, kind: str):
     """Route the language model's attention to the packed kernel for one call; yields the extra forward kwargs
-    (`attention_mask` replaces the layout's None when the kernel needs a mask object)."""
+    (`attention_mask` replaces the layout's None when the kernel needs a mask object). A backward through a
+    gradient-checkpointed model must run inside `packed_kernel`."""
     impl = resolve_kernel(model, kind)
     config = model.model.language_model.config
     old = config._attn_implementation
     device = next(model.parameters()).device
     if impl == "varlen_sdpa":
-        _register_varlen()
-        impl, kwargs = VARLEN_SDPA, {"mmrlsd_segments": layout.segments}
+        impl, kwargs = _registered(impl), {"mmrlsd_segments": layout.segments}
     elif impl == "flex_attention":
         kwargs = {"attention_mask": segment_block_mask(layout, device)}
     else:  # flash-attn varlen: plain segments only (see `pack`)

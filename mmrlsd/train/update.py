@@ -31,7 +31,7 @@ from mmrlsd.algo.loss import ppo_clip_loss
 from mmrlsd.algo.methods import TokenRule, privileged_gain, token_advantages
 from mmrlsd.algo.opsd import generalized_jsd
 from mmrlsd.model.logprobs import fast_forward_logprobs, logprobs_from_logits, response_logits, slice_seq
-from mmrlsd.model.packing import FastOptions, plan_micro_batches, rope_positions
+from mmrlsd.model.packing import FastOptions, packed_kernel, plan_micro_batches, rope_positions
 from mmrlsd.model.vision import vision_features
 from mmrlsd.types import SeqBatch
 
@@ -192,7 +192,8 @@ def ppo_update(
             finite = finite and bool(torch.isfinite(loss))
             # FSDP averages gradients over ranks; the loss is already normalised by the global token count,
             # so scale by the world size to make the reduced gradient the global token-mean gradient.
-            (loss * dist.world_size()).backward()
+            with packed_kernel(policy, fast):  # checkpointed layers recompute with the packed kernel
+                (loss * dist.world_size()).backward()
             if on_backward is not None:
                 on_backward()
             mb_sums["loss"] += float(loss.detach())  # this rank's share; summed over ranks by the loop

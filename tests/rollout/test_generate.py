@@ -78,3 +78,21 @@ def test_presence_penalty_in_generate(tiny_model):
         model, proc, enc, group_size=8, max_new_tokens=24, temperature=0.0, presence_penalty=1e4
     )
     assert repeats(greedy) == 0
+
+
+def test_row_seeded_noise_is_each_rows_own_stream():
+    """The sampler's Gumbel noise for a row is the row's own generator stream (seed·1_000_003 + row), drawn on the
+    scores' device: on the CPU the streams are those of `torch.Generator().manual_seed(...)`, and a subset of the
+    rows (`select`, as when finished rows leave the batch) continues each row's stream unchanged."""
+    from mmrlsd.rollout.generate import RowSeededSampler
+
+    scores = torch.randn(3, 500, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(7 * 1_000_003 + r) for r in (0, 5, 9)]
+    expect = []
+    for _ in range(2):  # two decode steps
+        u = torch.stack([torch.rand(500, generator=g, dtype=torch.float64) for g in gens])
+        expect.append(scores + (-torch.log(-torch.log(u))).float())
+    s = RowSeededSampler(7, [0, 5, 9])
+    assert torch.equal(s(None, scores), expect[0])
+    assert torch.equal(s.select([1, 2])(None, scores[1:]), expect[1][1:])
+    assert s.gens[0].device.type == "cpu"

@@ -121,3 +121,23 @@ def test_the_fused_update_is_split_invariant_and_reports_what_it_formed(tiny_mod
     torch.testing.assert_close(u.token_adv, token_advantages(credit.rule, credit.adv, want_delta, mask),
                                rtol=0, atol=1e-6)  # fmt: skip
     assert u.stats["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_gradient_checkpointing_recomputes_with_the_packed_kernel(tiny_model, share_prefix):
+    """With gradient checkpointing the backward re-runs each layer's forward: it must use the packed kernel the
+    forward used (on an H200 the recompute fell back to sdpa: a BlockMask it cannot take, or a different number
+    of saved tensors). Checkpointed and plain packed updates take the same step, and the model's own kernel is
+    back in place afterwards."""
+    from mmrlsd.model.packing import FastOptions
+
+    model, seq, mask, old, token_adv, _ = _batch(tiny_model)
+    fast = FastOptions(packing=True, share_prefix=share_prefix, share_vision=True, token_budget=80, group_size=3,
+                       attention="varlen_sdpa")  # fmt: skip
+    kw = dict(old_logp=old, token_adv=token_adv, mini_batches=2, micro_batch_size=9, fast=fast)
+    ref = _after(model, seq, mask, **kw)
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing_enable()
+    (u, w) = _after(ckpt, seq, mask, **kw)
+    _same(ref, (u, w))
+    assert ckpt.model.language_model.config._attn_implementation == model.config._attn_implementation == "sdpa"
