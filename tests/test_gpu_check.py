@@ -101,3 +101,32 @@ def test_unknown_part_or_limit_is_refused(tmp_path, capsys):
     assert "unknown part(s) ['speed']" in err and "'perf=soon': expected PART=SECONDS" in err
     assert "unknown part 'decode'" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_time_limit_keeps_an_outer_alarm():
+    """A part's limit under an alarm already armed (as pytest-timeout arms one): the part's own timeout fires first
+    when it is shorter, and the outer alarm is re-armed on exit with what is left of it."""
+    import signal
+
+    from mmrlsd.experiments.gpu_check import PartTimeout, time_limit
+
+    fired = []
+    old = signal.signal(signal.SIGALRM, lambda *a: fired.append("outer"))
+    signal.setitimer(signal.ITIMER_REAL, 30)
+    try:
+        try:
+            with time_limit(0.2, "perf"):
+                time.sleep(5)
+        except PartTimeout as e:
+            assert str(e) == "perf ran past its 0.2 s limit"
+        else:
+            raise AssertionError("no PartTimeout")
+        left = signal.getitimer(signal.ITIMER_REAL)[0]
+        assert 25 < left <= 30 and not fired
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with time_limit(60, "train"):  # the outer alarm comes first: its handler runs, no PartTimeout
+            time.sleep(1)
+        assert fired == ["outer"] and signal.getitimer(signal.ITIMER_REAL)[0] == 0
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

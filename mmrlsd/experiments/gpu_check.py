@@ -166,21 +166,28 @@ class PartTimeout(BaseException):
 
 @contextmanager
 def time_limit(seconds: float | None, part: str):
-    """Raise `PartTimeout` in the main thread after `seconds` (None: no limit)."""
+    """Raise `PartTimeout` in the main thread after `seconds` (None: no limit). An alarm already armed (pytest-timeout,
+    say) keeps its deadline: if it comes first its handler runs, and it is re-armed for what is left on exit."""
     if not seconds:
         yield
         return
+    start, outer = time.monotonic(), signal.getitimer(signal.ITIMER_REAL)[0]
 
-    def fire(*_):
+    def fire(signum, frame):
+        if outer and outer <= seconds and callable(old):  # the outer deadline came first
+            return old(signum, frame)
         raise PartTimeout(f"{part} ran past its {seconds:g} s limit")
 
     old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, min(seconds, outer) if outer else seconds)
     try:
         yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+        left = outer - (time.monotonic() - start) if outer else 0.0
+        if left > 0:
+            signal.setitimer(signal.ITIMER_REAL, left)
 
 
 def gpu_check(out_dir: Path, *, reduced: bool = False, device: str = "auto", overrides: list[str] | None = None,
