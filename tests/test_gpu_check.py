@@ -1,5 +1,6 @@
 """The GPU check's reduced form on CPU: every part runs and writes its numbers (perf variants with step times,
-bf16-compute training on float32 master weights that moves the weights at lr 1e-6, packed-attention parity)."""
+bf16-compute training on float32 master weights that moves the weights at lr 1e-6, packed-attention parity, the
+rollout A/B with equal ids)."""
 
 import json
 import os
@@ -38,6 +39,9 @@ def test_reduced_gpu_check_on_cpu_with_torch_and_transformers_only(tmp_path):
     # float32 master weights take a 1e-6 step: nearly every entry of a weight with a gradient moves
     # (bf16 parameters would keep most of them: one bf16 ulp at these weights' scale is ~1e-4)
     assert t["moved_fraction"] > 0.9
+    rollout = result["rollout"]  # generate and the lean loop sampled the same ids (it raises otherwise)
+    assert set(rollout["settings"]) == {"generate", "lean", "lean_keep_rows"}
+    assert rollout["lean_over_generate_speed"] > 0 and rollout["lean_breakdown"]["decode_forwards"] > 0
     parity = result["packed_attention_parity"]
     assert parity["response_tokens"] > 0
     assert (
@@ -56,7 +60,7 @@ def test_gpu_check_reports_a_failing_part(tmp_path, monkeypatch, capsys):
     assert main(["--reduced", "--device", "cpu", "--out", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "RuntimeError: no kernel" in out and "wrote" in out
-    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    result = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
     assert (
         set(result["gpu_check"]["errors"]) == {"perf", "packed_attention_parity"}
         and result["train"]["finite"]
@@ -81,7 +85,7 @@ def test_a_part_past_its_time_limit_keeps_the_steps_it_measured(tmp_path, monkey
     code = main(["--reduced", "--device", "cpu", "--out", str(tmp_path), "--parts", "perf,train", "--limit",
                  "perf=20", "--set", "variants=[grpo,rlsd]", "--set", "repeats=2"])  # fmt: skip
     assert code == 1 and time.perf_counter() - t0 < 55
-    result = json.loads(next(tmp_path.glob("*.json")).read_text())
+    result = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
     assert result["partial"] is True
     assert result["gpu_check"]["errors"].keys() == {"perf"}
     assert result["gpu_check"]["errors"]["perf"].startswith("PartTimeout: perf ran past its 20 s limit")

@@ -2,7 +2,7 @@
 parity, on one GPU with torch and transformers only (no vLLM, flash-attn, datasets or network; TRL is optional).
 
     python -m mmrlsd.experiments.gpu_check --out eval/results/perf/     # one H200: sized for < 8 minutes
-    python -m mmrlsd.experiments.gpu_check --reduced --device cpu       # the same three parts, tiny, seconds
+    python -m mmrlsd.experiments.gpu_check --reduced --device cpu       # the same four parts, tiny, seconds
 
 1. **perf**: the GPU perf config (`mmrlsd/experiments/perf_configs/gpu.yaml`: Qwen2.5-VL-3B's widths, random init,
    bf16): naive / GRPO / RLSD (and TRL when it imports) steps, MFU of the update and teacher passes.
@@ -13,9 +13,13 @@ parity, on one GPU with torch and transformers only (no vLLM, flash-attn, datase
    move at this lr), step time and peak memory.
 3. **parity**: log-probs of packed sequences (flex_attention, and varlen_sdpa) against the unpacked sdpa forward
    on the same rollouts, in float32: the largest absolute difference per kernel.
+4. **rollout**: the perf batch's rollout alone, `generate` against the lean decode loop (`mmrlsd perf
+   --rollout-ab 1`): both must sample the same ids on the card (the run fails otherwise), their times, and where
+   one lean call spends its time (prefill, decode forwards, linear layers, attention, outside the model; host
+   timers, which is where a launch-bound decode step spends it).
 
 Writes `<out>/<YYYY-MM-DD>-<card>.json`: the perf result (`update_mfu`, `teacher_mfu`, `rlsd_over_grpo_step_time`,
-`speedup_vs_trl`, ...) plus `train` and `packed_attention_parity` sections. A part that fails is recorded under
+`speedup_vs_trl`, ...) plus `train`, `packed_attention_parity` and `rollout` sections. A part that fails is recorded under
 `errors` and the others still run; the exit status is 1 then. `--parts` picks and orders the parts, and
 `--limit PART=SECONDS` bounds one: the file is rewritten after every part and every perf step, so a check that
 runs out of time (or is killed) keeps what it measured (`"partial": true` marks a cut-short perf run).
@@ -156,7 +160,7 @@ def check_parity(pc: PerfConfig, device: torch.device, kernels: list[str]) -> di
     return out
 
 
-PARTS = ("perf", "train", "packed_attention_parity")
+PARTS = ("perf", "train", "packed_attention_parity", "rollout")
 
 
 class PartTimeout(BaseException):
@@ -190,6 +194,14 @@ def time_limit(seconds: float | None, part: str):
             signal.setitimer(signal.ITIMER_REAL, left)
 
 
+def check_rollout(pc: PerfConfig, out_dir: Path) -> dict:
+    """Part 4: `rollout_ab` with one call per setting (it also writes its own `*-rollout-ab.json`)."""
+    from mmrlsd.experiments.perf import rollout_ab
+
+    result, _ = rollout_ab(pc, 1, out_dir)
+    return {k: v for k, v in result.items() if k not in ("date", "device")}
+
+
 def gpu_check(out_dir: Path, *, reduced: bool = False, device: str = "auto", overrides: list[str] | None = None,
               train_steps: int = 2, parts: tuple[str, ...] = PARTS,
               limits: dict[str, float] | None = None) -> tuple[dict, Path]:  # fmt: skip
@@ -210,7 +222,8 @@ def gpu_check(out_dir: Path, *, reduced: bool = False, device: str = "auto", ove
     kernels = ["varlen_sdpa"] if dev.type == "cpu" else ["flex_attention", "varlen_sdpa"]
     runs = {"perf": lambda: run(pc, out_dir)[0],
             "train": lambda: check_training(pc, dev, 1 if reduced else train_steps),
-            "packed_attention_parity": lambda: check_parity(small, dev, kernels)}  # fmt: skip
+            "packed_attention_parity": lambda: check_parity(small, dev, kernels),
+            "rollout": lambda: check_rollout(pc, out_dir)}  # fmt: skip
     result: dict = {}
     errors: dict[str, str] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
