@@ -19,8 +19,8 @@ parity, on one GPU with torch and transformers only (no vLLM, flash-attn, datase
    timers, which is where a launch-bound decode step spends it).
 
 Writes `<out>/<YYYY-MM-DD>-<card>.json`: the perf result (`update_mfu`, `teacher_mfu`, `rlsd_over_grpo_step_time`,
-`speedup_vs_trl`, ...) plus `train`, `packed_attention_parity` and `rollout` sections. A part that fails is recorded under
-`errors` and the others still run; the exit status is 1 then. `--parts` picks and orders the parts, and
+`speedup_vs_trl`, ...) plus `train`, `packed_attention_parity` and `rollout` sections. A part that fails is recorded
+under `errors` and the others still run; the exit status is 1 then. `--parts` picks and orders the parts, and
 `--limit PART=SECONDS` bounds one: the file is rewritten after every part and every perf step, so a check that
 runs out of time (or is killed) keeps what it measured (`"partial": true` marks a cut-short perf run).
 """
@@ -42,6 +42,7 @@ import torch
 from mmrlsd.experiments.perf import (
     PerfConfig,
     build_model,
+    device_tag,
     load_perf_config,
     make_context,
     make_samples,
@@ -215,8 +216,7 @@ def gpu_check(out_dir: Path, *, reduced: bool = False, device: str = "auto", ove
         pc = dataclasses.replace(pc, variants=[v for v in pc.variants if v != "trl"])
         print("[gpu-check] TRL/datasets not installed: the trl variant is left out", file=sys.stderr)
     dev = resolve_device(pc.device)
-    tag = "cpu" if dev.type == "cpu" else torch.cuda.get_device_name(dev).lower().replace(" ", "-")
-    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{tag}.json"
+    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{device_tag(dev)}.json"
     small = dataclasses.replace(pc, shape="tiny", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512,
                                 vision_hidden=64, vision_depth=2, vision_heads=2) if not reduced else pc  # fmt: skip
     kernels = ["varlen_sdpa"] if dev.type == "cpu" else ["flex_attention", "varlen_sdpa"]

@@ -390,6 +390,11 @@ def device_name(device: torch.device, threads: int) -> str:
     return f"cpu ({cpu}, {threads} threads)"
 
 
+def device_tag(device: torch.device) -> str:
+    """`cpu`, or the card's name in file-name form (`nvidia-h200`): the suffix of the result files."""
+    return "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+
+
 def run(pc: PerfConfig, out_dir: Path) -> tuple[dict, Path]:
     """Run the benchmark, print a table, write `<out_dir>/<YYYY-MM-DD>-<cpu|card>.json`; returns both."""
     from mmrlsd.model.load import resolve_device
@@ -412,7 +417,7 @@ def run(pc: PerfConfig, out_dir: Path) -> tuple[dict, Path]:
         else [(i, v) for v in mm_variants for i in steps]
     )
     contexts: dict = {}
-    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    tag = device_tag(device)
     path = out_dir / f"{_dt.date.today().isoformat()}-{tag}.json"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -719,7 +724,7 @@ def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path) -> tuple[dict, Path]:
         "lean_breakdown": breakdown,
     }  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    tag = device_tag(device)
     path = out_dir / f"{_dt.date.today().isoformat()}-{tag}-rollout-ab.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
