@@ -238,3 +238,21 @@ def test_lean_drops_finished_rows_exactly_under_bf16_autocast(arch, tiny_model, 
             _check_drops(model, proc, enc, enc["input_ids"].shape[0], True, monkeypatch)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+def test_lean_samples_as_generate_on_gpu(arch, tiny_model, monkeypatch):
+    """On a GPU the sampler's streams live on the card; the lean loop still samples exactly what `generate` does
+    (shared and full prefill, warped sampling), and the noise is drawn there, not on the host."""
+    model, proc = load_model(str(tiny_model(arch)), device="cuda")
+    enc = _encoding(proc, True)
+    for share in (True, False):
+        kw = dict(SAMPLED["warped"], seed=5, max_new_tokens=12, share_prefill=share)
+        ref, ref_lp = _run(model, proc, enc, monkeypatch, decode="generate", **kw)
+        new, new_lp = _run(model, proc, enc, monkeypatch, decode="lean", **kw)
+        _assert_same(new, ref)
+        assert len(new_lp) == len(ref_lp) > 0 and all(lp.is_cuda for lp in new_lp)
+        for step, (a, b) in enumerate(zip(new_lp, ref_lp)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"share={share} step {step}")

@@ -141,3 +141,22 @@ def test_gradient_checkpointing_recomputes_with_the_packed_kernel(tiny_model, sh
     (u, w) = _after(ckpt, seq, mask, **kw)
     _same(ref, (u, w))
     assert ckpt.model.language_model.config._attn_implementation == model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel", ["flex_attention", "varlen_sdpa"])
+def test_gradient_checkpointing_with_packed_kernels_on_gpu(tiny_model, kernel):
+    """The H200 failure itself: flex attention (a `BlockMask`) and varlen_sdpa under gradient checkpointing on CUDA,
+    against the same packed update without checkpointing."""
+    from mmrlsd.model.packing import FastOptions
+
+    model, seq, mask, old, token_adv, _ = _batch(tiny_model)
+    model = model.cuda()
+    fast = FastOptions(packing=True, share_prefix=True, share_vision=True, token_budget=80, group_size=3,
+                       attention=kernel)  # fmt: skip
+    kw = dict(old_logp=old, token_adv=token_adv, mini_batches=2, micro_batch_size=9, fast=fast)
+    ref = _after(model, seq, mask, **kw)
+    ckpt = copy.deepcopy(model)
+    ckpt.gradient_checkpointing_enable()
+    _same(ref, _after(ckpt, seq, mask, **kw))
