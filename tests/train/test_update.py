@@ -140,7 +140,9 @@ def test_gradient_checkpointing_recomputes_with_the_packed_kernel(tiny_model, sh
     ckpt.gradient_checkpointing_enable()
     (u, w) = _after(ckpt, seq, mask, **kw)
     _same(ref, (u, w))
-    assert ckpt.model.language_model.config._attn_implementation == model.config._attn_implementation == "sdpa"
+    assert (
+        ckpt.model.language_model.config._attn_implementation == model.config._attn_implementation == "sdpa"
+    )
 
 
 @pytest.mark.gpu
