@@ -42,10 +42,10 @@ import torch
 from mmrlsd.experiments.perf import (
     PerfConfig,
     build_model,
-    device_tag,
     load_perf_config,
     make_context,
     make_samples,
+    result_path,
     run,
 )
 
@@ -216,18 +216,18 @@ def gpu_check(out_dir: Path, *, reduced: bool = False, device: str = "auto", ove
         pc = dataclasses.replace(pc, variants=[v for v in pc.variants if v != "trl"])
         print("[gpu-check] TRL/datasets not installed: the trl variant is left out", file=sys.stderr)
     dev = resolve_device(pc.device)
-    path = out_dir / f"{time.strftime('%Y-%m-%d')}-{device_tag(dev)}.json"
+    path = result_path(out_dir, dev)
     small = dataclasses.replace(pc, shape="tiny", hidden=256, layers=4, heads=4, kv_heads=2, intermediate=512,
                                 vision_hidden=64, vision_depth=2, vision_heads=2) if not reduced else pc  # fmt: skip
     kernels = ["varlen_sdpa"] if dev.type == "cpu" else ["flex_attention", "varlen_sdpa"]
-    runs = {"perf": lambda: run(pc, out_dir)[0],
+    saved: dict = {}  # the perf run's latest partial result: what a perf part cut short keeps
+    runs = {"perf": lambda: run(pc, out_dir, on_partial=saved.update)[0],
             "train": lambda: check_training(pc, dev, 1 if reduced else train_steps),
             "packed_attention_parity": lambda: check_parity(small, dev, kernels),
             "rollout": lambda: check_rollout(pc, out_dir)}  # fmt: skip
     result: dict = {}
     errors: dict[str, str] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
     for name in parts:
         t0 = time.perf_counter()
         try:
@@ -238,9 +238,7 @@ def gpu_check(out_dir: Path, *, reduced: bool = False, device: str = "auto", ove
         except Exception as e:
             part, errors[name] = None, _err(e)
         if name == "perf":
-            if part is None and path.exists() and path.stat().st_mtime >= started:  # a cut-short run's steps
-                part = json.loads(path.read_text())
-            result.update(part or {})
+            result.update(part or saved)
         elif part is not None:
             result[name] = part
         print(f"[gpu-check] {name}: {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)

@@ -390,13 +390,17 @@ def device_name(device: torch.device, threads: int) -> str:
     return f"cpu ({cpu}, {threads} threads)"
 
 
-def device_tag(device: torch.device) -> str:
-    """`cpu`, or the card's name in file-name form (`nvidia-h200`): the suffix of the result files."""
-    return "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+def result_path(out_dir: Path, device: torch.device, suffix: str = "") -> Path:
+    """`<out_dir>/<YYYY-MM-DD>-<cpu|card><suffix>.json`, the card's name in file-name form (`nvidia-h200`)."""
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    return out_dir / f"{_dt.date.today().isoformat()}-{tag}{suffix}.json"
 
 
-def run(pc: PerfConfig, out_dir: Path) -> tuple[dict, Path]:
-    """Run the benchmark, print a table, write `<out_dir>/<YYYY-MM-DD>-<cpu|card>.json`; returns both."""
+def run(pc: PerfConfig, out_dir: Path, on_partial=None) -> tuple[dict, Path]:
+    """Run the benchmark, print a table, write `<out_dir>/<YYYY-MM-DD>-<cpu|card>.json`; returns both.
+
+    The file is rewritten after every step (`"partial": true`), and `on_partial(result)` called with it, so a run
+    cut short (killed, out of time) leaves the steps measured so far."""
     from mmrlsd.model.load import resolve_device
 
     if pc.threads:
@@ -417,15 +421,14 @@ def run(pc: PerfConfig, out_dir: Path) -> tuple[dict, Path]:
         else [(i, v) for v in mm_variants for i in steps]
     )
     contexts: dict = {}
-    tag = device_tag(device)
-    path = out_dir / f"{_dt.date.today().isoformat()}-{tag}.json"
+    path = result_path(out_dir, device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    def save_partial() -> (
-        None
-    ):  # what a run cut short (killed, out of time) leaves: the steps measured so far
-        partial = summarise(pc, records, errors, device, base, load_before)
-        path.write_text(json.dumps({**partial, "partial": True}, indent=2) + "\n")
+    def save_partial() -> None:
+        partial = {**summarise(pc, records, errors, device, base, load_before), "partial": True}
+        path.write_text(json.dumps(partial, indent=2) + "\n")
+        if on_partial is not None:
+            on_partial(partial)
 
     for i, v in order:
         if v in errors:
@@ -724,8 +727,7 @@ def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path) -> tuple[dict, Path]:
         "lean_breakdown": breakdown,
     }  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = device_tag(device)
-    path = out_dir / f"{_dt.date.today().isoformat()}-{tag}-rollout-ab.json"
+    path = result_path(out_dir, device, "-rollout-ab")
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=1))
     return result, path

@@ -20,7 +20,7 @@ columns that are padding in every row of the micro-batch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -334,15 +334,22 @@ def make_layout(model, seq: SeqBatch, rows: list[int], fast: FastOptions, positi
     return pack(seq, rows, positions, fast.group_size, prefix_shared(model, fast))
 
 
-def _registered(impl: str) -> str:
-    """The attention-interface name of a packed kernel (varlen_sdpa is ours, registered on first use)."""
+@contextmanager
+def _routed(model, impl: str):
+    """The language model's attention on the packed kernel `impl` (a `resolve_kernel` result; varlen_sdpa, ours, is
+    registered on first use) inside the block, its own kernel again after."""
     if impl == "varlen_sdpa":
         _register_varlen()
-        return VARLEN_SDPA
-    return impl
+        impl = VARLEN_SDPA
+    config = model.model.language_model.config
+    old = config._attn_implementation
+    config._attn_implementation = impl
+    try:
+        yield
+    finally:
+        config._attn_implementation = old
 
 
-@contextmanager
 def packed_kernel(model, fast: FastOptions):
     """Keep the language model's attention on the packed kernel from a packed forward through its backward.
 
@@ -350,16 +357,7 @@ def packed_kernel(model, fast: FastOptions):
     attention function from `config._attn_implementation` at call time: a backward outside this context would
     recompute with the model's own kernel (sdpa) on the packed inputs (a `BlockMask` it cannot take, or no
     segments at all). A no-op when `fast.packing` is off."""
-    if not fast.packing:
-        yield
-        return
-    config = model.model.language_model.config
-    old = config._attn_implementation
-    config._attn_implementation = _registered(resolve_kernel(model, fast.attention))
-    try:
-        yield
-    finally:
-        config._attn_implementation = old
+    return _routed(model, resolve_kernel(model, fast.attention)) if fast.packing else nullcontext()
 
 
 @contextmanager
@@ -368,11 +366,9 @@ def packed_attention(model, layout: Layout, kind: str):
     (`attention_mask` replaces the layout's None when the kernel needs a mask object). A backward through a
     gradient-checkpointed model must run inside `packed_kernel`."""
     impl = resolve_kernel(model, kind)
-    config = model.model.language_model.config
-    old = config._attn_implementation
     device = next(model.parameters()).device
     if impl == "varlen_sdpa":
-        impl, kwargs = _registered(impl), {"mmrlsd_segments": layout.segments}
+        kwargs = {"mmrlsd_segments": layout.segments}
     elif impl == "flex_attention":
         kwargs = {"attention_mask": segment_block_mask(layout, device)}
     else:  # flash-attn varlen: plain segments only (see `pack`)
@@ -381,8 +377,5 @@ def packed_attention(model, layout: Layout, kind: str):
         cu = layout.cu_seqlens.to(device)
         kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": layout.max_len,
                   "max_length_k": layout.max_len}  # fmt: skip
-    config._attn_implementation = impl
-    try:
+    with _routed(model, impl):
         yield kwargs
-    finally:
-        config._attn_implementation = old

@@ -66,21 +66,21 @@ class RowSeededSampler:
     """
 
     def __init__(self, seed: int, rows: list[int]):
-        self.rows = list(rows)
-        self.seeds = [seed * 1_000_003 + r for r in rows]
+        self.seed, self.rows = seed, list(rows)
         self.gens: list[torch.Generator] | None = None
 
     def select(self, keep: list[int]) -> RowSeededSampler:
         """The sampler of rows `keep` (positions in this one's rows), sharing their generators."""
-        out = RowSeededSampler.__new__(RowSeededSampler)
-        out.rows, out.seeds = [self.rows[i] for i in keep], [self.seeds[i] for i in keep]
+        out = RowSeededSampler(self.seed, [self.rows[i] for i in keep])
         out.gens = None if self.gens is None else [self.gens[i] for i in keep]
         return out
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         device = scores.device
         if self.gens is None:
-            self.gens = [torch.Generator(device=device).manual_seed(s) for s in self.seeds]
+            self.gens = [
+                torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + r) for r in self.rows
+            ]
         n, V = scores.shape
         u = torch.empty(n, V, dtype=torch.float64, device=device)
         for i, g in enumerate(self.gens):
