@@ -136,11 +136,14 @@ class RolloutConfig:
     share_prefill: bool = True
     """HF rollout: each prompt's prefill (images included) runs once and its KV cache is copied to its G samples;
     `gen_batch_size` then counts whole groups."""
-    hf_decode: str = "lean"
-    """HF rollout's decode loop: lean (a plain loop of forwards over a KV cache with room for the whole response;
-    on a CPU running one thread, finished rows leave the batch) | generate (Hugging Face `generate`). Both sample
-    the same ids; a checkpoint whose generation config adds logits processors of its own (e.g.
-    repetition_penalty) always uses generate."""
+    hf_decode: str = "auto"
+    """HF rollout's decode loop: auto (graph on a GPU, lean elsewhere) | lean (a plain loop of forwards over a KV
+    cache with room for the whole response; on a CPU running one thread, finished rows leave the batch) | graph
+    (lean, with each decode forward after the first replayed as a CUDA graph over a static KV cache: the same ids
+    as lean up to float near-ties; sdpa attention only, a single process: under FSDP it decodes as lean, and on a
+    CPU it gains nothing) | generate (Hugging Face `generate`). lean and generate sample the same ids; a
+    checkpoint whose generation config adds logits processors of its own (e.g. repetition_penalty) always uses
+    generate."""
     val_temperature: float = 0.7
     """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
     val_n: int = 1
@@ -343,7 +346,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2", "flex_attention"),
     "rollout.engine": ("hf", "vllm"),
-    "rollout.hf_decode": ("lean", "generate"),
+    "rollout.hf_decode": ("auto", "lean", "graph", "generate"),
     "rollout.vllm_sleep": ("auto", "on", "off"),
     "algo.teacher_info": ("answer", "solution", "sibling"),
     "algo.distill": ("sampled", "jsd"),

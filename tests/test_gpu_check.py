@@ -1,6 +1,6 @@
 """The GPU check's reduced form on CPU: every part runs and writes its numbers (perf variants with step times,
 bf16-compute training on float32 master weights that moves the weights at lr 1e-6, packed-attention parity, the
-rollout A/B with equal ids)."""
+rollout A/B with equal ids, a profiled step)."""
 
 import json
 import os
@@ -40,8 +40,15 @@ def test_reduced_gpu_check_on_cpu_with_torch_and_transformers_only(tmp_path):
     # (bf16 parameters would keep most of them: one bf16 ulp at these weights' scale is ~1e-4)
     assert t["moved_fraction"] > 0.9
     rollout = result["rollout"]  # generate and the lean loop sampled the same ids (it raises otherwise)
-    assert set(rollout["settings"]) == {"generate", "lean", "lean_keep_rows"}
+    assert set(rollout["settings"]) == {"generate", "lean", "lean_keep_rows", "graph"}
     assert rollout["lean_over_generate_speed"] > 0 and rollout["lean_breakdown"]["decode_forwards"] > 0
+    # the static step on a CPU, float32: the same ids as generate on every row
+    assert rollout["agreement_with_generate"]["graph"]["rows_identical"] == 1.0
+    prof = result["profile"]
+    assert prof["step_s"] > 0 and {"rollout", "teacher", "update"} <= set(prof["phases_s"])
+    assert len(prof["top"]) > 5 and all(e["own_s"] >= 0 and e["calls"] > 0 for e in prof["top"])
+    assert 0.2 < sum(e["share"] for e in prof["top"]) <= 1 + 1e-9 and prof["own_time_total_s"] > 0
+    assert (tmp_path / prof["table"]).read_text().count("\n") > 10
     parity = result["packed_attention_parity"]
     assert parity["response_tokens"] > 0
     assert (

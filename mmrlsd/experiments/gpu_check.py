@@ -2,7 +2,7 @@
 parity, on one GPU with torch and transformers only (no vLLM, flash-attn, datasets or network; TRL is optional).
 
     python -m mmrlsd.experiments.gpu_check --out eval/results/perf/     # one H200: sized for < 8 minutes
-    python -m mmrlsd.experiments.gpu_check --reduced --device cpu       # the same four parts, tiny, seconds
+    python -m mmrlsd.experiments.gpu_check --reduced --device cpu       # the same five parts, tiny, seconds
 
 1. **perf**: the GPU perf config (`mmrlsd/experiments/perf_configs/gpu.yaml`: Qwen2.5-VL-3B's widths, random init,
    bf16): naive / GRPO / RLSD (and TRL when it imports) steps, MFU of the update and teacher passes.
@@ -13,13 +13,16 @@ parity, on one GPU with torch and transformers only (no vLLM, flash-attn, datase
    move at this lr), step time and peak memory.
 3. **parity**: log-probs of packed sequences (flex_attention, and varlen_sdpa) against the unpacked sdpa forward
    on the same rollouts, in float32: the largest absolute difference per kernel.
-4. **rollout**: the perf batch's rollout alone, `generate` against the lean decode loop (`mmrlsd perf
-   --rollout-ab 1`): both must sample the same ids on the card (the run fails otherwise), their times, and where
-   one lean call spends its time (prefill, decode forwards, linear layers, attention, outside the model; host
-   timers, which is where a launch-bound decode step spends it).
+4. **rollout**: the perf batch's rollout alone (`mmrlsd perf --rollout-ab 1`): `generate`, the lean decode loop
+   and the CUDA-graph decode step (`rollout.hf_decode: graph`): their times, and for each the share of rows that
+   sample the ids of a first `generate` call and where the others first differ (on an H200 in bf16 a second
+   `generate` call already differs; on a CPU the run fails unless generate and lean agree exactly). On a CPU also
+   where one lean call spends its time (prefill, decode forwards, linear layers, attention, outside the model).
+5. **profile**: one RLSD step of the perf config under `torch.profiler` (after a warm-up step): its phases and the
+   kernels with the most device time (`<YYYY-MM-DD>-<card>-profile.txt` holds the profiler's table).
 
 Writes `<out>/<YYYY-MM-DD>-<card>.json`: the perf result (`update_mfu`, `teacher_mfu`, `rlsd_over_grpo_step_time`,
-`speedup_vs_trl`, ...) plus `train`, `packed_attention_parity` and `rollout` sections. A part that fails is recorded
+`speedup_vs_trl`, ...) plus `train`, `packed_attention_parity`, `rollout` and `profile` sections. A part that fails is recorded
 under `errors` and the others still run; the exit status is 1 then. `--parts` picks and orders the parts, and
 `--limit PART=SECONDS` bounds one: the file is rewritten after every part and every perf step, so a check that
 runs out of time (or is killed) keeps what it measured (`"partial": true` marks a cut-short perf run).
@@ -161,7 +164,57 @@ def check_parity(pc: PerfConfig, device: torch.device, kernels: list[str]) -> di
     return out
 
 
-PARTS = ("perf", "train", "packed_attention_parity", "rollout")
+def check_profile(pc: PerfConfig, device: torch.device, out_dir: Path, top: int = 25) -> dict:
+    """Part 5: one RLSD step of the perf config under `torch.profiler` after a warm-up step: its phases, the `top`
+    kernels by their own device time (on a CPU: operators by their own CPU time) with their share of the total,
+    and on a GPU also the `top` host-side operators by their own CPU time (launch-bound and synchronising code
+    shows there). The profiler's tables go to `<out_dir>/<YYYY-MM-DD>-<card>-profile.txt`."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from mmrlsd.experiments.perf import mmrlsd_config, run_mmrlsd_step
+
+    model, processor = build_model(pc, device)
+    model.requires_grad_(True)
+    ctx = make_context(mmrlsd_config(pc, "rlsd"), model, processor)
+    del model
+    samples = make_samples(pc, 2 * pc.batch_size)
+    run_mmrlsd_step(ctx, samples[: pc.batch_size], 1, seed=pc.seed, device=device)
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        step_s, metrics, _ = run_mmrlsd_step(
+            ctx, samples[pc.batch_size :], 2, seed=pc.seed + 1, device=device
+        )
+    events = prof.key_averages()
+
+    def ranked(own: str) -> tuple[list[dict], float, str]:
+        # kernels (device events) for device time, operators (host events) for CPU time: an operator's own device
+        # time is its kernels', which would count them twice
+        kind = DeviceType.CUDA if own == "self_device_time_total" else DeviceType.CPU
+        mine = [e for e in events if e.device_type == kind]
+        total = sum(getattr(e, own) for e in mine)
+        rows = sorted(mine, key=lambda e: getattr(e, own), reverse=True)[:top]
+        out = [{"name": e.key[:200], "calls": e.count, "own_s": getattr(e, own) / 1e6,
+                "share": getattr(e, own) / total if total else 0.0} for e in rows]  # fmt: skip
+        return out, total / 1e6, events.table(sort_by=own, row_limit=top, max_name_column_width=100)
+
+    result = {"step_s": step_s,
+              "phases_s": {k.removeprefix("time/"): v for k, v in metrics.items() if k.startswith("time/")}}  # fmt: skip
+    host, host_total, host_table = ranked("self_cpu_time_total")
+    if cuda:
+        result["top"], result["own_time_total_s"], table = ranked("self_device_time_total")
+        result["host_top"], result["host_own_time_total_s"] = host, host_total
+        table += "\n\nHost-side operators by their own CPU time\n" + host_table
+    else:
+        result["top"], result["own_time_total_s"], table = host, host_total, host_table
+    path = result_path(out_dir, device, "-profile").with_suffix(".txt")
+    path.write_text(table + "\n")
+    result["table"] = path.name
+    return result
+
+
+PARTS = ("perf", "train", "packed_attention_parity", "rollout", "profile")
 
 
 class PartTimeout(BaseException):
@@ -195,11 +248,14 @@ def time_limit(seconds: float | None, part: str):
             signal.setitimer(signal.ITIMER_REAL, left)
 
 
-def check_rollout(pc: PerfConfig, out_dir: Path) -> dict:
-    """Part 4: `rollout_ab` with one call per setting (it also writes its own `*-rollout-ab.json`)."""
+def check_rollout(pc: PerfConfig, device: torch.device, out_dir: Path) -> dict:
+    """Part 4: `rollout_ab` with one call per setting (it also writes its own `*-rollout-ab.json`). On a GPU the
+    settings that differ there (generate, lean, graph) and no breakdown (host timers say little about a graph)."""
     from mmrlsd.experiments.perf import rollout_ab
 
-    result, _ = rollout_ab(pc, 1, out_dir)
+    cuda = device.type == "cuda"
+    settings = ("generate", "lean", "graph") if cuda else None
+    result, _ = rollout_ab(pc, 1, out_dir, settings=settings, breakdown=not cuda)
     return {k: v for k, v in result.items() if k not in ("date", "device")}
 
 
@@ -224,7 +280,8 @@ def gpu_check(out_dir: Path, *, reduced: bool = False, device: str = "auto", ove
     runs = {"perf": lambda: run(pc, out_dir, on_partial=saved.update)[0],
             "train": lambda: check_training(pc, dev, 1 if reduced else train_steps),
             "packed_attention_parity": lambda: check_parity(small, dev, kernels),
-            "rollout": lambda: check_rollout(pc, out_dir)}  # fmt: skip
+            "rollout": lambda: check_rollout(pc, dev, out_dir),
+            "profile": lambda: check_profile(pc, dev, out_dir)}  # fmt: skip
     result: dict = {}
     errors: dict[str, str] = {}
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -585,12 +585,35 @@ def table(result: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- rollout only
 
-# The decode settings of the rollout-only comparison: `generate` arguments.
+# The decode settings of the rollout-only comparison: `generate` arguments. Each must sample generate's ids except
+# those in `ROLLOUT_NEAR`, whose scores differ from generate's by float rounding (their agreement is reported).
 ROLLOUT_SETTINGS = {
     "generate": {"decode": "generate"},
     "lean": {"decode": "lean"},
     "lean_keep_rows": {"decode": "lean", "compact": False},
+    "graph": {"decode": "graph"},
 }
+ROLLOUT_NEAR = ("graph",)
+
+
+def _agreement(new, ref) -> dict:
+    """How far the responses of the `Rollouts` `new` follow `ref`'s: the share of rows equal throughout, and the
+    median and smallest step of each row's first difference (the width where a row never differs)."""
+    width = max(new.response_ids.shape[1], ref.response_ids.shape[1])
+
+    def widen(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+    ids_a, ids_b = widen(new.response_ids), widen(ref.response_ids)
+    in_either = widen(new.response_mask).bool() | widen(ref.response_mask).bool()
+    differs = (ids_a != ids_b) & in_either  # (n, width)
+    never = torch.full_like(ids_a[:, 0], width)
+    first = torch.where(differs.any(1), differs.long().argmax(1), never)  # (n,)
+    return {
+        "rows_identical": float((first == width).float().mean()),
+        "first_difference_median": float(first.float().median()),
+        "first_difference_min": int(first.min()),
+    }
 
 
 def _rollout_breakdown(model, call) -> dict:
@@ -666,11 +689,14 @@ def _rollout_breakdown(model, call) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path) -> tuple[dict, Path]:
+def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path, settings: tuple[str, ...] | None = None,
+               breakdown: bool = True) -> tuple[dict, Path]:  # fmt: skip
     """Rollout only: `mmrlsd.rollout.generate.generate` on the config's model and first batch (B prompts x G, the
-    student prompt and image, T new tokens, seed 0), each setting of `ROLLOUT_SETTINGS` called in turn `calls`
-    times in this process, the sampled ids asserted equal on every call; then one more lean call with timers
-    (`_rollout_breakdown`). Writes `<out_dir>/<YYYY-MM-DD>-<cpu|card>-rollout-ab.json`."""
+    student prompt and image, T new tokens, seed 0), each of `settings` (default: all of `ROLLOUT_SETTINGS`) called
+    in turn `calls` times in this process, the sampled ids asserted equal to generate's first call on every call
+    (for the `ROLLOUT_NEAR` settings, and for every setting on a GPU, their agreement recorded instead: on an H200,
+    bf16, two calls of `generate` itself sampled different ids); then, with `breakdown`, one more lean call with
+    timers (`_rollout_breakdown`). Writes `<out_dir>/<YYYY-MM-DD>-<cpu|card>-rollout-ab.json`."""
     from mmrlsd.data.encoding import encode, repeat_encoding
     from mmrlsd.data.prompts import PromptBuilder
     from mmrlsd.model.load import resolve_device
@@ -693,38 +719,52 @@ def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path) -> tuple[dict, Path]:
         return generate(model, processor, enc, group_size=pc.group_size, max_new_tokens=pc.max_new_tokens,
                         seed=0, share_prefill=pc.share_prefill, **settings)  # fmt: skip
 
+    names = tuple(settings or ROLLOUT_SETTINGS)
+    if unknown := [k for k in names if k not in ROLLOUT_SETTINGS]:
+        raise ValueError(f"rollout_ab: unknown setting(s) {unknown}; choose from {list(ROLLOUT_SETTINGS)}")
     ref = call(ROLLOUT_SETTINGS["generate"])  # warm-up, and the ids every call must give
-    times: dict[str, list[float]] = {k: [] for k in ROLLOUT_SETTINGS}
+    times: dict[str, list[float]] = {k: [] for k in names}
+    agreement: dict[str, dict] = {}
     for _ in range(calls):
-        for name, settings in ROLLOUT_SETTINGS.items():
+        for name in names:
             _sync(device)
             t0 = time.perf_counter()
-            r = call(settings)
+            r = call(ROLLOUT_SETTINGS[name])
             _sync(device)
             times[name].append(round(time.perf_counter() - t0, 4))
-            if not torch.equal(r.response_ids, ref.response_ids):
+            if name in ROLLOUT_NEAR or device.type == "cuda":
+                agreement[name] = _agreement(r, ref)
+            elif not torch.equal(r.response_ids, ref.response_ids):
                 raise RuntimeError(f"rollout_ab: {name} sampled other ids than generate")
-    breakdown = _rollout_breakdown(model, lambda: call(ROLLOUT_SETTINGS["lean"]))
+    lean_times = _rollout_breakdown(model, lambda: call(ROLLOUT_SETTINGS["lean"])) if breakdown else None
     lengths = ref.response_mask.sum(1).float()
     med = {k: _median(v) for k, v in times.items()}
+
+    def speed(a: str, b: str) -> float | None:  # how many times faster b is than a
+        return med[a] / med[b] if a in med and b in med and med[b] else None
+
     n = enc["input_ids"].shape[0]
     result = {
         "what": (f"Rollout only: generate() on the '{pc.arch}' perf model and batch ({pc.batch_size} prompts x "
                  f"G={pc.group_size}, {enc['input_ids'].shape[1]}-token prompts, {pc.max_new_tokens} new tokens, "
                  f"seed 0, {torch.get_num_threads()} thread(s)); the settings called in turn {calls} times in one "
-                 "process, ids asserted equal to generate's on every call. Seconds per call."),
+                 "process, ids asserted equal to generate's on every call (agreement with generate's first call "
+                 f"recorded instead for {', '.join(ROLLOUT_NEAR)}, and for every setting on a GPU). Seconds per call."),
         "date": _dt.date.today().isoformat(),
         "device": device_name(device, torch.get_num_threads()),
         "load_avg_before": list(load_before),
         "load_avg_after": list(os.getloadavg()),
         "settings": {k: {"generate_kwargs": ROLLOUT_SETTINGS[k], "median_s": med[k], "calls_s": times[k]}
-                     for k in ROLLOUT_SETTINGS},  # fmt: skip
-        "lean_over_generate_speed": med["generate"] / med["lean"] if med["lean"] else None,
-        "drop_rows_speedup": med["lean_keep_rows"] / med["lean"] if med["lean"] else None,
+                     for k in names},  # fmt: skip
+        "lean_over_generate_speed": speed("generate", "lean"),
+        "drop_rows_speedup": speed("lean_keep_rows", "lean"),
+        "graph_over_lean_speed": speed("lean", "graph"),
+        "graph_over_generate_speed": speed("generate", "graph"),
+        "agreement_with_generate": agreement,
         "response_len_mean": float(lengths.mean()),
         "response_len_max": int(lengths.max()),
         "row_steps_fraction": float(lengths.sum() / (n * ref.response_ids.shape[1])),
-        "lean_breakdown": breakdown,
+        "lean_breakdown": lean_times,
     }  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     path = result_path(out_dir, device, "-rollout-ab")

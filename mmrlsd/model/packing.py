@@ -335,9 +335,9 @@ def make_layout(model, seq: SeqBatch, rows: list[int], fast: FastOptions, positi
 
 
 @contextmanager
-def _routed(model, impl: str):
-    """The language model's attention on the packed kernel `impl` (a `resolve_kernel` result; varlen_sdpa, ours, is
-    registered on first use) inside the block, its own kernel again after."""
+def route_attention(model, impl: str):
+    """The language model's attention on the kernel `impl` (a registered name, or a `resolve_kernel` result:
+    varlen_sdpa, ours, is registered on first use) inside the block, its own kernel again after."""
     if impl == "varlen_sdpa":
         _register_varlen()
         impl = VARLEN_SDPA
@@ -357,7 +357,7 @@ def packed_kernel(model, fast: FastOptions):
     attention function from `config._attn_implementation` at call time: a backward outside this context would
     recompute with the model's own kernel (sdpa) on the packed inputs (a `BlockMask` it cannot take, or no
     segments at all). A no-op when `fast.packing` is off."""
-    return _routed(model, resolve_kernel(model, fast.attention)) if fast.packing else nullcontext()
+    return route_attention(model, resolve_kernel(model, fast.attention)) if fast.packing else nullcontext()
 
 
 @contextmanager
@@ -377,5 +377,5 @@ def packed_attention(model, layout: Layout, kind: str):
         cu = layout.cu_seqlens.to(device)
         kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": layout.max_len,
                   "max_length_k": layout.max_len}  # fmt: skip
-    with _routed(model, impl):
+    with route_attention(model, impl):
         yield kwargs

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from mmrlsd import dist
 from mmrlsd.data.encoding import chat_text, encode, groups_repeat, select_rows, slice_encoding
 from mmrlsd.model.vision import dummy_vision, tower_is_collective, tower_on_every_rank
+from mmrlsd.rollout import graph as graph_step
 from mmrlsd.types import Rollouts
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -190,6 +191,8 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
     return {name: cache}
 
 
+DECODES = ("auto", "lean", "graph", "generate")
+
 # Generation-config settings under which `generate` adds logits processors of its own; the lean loop does not
 # reproduce them, so a model whose generation config sets one (e.g. a checkpoint's `repetition_penalty: 1.05`)
 # decodes with `generate`. Each entry: the attribute and the values that leave it off.
@@ -306,7 +309,7 @@ def _compact_size(lin: list, n: int, current: int, active: int, dtype: torch.dty
 
 def lean_decode(
     model, inputs: dict, *, cache, deltas: torch.Tensor | None, procs: list, suppress: list[int], eos: list[int],
-    pad: int, max_new_tokens: int, synced: bool = False, compact: bool = True,
+    pad: int, max_new_tokens: int, synced: bool = False, compact: bool = True, graph: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Greedy decoding over processed scores, as `generate(do_sample=False)` runs it, without its per-step overhead.
 
@@ -326,6 +329,11 @@ def lean_decode(
     attention, norms and element-wise ops compute each row on its own, so the scores stay bit-identical.
     `generate` keeps computing the finished rows and discards their tokens. Elsewhere (GPU kernels, or several
     threads that split a batch by its size) the batch keeps all `n` rows.
+
+    `graph` (not with `synced`): the forwards after the first run as a `GraphStep` over a static KV cache, replayed
+    as a CUDA graph on a GPU (eagerly elsewhere); the scores then equal the lean loop's up to float rounding. Where
+    the step cannot run (`graph.unsupported`: an attention other than sdpa, a cache layer other than
+    `DynamicLayer`) it warns and the loop decodes as without.
     """
     from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -355,6 +363,7 @@ def lean_decode(
     compact = compact and all(isinstance(p, rowwise) for p in procs)
     lin = _decode_linears(model) if compact else []
     rows = None  # the rows (of n) in the batch, once finished rows have left it
+    step = None  # the GraphStep that runs the forwards after the first
     steps, forwards, done_here = 0, 0, False  # tokens appended; forwards run (more on a finished synced rank)
     while forwards < max_new_tokens:  # every rank runs the same number of forwards and any_rank calls
         if synced:
@@ -362,17 +371,29 @@ def lean_decode(
                 break
         elif done_here:
             break
-        out = model(input_ids=cur, attention_mask=full_mask[:, : L + forwards], position_ids=position_ids,
-                    use_cache=True, logits_to_keep=1, **{name: cache}, **extra)  # fmt: skip
-        if forwards == 0:
-            _reserve(cache, max_new_tokens)
-            compact = compact and all(isinstance(x, _reserved_layer()) for x in cache.layers)
+        if step is None:
+            logits = model(input_ids=cur, attention_mask=full_mask[:, : L + forwards], position_ids=position_ids,
+                           use_cache=True, logits_to_keep=1, **{name: cache}, **extra).logits[:, -1, :]  # fmt: skip
+        else:
+            logits = step(cur)
         forwards += 1
         extra = {}
         text_pos = text_pos + 1
         position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, m, 1)
+        if forwards == 1:
+            why = graph_step.unsupported(model, cache) if graph and not synced else None
+            if why:
+                warnings.warn(f"hf_decode graph: {why}; decoding with the lean loop", stacklevel=2)
+            if graph and not synced and not why:
+                step = graph_step.GraphStep(model, cache, name, written=cache.get_seq_length(), room=max_new_tokens,
+                                            mask=full_mask, text_pos=text_pos, deltas=deltas,
+                                            capture=device.type == "cuda")  # fmt: skip
+                compact = False
+            else:
+                _reserve(cache, max_new_tokens)
+                compact = compact and all(isinstance(x, _reserved_layer()) for x in cache.layers)
         if not done_here:  # synced: a rank that has finished runs forwards while the others still decode
-            scores = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)  # (m, V)
+            scores = logits.to(dtype=torch.float32, copy=True)  # (m, V)
             scores[:, suppress_t] = -float("inf")
             for proc in procs:
                 scores = proc(seq[:, : L + steps] if rows is None else seq[rows, : L + steps], scores)
@@ -387,7 +408,7 @@ def lean_decode(
             cur = nxt[:, None]
         if compact and (synced or not done_here):  # (a synced rank that has finished decodes a smaller batch)
             m = cur.shape[0]
-            k = _compact_size(lin, n, m, int(unfinished.sum()), out.logits.dtype)  # the matmuls' dtype
+            k = _compact_size(lin, n, m, int(unfinished.sum()), logits.dtype)  # the matmuls' dtype
             if k < m:  # keep the unfinished rows and the first finished ones, in order
                 order = torch.cat([unfinished.nonzero()[:, 0], (~unfinished).nonzero()[:, 0]])  # (m,)
                 keep = order[:k].sort().values
@@ -417,9 +438,11 @@ def generate(
     `gen_batch_size` is rounded down to whole groups (when it is at least G). Used only where rows b*G .. b*G+G-1
     are checked to be one prompt (on every rank); otherwise, with a warning, every row runs its full prefill.
 
-    `decode`: `lean` (`lean_decode`: a plain loop of forwards over the KV cache, the same ids as `generate`) or
-    `generate` (Hugging Face `generate`). A model whose generation config adds logits processors of its own
-    (`lean_unsupported`) decodes with `generate` either way.
+    `decode`: `lean` (`lean_decode`: a plain loop of forwards over the KV cache, the same ids as `generate`),
+    `graph` (the lean loop with its decode step replayed as a CUDA graph on a GPU, `mmrlsd.rollout.graph`: the same
+    ids up to near-ties; single process only, under FSDP it decodes as `lean`), `generate` (Hugging Face
+    `generate`) or `auto` (graph on a GPU, lean elsewhere). A model whose generation config adds logits processors of its own (`lean_unsupported`) decodes
+    with `generate` whatever the setting.
 
     Under FSDP every rank must pass as many rows (so as many `generate` calls): the decode steps are kept in
     step by `synced_gpus`, and a call without images runs the vision tower on a dummy image (in the shared
@@ -446,16 +469,20 @@ def generate(
         if not share:
             warnings.warn("share_prefill: the rows of a group are not one prompt (or the prompt ends in an image "
                           "token); running the full prefill for every row", stacklevel=2)  # fmt: skip
-    if decode not in ("lean", "generate"):
-        raise ValueError(f"decode is {decode!r}; valid: lean, generate")
+    if decode not in DECODES:
+        raise ValueError(f"decode is {decode!r}; valid: {', '.join(DECODES)}")
+    device = next(model.parameters()).device
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" else "lean"
     # Under FSDP without the shared prefill, `generate` encodes a rank's images before its first forward, outside
     # the root's hooks, where the text-only ranks run `dummy_vision`; the lean loop would encode them inside its
     # first forward, after the root's all-gather, and the ranks' collectives would no longer pair up.
-    lean = decode == "lean" and not lean_unsupported(model) and (share or not dist.enabled())
+    lean = decode in ("lean", "graph") and not lean_unsupported(model) and (share or not dist.enabled())
+    # a CUDA graph cannot hold FSDP's collectives: under FSDP the graph setting decodes with the lean loop
+    graph = lean and decode == "graph" and not dist.enabled()
     chunk = gen_batch_size or n
     if share and chunk >= G:
         chunk -= chunk % G  # whole groups: each prompt's prefix is computed once
-    device = next(model.parameters()).device
     pieces = []
     with _eval_mode(model):
         for start in tqdm(range(0, n, chunk), desc="generate", disable=not progress, leave=False):
@@ -480,7 +507,8 @@ def generate(
                 deltas = model.model.rope_deltas if share else None
                 new = lean_decode(model, inputs, cache=cache, deltas=deltas, procs=list(procs),
                                   suppress=kwargs["suppress_tokens"], eos=eos, pad=pad,
-                                  max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"], compact=compact)  # fmt: skip
+                                  max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"], compact=compact,
+                                  graph=graph)  # fmt: skip
                 pieces.append(new.cpu())
             else:
                 out = model.generate(**inputs, logits_processor=procs, **kwargs)

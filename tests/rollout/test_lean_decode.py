@@ -127,9 +127,11 @@ def test_hf_decode_config_choices():
     from mmrlsd.config import ConfigError, load_config
 
     base = ["model.path=x", "data.train_files=[a.jsonl]"]
-    assert load_config(None, base).rollout.hf_decode == "lean"
+    assert load_config(None, base).rollout.hf_decode == "auto"
+    assert load_config(None, base + ["rollout.hf_decode=lean"]).rollout.hf_decode == "lean"
     assert load_config(None, base + ["rollout.hf_decode=generate"]).rollout.hf_decode == "generate"
-    with pytest.raises(ConfigError, match="rollout.hf_decode.*lean, generate"):
+    assert load_config(None, base + ["rollout.hf_decode=graph"]).rollout.hf_decode == "graph"
+    with pytest.raises(ConfigError, match="rollout.hf_decode.*auto, lean, graph, generate"):
         load_config(None, base + ["rollout.hf_decode=fast"])
 
 

@@ -1,0 +1,187 @@
+"""The decode step at static shapes, replayed as a CUDA graph (`rollout.hf_decode: graph`).
+
+On a GPU the lean loop's decode step is bound by kernel launches and Python, not by the card: for the 3B shape,
+32 rows, one forward launches ~1,000 kernels and takes 33-40 ms on an H200, where reading the weights takes
+~1.6 ms. A CUDA graph records one forward's kernels once and replays them with one launch. That needs every
+tensor the forward touches at a fixed address and shape, and no host synchronisation inside it:
+
+- the KV cache has room for the whole response from the start (`StaticKV`): each layer writes the new key and
+  value at a position held in a device tensor, and attention always runs over the full buffer;
+- the attention mask is built inside the step from that position: a row attends to its prompt (the padding
+  excluded) and to every position up to the one being written;
+- the text position of the new token and the row's mRoPE offset are device tensors, advanced inside the step;
+- attention reads the grouped key/value heads as stored (`decode_sdpa_forward`) instead of repeating them.
+
+Everything else (the float32 copy of the logits, suppressed tokens, logits processors, the row-seeded sampler,
+EOS bookkeeping) runs eagerly around the replay, as in the lean loop.
+
+Attention over the full buffer (masked positions contribute exactly zero) sums in another order than attention
+over the written positions, so the scores equal the lean loop's up to float rounding, and the sampled ids equal
+them except where two noisy scores tie that closely. Without `capture` (any device but CUDA) the same step runs
+eagerly, which is what the CPU tests check against the lean loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+from torch import cuda
+
+from mmrlsd.model.packing import route_attention
+
+DECODE_SDPA = "mmrlsd_decode_sdpa"
+
+
+def decode_sdpa_forward(
+    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
+):
+    """transformers' sdpa attention for one query token per row against a grouped-query KV cache, without copying
+    the cache: the query heads that share a key/value head become that head's `groups` queries,
+    `(n, heads, 1, d)` -> `(n, kv_heads, groups, d)`, and sdpa reads the keys and values as stored. transformers'
+    sdpa path (5.17) repeats them `groups` times whenever a mask is given: on an H200 that copy was 80 us per
+    layer, key and value, per decode step of the 3B shape (a third of the rollout's GPU time). Anything else
+    (several query tokens, no groups) goes to transformers' sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    if groups == 1 or query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)  # fmt: skip
+    n, heads, _, d = query.shape
+    q = query.reshape(
+        n, heads // groups, groups, d
+    )  # head kv * groups + g reads kv head kv, as repeat_kv lays them
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask,
+                                                           dropout_p=dropout, scale=scaling)  # fmt: skip
+    return out.reshape(n, heads, 1, d).transpose(1, 2).contiguous(), None  # (n, 1, heads, d)
+
+
+@functools.cache
+def _register_decode_sdpa() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(DECODE_SDPA, decode_sdpa_forward)
+    return DECODE_SDPA
+
+
+@functools.cache
+def _static_kv():
+    """A `DynamicLayer` over full-length key/value buffers, written at a shared device-side position."""
+    from transformers.cache_utils import DynamicLayer
+
+    class StaticKV(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            idx = self.pos + torch.arange(key_states.shape[-2], device=self.pos.device)  # (t,)
+            self.keys.index_copy_(2, idx, key_states)
+            self.values.index_copy_(2, idx, value_states)
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.keys.shape[-2]
+
+    return StaticKV
+
+
+def static_cache(cache, length: int, pos: torch.Tensor) -> bool:
+    """Replace every layer of the `DynamicCache` `cache` by a `StaticKV` with room for `length` positions, holding
+    the layer's keys and values in its first positions and writing at `pos` (a one-element device tensor shared by
+    all layers, advanced by the caller). False (and `cache` unchanged) when a layer is not a plain
+    `DynamicLayer` (sliding window, quantised, offloaded)."""
+    from transformers.cache_utils import DynamicLayer
+
+    if not all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
+        return False
+    for i, layer in enumerate(cache.layers):
+        k, v = layer.keys, layer.values  # (n, heads, written, head_dim)
+        new = _static_kv()()
+        new.keys = k.new_zeros(k.shape[:-2] + (length, k.shape[-1]))
+        new.values = v.new_zeros(v.shape[:-2] + (length, v.shape[-1]))
+        new.keys[..., : k.shape[-2], :] = k
+        new.values[..., : v.shape[-2], :] = v
+        new.pos = pos
+        new.device, new.dtype, new.is_initialized = k.device, k.dtype, True
+        cache.layers[i] = new
+    return True
+
+
+def unsupported(model, cache) -> str | None:
+    """Why `GraphStep` cannot run `model` over `cache` (None: it can)."""
+    from transformers.cache_utils import DynamicLayer
+
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl != "sdpa":
+        return f"attention implementation {impl!r} (the static step builds an sdpa mask)"
+    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+        return "a KV-cache layer other than DynamicLayer"
+    return None
+
+
+class GraphStep:
+    """One decode forward of `model` for `n` rows at fixed shapes; called with the rows' new tokens `(n, 1)`, it
+    returns the last position's logits `(n, V)` (overwritten by the next call when captured).
+
+    `cache`: the `DynamicCache` after the prompt's forward (`written` positions per row), converted in place
+    (`static_cache`) to hold `written + room` positions. `mask`: the rows' attention mask over those positions
+    `(n, >= written + room)`, 1 where a prompt token is real and for every response position (left padding 0).
+    `text_pos` / `deltas` `(n, 1)`: the text position of the next token and each row's mRoPE offset.
+
+    With `capture` (CUDA), the first call runs eagerly on a side stream (warming up the kernels and the caching
+    allocator), the second records the step into a CUDA graph and replays it, later calls replay it; `captured`
+    says whether that happened. A step that cannot be recorded warns, keeps the reason in `error` and runs
+    eagerly from then on. Without `capture`, every call runs the step eagerly.
+    """
+
+    def __init__(self, model, cache, cache_kwarg: str, *, written: int, room: int, mask: torch.Tensor,
+                 text_pos: torch.Tensor, deltas: torch.Tensor, capture: bool):  # fmt: skip
+        length = written + room
+        device = mask.device
+        self.pos = torch.full((1,), written, dtype=torch.long, device=device)
+        if not static_cache(cache, length, self.pos):
+            raise ValueError("GraphStep: the KV cache has layers other than DynamicLayer")
+        self.model, self.cache, self.cache_kwarg = model, cache, cache_kwarg
+        self.valid = mask[:, :length].bool()  # (n, length)
+        self.arange = torch.arange(length, device=device)
+        self.cur = torch.zeros(mask.shape[0], 1, dtype=torch.long, device=device)
+        self.text_pos, self.deltas = text_pos.clone(), deltas.to(device).clone()
+        self.capture, self.captured, self.calls = capture, False, 0
+        self.graph, self.logits, self.error = None, None, None
+
+    def _forward(self) -> torch.Tensor:
+        allowed = self.valid & (self.arange <= self.pos)  # (n, length): the prompt and the response so far
+        position_ids = torch.cat([self.text_pos[None], (self.text_pos + self.deltas)[None].expand(3, -1, -1)])
+        with route_attention(self.model, _register_decode_sdpa()):
+            out = self.model(input_ids=self.cur, attention_mask=allowed[:, None, None, :],
+                             position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                             **{self.cache_kwarg: self.cache})  # fmt: skip
+        self.pos.add_(1)
+        self.text_pos.add_(1)
+        return out.logits[:, -1, :]
+
+    def __call__(self, cur: torch.Tensor) -> torch.Tensor:
+        self.cur.copy_(cur)
+        self.calls += 1
+        if not self.capture:
+            return self._forward()
+        if self.calls == 1:  # warm-up: a real step, run eagerly off the default stream as capture requires
+            side = cuda.Stream()
+            side.wait_stream(cuda.current_stream())
+            with cuda.stream(side):
+                logits = self._forward()
+            cuda.current_stream().wait_stream(side)
+            return logits
+        if self.graph is None:  # recording runs nothing: the step's state is as the warm-up left it
+            graph = cuda.CUDAGraph()
+            try:
+                # thread_local: CUDA calls of other threads (a data loader's) do not break the capture
+                with cuda.graph(graph, capture_error_mode="thread_local"):
+                    self.logits = self._forward()
+            except RuntimeError as e:  # an op that cannot be captured: keep decoding, eagerly
+                self.capture, self.error = False, f"{type(e).__name__}: {e}"
+                warnings.warn(f"hf_decode graph: capturing the decode step failed ({self.error}); decoding "
+                              "eagerly over the static cache", stacklevel=3)  # fmt: skip
+                return self._forward()
+            self.graph, self.captured = graph, True
+        self.graph.replay()
+        return self.logits
