@@ -330,13 +330,15 @@ def lean_decode(
     `generate` keeps computing the finished rows and discards their tokens. Elsewhere (GPU kernels, or several
     threads that split a batch by its size) the batch keeps all `n` rows.
 
-    `graph` (not with `synced`): the forwards after the first run as a `GraphStep` over a static KV cache, replayed
+    `graph` (one process, so not with `synced`): the forwards after the first run as a `GraphStep` over a static KV cache, replayed
     as a CUDA graph on a GPU (eagerly elsewhere); the scores then equal the lean loop's up to float rounding. Where
     the step cannot run (`graph.unsupported`: an attention other than sdpa, a cache layer other than
     `DynamicLayer`) it warns and the loop decodes as without.
     """
     from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+    if graph and synced:
+        raise ValueError("lean_decode: graph=True needs one process (a CUDA graph cannot hold FSDP's collectives)")
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n, L = ids.shape
     device = ids.device
@@ -381,10 +383,10 @@ def lean_decode(
         text_pos = text_pos + 1
         position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, m, 1)
         if forwards == 1:
-            why = graph_step.unsupported(model, cache) if graph and not synced else None
+            why = graph_step.unsupported(model, cache) if graph else None
             if why:
                 warnings.warn(f"hf_decode graph: {why}; decoding with the lean loop", stacklevel=2)
-            if graph and not synced and not why:
+            if graph and not why:
                 step = graph_step.GraphStep(model, cache, name, written=cache.get_seq_length(), room=max_new_tokens,
                                             mask=full_mask, text_pos=text_pos, deltas=deltas,
                                             capture=device.type == "cuda")  # fmt: skip
@@ -441,8 +443,8 @@ def generate(
     `decode`: `lean` (`lean_decode`: a plain loop of forwards over the KV cache, the same ids as `generate`),
     `graph` (the lean loop with its decode step replayed as a CUDA graph on a GPU, `mmrlsd.rollout.graph`: the same
     ids up to near-ties; single process only, under FSDP it decodes as `lean`), `generate` (Hugging Face
-    `generate`) or `auto` (graph on a GPU, lean elsewhere). A model whose generation config adds logits processors of its own (`lean_unsupported`) decodes
-    with `generate` whatever the setting.
+    `generate`) or `auto` (graph on a GPU, lean elsewhere). A model whose generation config adds logits
+    processors of its own (`lean_unsupported`) decodes with `generate` whatever the setting.
 
     Under FSDP every rank must pass as many rows (so as many `generate` calls): the decode steps are kept in
     step by `synced_gpus`, and a call without images runs the vision tower on a dummy image (in the shared
