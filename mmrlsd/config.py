@@ -58,6 +58,10 @@ class ModelConfig:
     packed_attention: str = "auto"
     """Packed attention kernel: auto (flash_attention_2 if loaded, flex_attention on CUDA, else varlen_sdpa) |
     varlen_sdpa | flex_attention | flash_attention_2."""
+    vision_windows: bool = True
+    """With sdpa attention: the vision tower attends within its windows (each image; Qwen2.5-VL's 8x8-patch
+    windows) in one batched call per distinct window length, not one call per window (transformers' sdpa path);
+    the same arithmetic. Off: transformers' own loop."""
 
 
 @dataclass

@@ -202,7 +202,7 @@ def mmrlsd_config(pc: PerfConfig, variant: str):
         # the fast path (`naive`: all off)
         "model.packing": fast and pc.packing, "model.share_vision": fast and pc.share_vision,
         "model.share_prefix": fast and pc.share_prefix, "model.logprob_chunk": pc.logprob_chunk if fast else 0,
-        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode,
+        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode, "model.vision_windows": fast,
         "model.packed_attention": pc.packed_attention,
         "optim.token_budget": pc.token_budget if fast else 0,
     }  # fmt: skip

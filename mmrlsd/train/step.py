@@ -37,6 +37,7 @@ from mmrlsd.data.encoding import encode, repeat_encoding
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.model.packing import FastOptions, fast_options
+from mmrlsd.model.vision import batch_vision_windows
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.engine import HFEngine, RolloutEngine
 from mmrlsd.train import faults
@@ -59,6 +60,9 @@ class StepContext:
     def __post_init__(self):
         if self.engine is None:
             self.engine = HFEngine(self.policy, self.processor)
+        if self.cfg.model.vision_windows:
+            for model in {id(self.policy): self.policy, id(self.teacher): self.teacher}.values():
+                batch_vision_windows(model)
 
 
 @dataclass
