@@ -110,9 +110,13 @@ def unsupported(model, cache) -> str | None:
     """Why `GraphStep` cannot run `model` over `cache` (None: it can)."""
     from transformers.cache_utils import DynamicLayer
 
+    from torch.distributed.fsdp import FSDPModule
+
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "sdpa":
         return f"attention implementation {impl!r} (the static step builds an sdpa mask)"
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        return "an FSDP-sharded model (its hooks gather and free the parameters around every forward)"
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return "a KV-cache layer other than DynamicLayer"
     return None

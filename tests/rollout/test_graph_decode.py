@@ -244,3 +244,26 @@ def test_auto_decodes_with_the_lean_loop_on_a_cpu(tiny_model, steps):
     kw = dict(group_size=G, max_new_tokens=8, seed=3)
     _assert_same(gen.generate(model, proc, enc, decode="auto", **kw), gen.generate(model, proc, enc, **kw))
     assert not steps
+
+
+def test_graph_falls_back_to_lean_on_an_fsdp_model(tiny_model, steps):
+    """A model sharded by FSDP2 in a one-rank group (`dist.fsdp: on` without torchrun): a recorded forward would
+    keep the addresses of parameters that FSDP gathers and frees around every forward, so the loop stays lean."""
+    import torch.distributed as td
+    from torch.distributed.fsdp import fully_shard
+
+    model, proc = load_model(str(tiny_model("qwen2_vl")))
+    enc = _encoding(proc, images=False)
+    kw = dict(group_size=G, max_new_tokens=6, seed=0)
+    ref = gen.generate(model, proc, enc, decode="lean", **kw)
+    td.init_process_group("gloo", store=td.HashStore(), rank=0, world_size=1)
+    try:
+        for layer in model.model.language_model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        with pytest.warns(UserWarning, match="hf_decode graph: an FSDP-sharded model"):
+            new = gen.generate(model, proc, enc, decode="graph", **kw)
+    finally:
+        td.destroy_process_group()
+    assert not steps
+    _assert_same(new, ref)
