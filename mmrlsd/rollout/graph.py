@@ -108,9 +108,8 @@ def static_cache(cache, length: int, pos: torch.Tensor) -> bool:
 
 def unsupported(model, cache) -> str | None:
     """Why `GraphStep` cannot run `model` over `cache` (None: it can)."""
-    from transformers.cache_utils import DynamicLayer
-
     from torch.distributed.fsdp import FSDPModule
+    from transformers.cache_utils import DynamicLayer
 
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "sdpa":
