@@ -34,9 +34,7 @@ from mmrlsd.model.packing import route_attention
 DECODE_SDPA = "mmrlsd_decode_sdpa"
 
 
-def decode_sdpa_forward(
-    module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs
-):
+def decode_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kw):
     """transformers' sdpa attention for one query token per row against a grouped-query KV cache, without copying
     the cache: the query heads that share a key/value head become that head's `groups` queries,
     `(n, heads, 1, d)` -> `(n, kv_heads, groups, d)`, and sdpa reads the keys and values as stored. transformers'
@@ -48,11 +46,10 @@ def decode_sdpa_forward(
     groups = getattr(module, "num_key_value_groups", 1)
     if groups == 1 or query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)  # fmt: skip
+                                      **kw)  # fmt: skip
     n, heads, _, d = query.shape
-    q = query.reshape(
-        n, heads // groups, groups, d
-    )  # head kv * groups + g reads kv head kv, as repeat_kv lays them
+    # query head kv * groups + g reads key/value head kv, as transformers' repeat_kv lays them out
+    q = query.reshape(n, heads // groups, groups, d)
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask,
                                                            dropout_p=dropout, scale=scaling)  # fmt: skip
     return out.reshape(n, heads, 1, d).transpose(1, 2).contiguous(), None  # (n, 1, heads, d)
