@@ -253,17 +253,22 @@ def varlen_sdpa_forward(module, query, key, value, attention_mask, scaling=None,
     if rep > 1:  # grouped-query attention: repeat the key/value heads
         key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
     sdpa = partial(F.scaled_dot_product_attention, scale=scaling, dropout_p=dropout)
-    out = []
-    for s, p, resp in kwargs["mmrlsd_segments"]:
-        kp, vp = key[:, :, s : s + p], value[:, :, s : s + p]
-        out.append(sdpa(query[:, :, s : s + p], kp, vp, is_causal=True))
-        a = s + p
+    # the segments are contiguous and cover the row: each one's prefix, then its responses
+    segments = kwargs["mmrlsd_segments"]
+    sizes = [n for _, p, resp in segments for n in (p, *resp)]
+    # one split per tensor (its backward is one concatenation), not a slice per piece (each slice's backward
+    # zero-fills a row-sized gradient: 8% of the update on the CPU perf config)
+    qs, ks, vs = (t.split(sizes, dim=2) for t in (query, key, value))
+    out, i = [], 0
+    for _, p, resp in segments:
+        kp, vp = ks[i], vs[i]
+        out.append(sdpa(qs[i], kp, vp, is_causal=True))
         for t in resp:
+            i += 1
             allowed = torch.ones(t, p + t, dtype=torch.bool, device=query.device).tril(diagonal=p)  # (t, p+t)
-            k = torch.cat([kp, key[:, :, a : a + t]], dim=2)
-            v = torch.cat([vp, value[:, :, a : a + t]], dim=2)
-            out.append(sdpa(query[:, :, a : a + t], k, v, attn_mask=allowed))
-            a += t
+            k, v = torch.cat([kp, ks[i]], dim=2), torch.cat([vp, vs[i]], dim=2)
+            out.append(sdpa(qs[i], k, v, attn_mask=allowed))
+        i += 1
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
 
 
