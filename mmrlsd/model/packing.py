@@ -20,6 +20,7 @@ columns that are padding in every row of the micro-batch.
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -290,10 +291,13 @@ def segment_block_mask(layout: Layout, device):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=L, KV_LEN=L, device=device)
 
 
-def _register_varlen() -> None:
+@functools.cache
+def register_attention(name: str, forward) -> str:
+    """`forward` registered under `name` in transformers' attention registry (once); returns `name`."""
     from transformers import AttentionInterface
 
-    AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_forward)
+    AttentionInterface.register(name, forward)
+    return name
 
 
 def resolve_kernel(model, kind: str) -> str:
@@ -344,8 +348,7 @@ def route_attention(model, impl: str):
     """The language model's attention on the kernel `impl` (a registered name, or a `resolve_kernel` result:
     varlen_sdpa, ours, is registered on first use) inside the block, its own kernel again after."""
     if impl == "varlen_sdpa":
-        _register_varlen()
-        impl = VARLEN_SDPA
+        impl = register_attention(VARLEN_SDPA, varlen_sdpa_forward)
     config = model.model.language_model.config
     old = config._attn_implementation
     config._attn_implementation = impl

@@ -18,7 +18,6 @@ rank without images runs it on a dummy image (`dummy_vision`, output x 0), insid
 
 from __future__ import annotations
 
-import functools
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 
 from mmrlsd import dist
 from mmrlsd.data.encoding import image_offsets
+from mmrlsd.model.packing import register_attention
 from mmrlsd.types import SeqBatch
 
 
@@ -205,14 +205,6 @@ def windows_sdpa_forward(module, query, key, value, attention_mask, scaling=None
     return out.transpose(0, 1).unsqueeze(0).contiguous(), None
 
 
-@functools.cache
-def _register_windows() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(VISION_WINDOWS, windows_sdpa_forward)
-    return VISION_WINDOWS
-
-
 def batch_vision_windows(model) -> bool:
     """Run the vision tower's attention through `windows_sdpa_forward` when it runs on sdpa (`model.vision_windows`).
     The kernel name lives on the tower's config in memory only (transformers does not save it). Returns whether
@@ -221,5 +213,5 @@ def batch_vision_windows(model) -> bool:
     config = getattr(visual, "config", None)
     if config is None or config._attn_implementation not in ("sdpa", VISION_WINDOWS):
         return False
-    config._attn_implementation = _register_windows()
+    config._attn_implementation = register_attention(VISION_WINDOWS, windows_sdpa_forward)
     return True

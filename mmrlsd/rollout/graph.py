@@ -29,7 +29,7 @@ import warnings
 import torch
 from torch import cuda
 
-from mmrlsd.model.packing import route_attention
+from mmrlsd.model.packing import register_attention, route_attention
 
 DECODE_SDPA = "mmrlsd_decode_sdpa"
 
@@ -53,14 +53,6 @@ def decode_sdpa_forward(module, query, key, value, attention_mask, dropout: floa
     out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask,
                                                            dropout_p=dropout, scale=scaling)  # fmt: skip
     return out.reshape(n, heads, 1, d).transpose(1, 2).contiguous(), None  # (n, 1, heads, d)
-
-
-@functools.cache
-def _register_decode_sdpa() -> str:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(DECODE_SDPA, decode_sdpa_forward)
-    return DECODE_SDPA
 
 
 @functools.cache
@@ -151,7 +143,7 @@ class GraphStep:
     def _forward(self) -> torch.Tensor:
         allowed = self.valid & (self.arange <= self.pos)  # (n, length): the prompt and the response so far
         position_ids = torch.cat([self.text_pos[None], (self.text_pos + self.deltas)[None].expand(3, -1, -1)])
-        with route_attention(self.model, _register_decode_sdpa()):
+        with route_attention(self.model, register_attention(DECODE_SDPA, decode_sdpa_forward)):
             out = self.model(input_ids=self.cur, attention_mask=allowed[:, None, None, :],
                              position_ids=position_ids, use_cache=True, logits_to_keep=1,
                              **{self.cache_kwarg: self.cache})  # fmt: skip
