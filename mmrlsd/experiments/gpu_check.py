@@ -1,7 +1,7 @@
 """The GPU check in one command: step speed with MFU, a short bf16/fp32-master training run and packed-attention
 parity, on one GPU with torch and transformers only (no vLLM, flash-attn, datasets or network; TRL is optional).
 
-    python -m mmrlsd.experiments.gpu_check --out eval/results/perf/     # one H200: sized for < 8 minutes
+    python -m mmrlsd.experiments.gpu_check --out eval/results/perf/     # one H200: about 8 minutes (estimated)
     python -m mmrlsd.experiments.gpu_check --reduced --device cpu       # the same five parts, tiny, seconds
 
 1. **perf**: the GPU perf config (`mmrlsd/experiments/perf_configs/gpu.yaml`: Qwen2.5-VL-3B's widths, random init,
