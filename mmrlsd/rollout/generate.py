@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -338,7 +338,7 @@ def lean_decode(
     from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     if graph and synced:
-        raise ValueError("lean_decode: graph=True needs one process (a CUDA graph cannot hold FSDP's collectives)")
+        raise ValueError("lean_decode: graph=True needs one process (a graph cannot hold FSDP's collectives)")
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     n, L = ids.shape
     device = ids.device
@@ -507,10 +507,15 @@ def generate(
             if lean:
                 cache = prefill.pop(_cache_kwarg(model)) if share else None
                 deltas = model.model.rope_deltas if share else None
-                new = lean_decode(model, inputs, cache=cache, deltas=deltas, procs=list(procs),
-                                  suppress=kwargs["suppress_tokens"], eos=eos, pad=pad,
-                                  max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"], compact=compact,
-                                  graph=graph)  # fmt: skip
+                # the graph step's weights cast once per rollout under autocast (not under FSDP: its gathered
+                # parameters would all be kept)
+                cast_once = graph and not graph_step.sharded(model)
+                casts = graph_step.cached_casts(device) if cast_once else nullcontext()
+                with casts:
+                    new = lean_decode(model, inputs, cache=cache, deltas=deltas, procs=list(procs),
+                                      suppress=kwargs["suppress_tokens"], eos=eos, pad=pad,
+                                      max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"], compact=compact,
+                                      graph=graph)  # fmt: skip
                 pieces.append(new.cpu())
             else:
                 out = model.generate(**inputs, logits_processor=procs, **kwargs)

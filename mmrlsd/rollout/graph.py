@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import cuda
@@ -63,8 +64,11 @@ def _static_kv():
     class StaticKV(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
             idx = self.pos + torch.arange(key_states.shape[-2], device=self.pos.device)  # (t,)
-            self.keys.index_copy_(2, idx, key_states)
-            self.values.index_copy_(2, idx, value_states)
+            # in the buffers' dtype: under autocast a new token's keys or values can come in another dtype than
+            # the prompt's (transformers 5.17: bf16 values after float32 ones), and the lean loop's concatenation
+            # promotes them the same way
+            self.keys.index_copy_(2, idx, key_states.to(self.keys.dtype))
+            self.values.index_copy_(2, idx, value_states.to(self.values.dtype))
             return self.keys, self.values
 
         def get_seq_length(self) -> int:
@@ -95,19 +99,45 @@ def static_cache(cache, length: int, pos: torch.Tensor) -> bool:
     return True
 
 
+def sharded(model) -> bool:
+    """Whether FSDP shards `model` (or one of its modules)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
 def unsupported(model, cache) -> str | None:
     """Why `GraphStep` cannot run `model` over `cache` (None: it can)."""
-    from torch.distributed.fsdp import FSDPModule
     from transformers.cache_utils import DynamicLayer
 
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "sdpa":
         return f"attention implementation {impl!r} (the static step builds an sdpa mask)"
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+    if sharded(model):
         return "an FSDP-sharded model (its hooks gather and free the parameters around every forward)"
     if not all(type(layer) is DynamicLayer for layer in cache.layers):
         return "a KV-cache layer other than DynamicLayer"
     return None
+
+
+@contextmanager
+def cached_casts(device: torch.device):
+    """Inside the block, under autocast (float32 master weights with bf16 compute: the training default), each
+    weight is cast to the compute dtype once and the copy reused, not cast at every forward; the cache is cleared
+    on exit. For a rollout, whose weights do not change: a captured decode step otherwise records every weight's
+    cast and replays it at every token (for the 3B shape ~22 GB of memory traffic per token, against 7.5 GB for
+    the bf16 weights themselves); the copies take the compute dtype's size of the weights until the rollout
+    ends. Training keeps the cache off (`mmrlsd.model.load.compute_autocast`), since weights change between its
+    optimizer steps. A no-op without autocast. The same casts, so the same numbers."""
+    kind = torch.device(device).type
+    if not torch.is_autocast_enabled(kind):
+        yield
+        return
+    try:
+        with torch.autocast(kind, dtype=torch.get_autocast_dtype(kind), cache_enabled=True):
+            yield
+    finally:  # an inner autocast leaves the cache to the outer one's exit: clear it here
+        torch.clear_autocast_cache()
 
 
 class GraphStep:

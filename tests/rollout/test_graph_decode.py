@@ -267,3 +267,43 @@ def test_graph_falls_back_to_lean_on_an_fsdp_model(tiny_model, steps):
         td.destroy_process_group()
     assert not steps
     _assert_same(new, ref)
+
+
+def test_graph_casts_each_weight_once_per_rollout_under_autocast(tiny_model, monkeypatch, steps):
+    """Under bf16 autocast with its weight cache off (float32 master weights, as training runs a step), the graph
+    rollout casts each float32 weight once (`cached_casts`), where the lean loop casts it at every forward; the
+    same casts, so the scores match the lean loop's as in float32. The cache is cleared afterwards."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    model, proc = load_model(str(tiny_model("qwen2_5_vl")))
+    enc = _encoding(proc, images=False)
+    weights = {p.data_ptr() for p in model.parameters()}
+
+    class CountCasts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in weights:
+                self.n += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = {}
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        with CountCasts() as c, torch.no_grad():  # the weights one forward of the language model casts
+            model(input_ids=enc["input_ids"][:1], attention_mask=enc["attention_mask"][:1])
+        one = c.n
+        for decode in ("lean", "graph"):
+            steps.clear()
+            with CountCasts() as c:
+                r, lp = _run(model, proc, enc, monkeypatch, decode=decode, compact=False, seed=4, max_new_tokens=10,
+                             temperature=1.0)  # fmt: skip
+            counts[decode] = (c.n, r, lp)
+        assert not torch.is_autocast_cache_enabled()  # the caller's setting is back
+    (lean_n, ref, ref_lp), (graph_n, new, new_lp) = counts["lean"], counts["graph"]
+    assert one > 10 and lean_n >= 10 * one  # every forward casts every weight
+    assert graph_n == 2 * one  # the shared prefill's forward, then once for the whole decode
+    _assert_same(new, ref)
+    for a, b in zip(new_lp, ref_lp):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
