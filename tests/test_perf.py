@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_committed_configs_load():
-    for name, extra in (("cpu", {"rlsd_generate"}), ("gpu", set())):
+    for name, extra in (("cpu", {"rlsd_generate"}), ("gpu", {"rlsd_tower_loop"})):
         cfg = load_perf_config(resolve_config(name))
         assert set(cfg.variants) == {"naive", "grpo", "rlsd", "trl"} | extra
     assert load_perf_config(resolve_config("gpu")).shape == "qwen2_5_vl_3b"
@@ -60,7 +60,7 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     from mmrlsd.experiments.perf import run
 
     monkeypatch.chdir(tmp_path)  # TRL writes into the working directory
-    variants = ["naive", "grpo", "rlsd", "rlsd_generate"]
+    variants = ["naive", "grpo", "rlsd", "rlsd_generate", "rlsd_tower_loop"]
     try:
         import trl  # noqa: F401
 
@@ -93,6 +93,9 @@ def test_tiny_end_to_end(tmp_path, monkeypatch):
     lean, old = saved["variants"]["rlsd"], saved["variants"]["rlsd_generate"]
     assert lean["response_len_mean"] == old["response_len_mean"] > 0
     assert saved["lean_rollout_speedup"] > 0 and lean["rollout_tokens_per_s"] > 0
+    # the vision tower's windows batched or one by one: the same numbers, so the same responses
+    assert saved["variants"]["rlsd_tower_loop"]["response_len_mean"] == lean["response_len_mean"]
+    assert saved["vision_windows_step_speedup"] > 0
 
 
 def test_fast_step_forms_the_same_delta(tiny_model, tiny_records):

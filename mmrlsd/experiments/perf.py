@@ -7,6 +7,8 @@
     rlsd   the same fast path running RLSD (λ = 0.5, a frozen teacher snapshot, its own teacher prompt)
     rlsd_generate  `rlsd` with the rollout's decode loop in Hugging Face `generate` (`rollout.hf_decode:
            generate`) instead of the lean loop: the same samples, so the rollout time of the two compares the loops
+    rlsd_tower_loop  `rlsd` with the vision tower's attention run window by window, transformers' own loop
+           (`model.vision_windows: false`): the same numbers, so the two compare the batched windows
     trl    TRL's GRPOTrainer on the same model, prompts, images, G, response length, micro-batch size and
            sampling (β = 0, DAPO token mean, clip 0.2/0.28: the same loss)
 
@@ -43,7 +45,7 @@ from mmrlsd.model.tiny import ARCHS, TinySize
 from mmrlsd.reward.rewards import REWARDS, RewardResult, register_reward
 from mmrlsd.types import Sample
 
-VARIANTS = ("naive", "grpo", "rlsd", "rlsd_generate", "trl")
+VARIANTS = ("naive", "grpo", "rlsd", "rlsd_generate", "rlsd_tower_loop", "trl")
 PHASES = ("rollout", "reward", "old_logp", "teacher", "update")
 
 
@@ -192,7 +194,7 @@ if "perf_chars" not in REWARDS:
 def mmrlsd_config(pc: PerfConfig, variant: str):
     """The training config of an mmrlsd variant (`naive` = every fast-path switch off)."""
     fast = variant != "naive"
-    decode = pc.hf_decode if variant in ("grpo", "rlsd") else "generate"
+    decode = pc.hf_decode if variant in ("grpo", "rlsd", "rlsd_tower_loop") else "generate"
     o = {
         "model.path": "<in memory>", "data.train_files": "[<in memory>]", "reward.name": "perf_chars",
         "rollout.n": pc.group_size, "rollout.batch_size": pc.batch_size, "rollout.max_new_tokens": pc.max_new_tokens,
@@ -202,7 +204,7 @@ def mmrlsd_config(pc: PerfConfig, variant: str):
         # the fast path (`naive`: all off)
         "model.packing": fast and pc.packing, "model.share_vision": fast and pc.share_vision,
         "model.share_prefix": fast and pc.share_prefix, "model.logprob_chunk": pc.logprob_chunk if fast else 0,
-        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode, "model.vision_windows": fast,
+        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode, "model.vision_windows": fast and variant != "rlsd_tower_loop",
         "model.packed_attention": pc.packed_attention,
         "optim.token_budget": pc.token_budget if fast else 0,
     }  # fmt: skip
@@ -512,6 +514,7 @@ def summarise(pc: PerfConfig, records: dict, errors: dict, device, model, load_b
         "grpo_speedup_vs_trl": ratio("trl", "grpo"),
         "speedup_vs_naive": ratio("naive", "rlsd"),
         "lean_step_speedup": ratio("rlsd_generate", "rlsd"),
+        "vision_windows_step_speedup": ratio("rlsd_tower_loop", "rlsd"),
         "lean_rollout_speedup": (
             variants["rlsd_generate"]["phases"]["rollout"] / variants["rlsd"]["phases"]["rollout"]
             if "rlsd" in variants and "rlsd_generate" in variants and variants["rlsd"]["phases"].get("rollout")
@@ -575,6 +578,7 @@ def table(result: dict) -> str:
         "speedup_vs_naive",
         "lean_step_speedup",
         "lean_rollout_speedup",
+        "vision_windows_step_speedup",
     ):
         if result.get(k) is not None:
             lines.append(f"{k}: {result[k]:.3f}")
