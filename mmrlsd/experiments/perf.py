@@ -1,4 +1,4 @@
-"""The speed benchmark: one process, one model, one batch, four ways to run an RL step.
+"""The speed benchmark: one process, one model, one batch, several ways to run an RL step.
 
     naive  mmrlsd's plain Hugging Face path: padded batches, full-vocabulary fp32 logits, the vision tower run
            for every response, an old-log-prob pass, the teacher pass, then the update (RLSD)
