@@ -354,7 +354,7 @@ def lean_decode(
         position_ids, deltas = prompt_positions(model, ids, mask, extra)  # (4, n, L)
         cur = ids
     else:
-        position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, n, 1)
+        position_ids = graph_step.decode_position_ids(text_pos, deltas)  # (4, n, 1)
         cur, extra = ids[:, -1:], {}
     deltas = deltas.to(device)
     suppress_t = torch.tensor(suppress, dtype=torch.long, device=device)
@@ -381,7 +381,7 @@ def lean_decode(
         forwards += 1
         extra = {}
         text_pos = text_pos + 1
-        position_ids = torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])  # (4, m, 1)
+        position_ids = graph_step.decode_position_ids(text_pos, deltas)  # (4, m, 1)
         if forwards == 1:
             why = graph_step.unsupported(model, cache) if graph else None
             if why:

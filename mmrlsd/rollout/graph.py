@@ -77,15 +77,25 @@ def _static_kv():
     return StaticKV
 
 
-def static_cache(cache, length: int, pos: torch.Tensor) -> bool:
-    """Replace every layer of the `DynamicCache` `cache` by a `StaticKV` with room for `length` positions, holding
-    the layer's keys and values in its first positions and writing at `pos` (a one-element device tensor shared by
-    all layers, advanced by the caller). False (and `cache` unchanged) when a layer is not a plain
-    `DynamicLayer` (sliding window, quantised, offloaded)."""
+def decode_position_ids(text_pos: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    """The position ids of one decoded token per row, `(4, n, 1)`: the text position `text_pos` `(n, 1)`, then the
+    three mRoPE axes, each the text position plus the row's offset `deltas` `(n, 1)` (as `generate` continues)."""
+    return torch.cat([text_pos[None], (text_pos + deltas)[None].expand(3, -1, -1)])
+
+
+def _plain_layers(cache) -> bool:
+    """Every layer of `cache` a filled plain `DynamicLayer` (not sliding window, quantised or offloaded)."""
     from transformers.cache_utils import DynamicLayer
 
-    if not all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers):
-        return False
+    return all(type(layer) is DynamicLayer and layer.is_initialized for layer in cache.layers)
+
+
+def static_cache(cache, length: int, pos: torch.Tensor) -> None:
+    """Replace every layer of the `DynamicCache` `cache` by a `StaticKV` with room for `length` positions, holding
+    the layer's keys and values in its first positions and writing at `pos` (a one-element device tensor shared by
+    all layers, advanced by the caller). Only plain `DynamicLayer`s can be converted (`unsupported` says so)."""
+    if not _plain_layers(cache):
+        raise ValueError("static_cache: the KV cache has layers other than filled DynamicLayers")
     for i, layer in enumerate(cache.layers):
         k, v = layer.keys, layer.values  # (n, heads, written, head_dim)
         new = _static_kv()()
@@ -96,7 +106,6 @@ def static_cache(cache, length: int, pos: torch.Tensor) -> bool:
         new.pos = pos
         new.device, new.dtype, new.is_initialized = k.device, k.dtype, True
         cache.layers[i] = new
-    return True
 
 
 def sharded(model) -> bool:
@@ -108,14 +117,12 @@ def sharded(model) -> bool:
 
 def unsupported(model, cache) -> str | None:
     """Why `GraphStep` cannot run `model` over `cache` (None: it can)."""
-    from transformers.cache_utils import DynamicLayer
-
     impl = getattr(model.config, "_attn_implementation", None)
     if impl != "sdpa":
         return f"attention implementation {impl!r} (the static step builds an sdpa mask)"
     if sharded(model):
         return "an FSDP-sharded model (its hooks gather and free the parameters around every forward)"
-    if not all(type(layer) is DynamicLayer for layer in cache.layers):
+    if not _plain_layers(cache):
         return "a KV-cache layer other than DynamicLayer"
     return None
 
@@ -160,8 +167,7 @@ class GraphStep:
         length = written + room
         device = mask.device
         self.pos = torch.full((1,), written, dtype=torch.long, device=device)
-        if not static_cache(cache, length, self.pos):
-            raise ValueError("GraphStep: the KV cache has layers other than DynamicLayer")
+        static_cache(cache, length, self.pos)
         self.model, self.cache, self.cache_kwarg = model, cache, cache_kwarg
         self.valid = mask[:, :length].bool()  # (n, length)
         self.arange = torch.arange(length, device=device)
@@ -172,7 +178,7 @@ class GraphStep:
 
     def _forward(self) -> torch.Tensor:
         allowed = self.valid & (self.arange <= self.pos)  # (n, length): the prompt and the response so far
-        position_ids = torch.cat([self.text_pos[None], (self.text_pos + self.deltas)[None].expand(3, -1, -1)])
+        position_ids = decode_position_ids(self.text_pos, self.deltas)
         with route_attention(self.model, register_attention(DECODE_SDPA, decode_sdpa_forward)):
             out = self.model(input_ids=self.cur, attention_mask=allowed[:, None, None, :],
                              position_ids=position_ids, use_cache=True, logits_to_keep=1,

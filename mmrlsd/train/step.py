@@ -61,7 +61,7 @@ class StepContext:
         if self.engine is None:
             self.engine = HFEngine(self.policy, self.processor)
         if self.cfg.model.vision_windows:
-            for model in {id(self.policy): self.policy, id(self.teacher): self.teacher}.values():
+            for model in (self.policy, self.teacher):  # the same model twice when the teacher is the policy
                 batch_vision_windows(model)
 
 
