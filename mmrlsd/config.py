@@ -148,6 +148,11 @@ class RolloutConfig:
     CPU it gains nothing) | generate (Hugging Face `generate`). lean and generate sample the same ids; a
     checkpoint whose generation config adds logits processors of its own (e.g. repetition_penalty) always uses
     generate."""
+    cascade_attention: bool = True
+    """HF rollout with the shared prefill and the lean or graph loop: each prompt's keys and values stay in the KV
+    cache once (not copied to its G samples), and each decode step attends to them for the G samples in one matrix
+    multiply plus to each sample's own tokens (cascade attention). Reads G times fewer prompt key/value bytes per
+    step and holds G times less prompt cache; the same ids up to float near-ties (false: the exact lean loop)."""
     val_temperature: float = 0.7
     """Temperature of `val/sample_accuracy` samples (the paper's validation used 0.7)."""
     val_n: int = 1

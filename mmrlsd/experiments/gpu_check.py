@@ -250,11 +250,12 @@ def time_limit(seconds: float | None, part: str):
 
 def check_rollout(pc: PerfConfig, device: torch.device, out_dir: Path) -> dict:
     """Part 4: `rollout_ab` with one call per setting (it also writes its own `*-rollout-ab.json`). On a GPU the
-    settings that differ there (generate, lean, graph) and no breakdown (host timers say little about a graph)."""
+    settings that differ there (generate, lean, graph, graph with cascade attention: the default) and no breakdown
+    (host timers say little about a graph)."""
     from mmrlsd.experiments.perf import rollout_ab
 
     cuda = device.type == "cuda"
-    settings = ("generate", "lean", "graph") if cuda else None
+    settings = ("generate", "lean", "graph", "graph_cascade") if cuda else None
     result, _ = rollout_ab(pc, 1, out_dir, settings=settings, breakdown=not cuda)
     return {k: v for k, v in result.items() if k not in ("date", "device")}
 

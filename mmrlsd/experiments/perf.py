@@ -83,6 +83,8 @@ class PerfConfig(TinySize):
     """Rollout: each prompt's prefill once for its G samples (`rollout.share_prefill`)."""
     hf_decode: str = "lean"
     """Rollout decode loop of `grpo`/`rlsd` (`rollout.hf_decode`; `naive` and `rlsd_generate` use generate)."""
+    cascade_attention: bool = True
+    """Rollout of `grpo`/`rlsd`: cascade attention over the shared prefill (`rollout.cascade_attention`)."""
     token_budget: int = 2048
     logprob_chunk: int = 1024
     packed_attention: str = "auto"
@@ -204,7 +206,9 @@ def mmrlsd_config(pc: PerfConfig, variant: str):
         # the fast path (`naive`: all off)
         "model.packing": fast and pc.packing, "model.share_vision": fast and pc.share_vision,
         "model.share_prefix": fast and pc.share_prefix, "model.logprob_chunk": pc.logprob_chunk if fast else 0,
-        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode, "model.vision_windows": fast and variant != "rlsd_tower_loop",
+        "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode,
+        "rollout.cascade_attention": fast and pc.cascade_attention,
+        "model.vision_windows": fast and variant != "rlsd_tower_loop",
         "model.packed_attention": pc.packed_attention,
         "optim.token_budget": pc.token_budget if fast else 0,
     }  # fmt: skip
@@ -596,8 +600,10 @@ ROLLOUT_SETTINGS = {
     "lean": {"decode": "lean"},
     "lean_keep_rows": {"decode": "lean", "compact": False},
     "graph": {"decode": "graph"},
+    "cascade": {"decode": "lean", "cascade": True},
+    "graph_cascade": {"decode": "graph", "cascade": True},
 }
-ROLLOUT_NEAR = ("graph",)
+ROLLOUT_NEAR = ("graph", "cascade", "graph_cascade")
 
 
 def _agreement(new, ref) -> dict:
@@ -764,6 +770,8 @@ def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path, settings: tuple[str, .
         "drop_rows_speedup": speed("lean_keep_rows", "lean"),
         "graph_over_lean_speed": speed("lean", "graph"),
         "graph_over_generate_speed": speed("generate", "graph"),
+        "cascade_over_lean_speed": speed("lean", "cascade"),
+        "cascade_over_generate_speed": speed("generate", "cascade"),
         "agreement_with_generate": agreement,
         "response_len_mean": float(lengths.mean()),
         "response_len_max": int(lengths.max()),

@@ -47,7 +47,8 @@ class HFEngine:
         return generate(self.policy, self.processor, encoding, group_size=group_size, seed=seed,
                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                         top_k=cfg.top_k, gen_batch_size=cfg.gen_batch_size,
-                        share_prefill=cfg.share_prefill, decode=cfg.hf_decode)  # fmt: skip
+                        share_prefill=cfg.share_prefill, decode=cfg.hf_decode,
+                        cascade=cfg.cascade_attention)  # fmt: skip
 
     def sync_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Nothing to do: this engine samples from the policy module itself."""

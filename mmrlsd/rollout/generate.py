@@ -26,8 +26,10 @@ from tqdm.auto import tqdm
 
 from mmrlsd import dist
 from mmrlsd.data.encoding import chat_text, encode, groups_repeat, select_rows, slice_encoding
+from mmrlsd.model.packing import register_attention, route_attention
 from mmrlsd.model.vision import dummy_vision, tower_is_collective, tower_on_every_rank
 from mmrlsd.rollout import graph as graph_step
+from mmrlsd.rollout.cascade import CASCADE_ATTENTION, SharedPrefix, cascade_attention_forward
 from mmrlsd.types import Rollouts
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
@@ -157,14 +159,18 @@ def prompt_positions(
     return torch.cat([text_pos[None], mrope.to(text_pos.device)]), deltas.to(ids.device)
 
 
-def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
+def shared_prefill(model, chunk: dict, prompt_of_row: list[int], cascade: bool = False) -> dict:
     """Run every token but the last of each distinct prompt of `chunk` (images included) once, and copy the KV cache
     to the rows: the `generate` kwargs under which it computes only the last prompt token and the decode steps.
 
     `prompt_of_row[i]` (0..P-1, non-decreasing) is the distinct prompt row i repeats; prompt p is taken from its
     first row. Positions are the ones `generate` gives the full prompt (text positions from the attention mask,
     mRoPE from `get_rope_index`); the mRoPE offset of each row (`model.model.rope_deltas`, which `generate` reads
-    when it continues from a cache) is repeated to the N rows."""
+    when it continues from a cache) is repeated to the N rows.
+
+    With `cascade`, where every prompt is repeated by as many consecutive rows, the keys and values are not copied:
+    the result holds them once as `mmrlsd_prefix` (`cascade.SharedPrefix`) and an empty KV cache for the rows' own
+    positions, for `lean_decode` with cascade attention."""
     from transformers import DynamicCache
 
     firsts = [prompt_of_row.index(p) for p in range(prompt_of_row[-1] + 1)]
@@ -185,9 +191,12 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int]) -> dict:
             f"shared prefill: the KV cache holds {cache.get_seq_length()} of {ids.shape[1]} tokens"
         )
     rows = torch.tensor(prompt_of_row, device=ids.device)  # (N,)
+    model.model.rope_deltas = deltas.to(ids.device)[rows]  # (N, 1)
+    G = len(prompt_of_row) // len(firsts)
+    if cascade and prompt_of_row == [r // G for r in range(len(prompt_of_row))]:
+        return {name: DynamicCache(config=model.config), "mmrlsd_prefix": SharedPrefix(cache, mask, G)}
     # (P, ...) -> (N, ...): row i gets the keys and values of prompt prompt_of_row[i]
     cache.batch_select_indices(rows)
-    model.model.rope_deltas = deltas.to(ids.device)[rows]  # (N, 1)
     return {name: cache}
 
 
@@ -310,6 +319,7 @@ def _compact_size(lin: list, n: int, current: int, active: int, dtype: torch.dty
 def lean_decode(
     model, inputs: dict, *, cache, deltas: torch.Tensor | None, procs: list, suppress: list[int], eos: list[int],
     pad: int, max_new_tokens: int, synced: bool = False, compact: bool = True, graph: bool = False,
+    prefix: SharedPrefix | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """Greedy decoding over processed scores, as `generate(do_sample=False)` runs it, without its per-step overhead.
 
@@ -334,6 +344,10 @@ def lean_decode(
     as a CUDA graph on a GPU (eagerly elsewhere); the scores then equal the lean loop's up to float rounding. Where
     the step cannot run (`graph.unsupported`: an attention other than sdpa, a cache layer other than
     `DynamicLayer`) it warns and the loop decodes as without.
+
+    `prefix` (cascade attention, `mmrlsd.rollout.cascade`): the prompts' prefix keys and values held once
+    (`shared_prefill(cascade=True)`), `cache` then the empty cache of the rows' own positions; every forward
+    attends to both. `compact` then also selects the prefix's rows (`SharedPrefix.select`).
     """
     from transformers import DynamicCache, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -349,6 +363,11 @@ def lean_decode(
     name = _cache_kwarg(model)
     extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     text_pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -1:]  # (n, 1) the last prompt token
+    own = None  # cascade attention: the mask over the rows' own positions (all attended)
+    if prefix is not None:
+        if cache is None:
+            raise ValueError("lean_decode: a shared prefix needs the rows' (empty) KV cache")
+        own = torch.ones((n, 1, 1, 1 + max_new_tokens), dtype=torch.bool, device=device)
     if cache is None:
         cache = DynamicCache(config=model.config)
         position_ids, deltas = prompt_positions(model, ids, mask, extra)  # (4, n, L)
@@ -373,7 +392,12 @@ def lean_decode(
                 break
         elif done_here:
             break
-        if step is None:
+        if step is None and own is not None:
+            with route_attention(model, register_attention(CASCADE_ATTENTION, cascade_attention_forward)):
+                logits = model(input_ids=cur, attention_mask=own[..., : forwards + 1], position_ids=position_ids,
+                               use_cache=True, logits_to_keep=1, mmrlsd_prefix=prefix,
+                               **{name: cache}).logits[:, -1, :]  # fmt: skip
+        elif step is None:
             logits = model(input_ids=cur, attention_mask=full_mask[:, : L + forwards], position_ids=position_ids,
                            use_cache=True, logits_to_keep=1, **{name: cache}, **extra).logits[:, -1, :]  # fmt: skip
         else:
@@ -383,13 +407,13 @@ def lean_decode(
         text_pos = text_pos + 1
         position_ids = graph_step.decode_position_ids(text_pos, deltas)  # (4, m, 1)
         if forwards == 1:
-            why = graph_step.unsupported(model, cache) if graph else None
+            why = graph_step.unsupported(model, cache, cascade=prefix is not None) if graph else None
             if why:
                 warnings.warn(f"hf_decode graph: {why}; decoding with the lean loop", stacklevel=2)
             if graph and not why:
                 step = graph_step.GraphStep(model, cache, name, written=cache.get_seq_length(), room=max_new_tokens,
-                                            mask=full_mask, text_pos=text_pos, deltas=deltas,
-                                            capture=device.type == "cuda")  # fmt: skip
+                                            mask=full_mask if own is None else own[:, 0, 0], text_pos=text_pos,
+                                            deltas=deltas, capture=device.type == "cuda", prefix=prefix)  # fmt: skip
                 compact = False
             else:
                 _reserve(cache, max_new_tokens)
@@ -418,6 +442,8 @@ def lean_decode(
                 cache.batch_select_indices(keep)
                 full_mask, text_pos, deltas = full_mask[keep], text_pos[keep], deltas[keep]
                 position_ids, unfinished, cur = position_ids[:, keep], unfinished[keep], cur[keep]
+                if prefix is not None:
+                    prefix, own = prefix.select(keep), own[keep]
                 procs = [p.select(keep.tolist()) if isinstance(p, RowSeededSampler) else p for p in procs]
     return seq[:, L : L + steps]
 
@@ -427,7 +453,7 @@ def generate(
     model, processor, enc, *, group_size: int, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
     top_k: int = 0, gen_batch_size: int = 0, seed: int | None = None, progress: bool = False,
     row_offset: int | None = None, share_prefill: bool = True, presence_penalty: float = 0.0,
-    decode: str = "lean", compact: bool = True,
+    decode: str = "lean", compact: bool = True, cascade: bool = False,
 ) -> Rollouts:  # fmt: skip
     """Sample responses for the N prompt rows of `enc` (already repeated G times per prompt).
 
@@ -445,6 +471,10 @@ def generate(
     ids up to near-ties; single process only, under FSDP it decodes as `lean`), `generate` (Hugging Face
     `generate`) or `auto` (graph on a GPU, lean elsewhere). A model whose generation config adds logits
     processors of its own (`lean_unsupported`) decodes with `generate` whatever the setting.
+
+    `cascade`: with the shared prefill and the lean or graph loop, the prompts' keys and values stay once per prompt
+    and the decode steps use cascade attention (`mmrlsd.rollout.cascade`: the same ids up to near-ties); ignored
+    elsewhere.
 
     Under FSDP every rank must pass as many rows (so as many `generate` calls): the decode steps are kept in
     step by `synced_gpus`, and a call without images runs the vision tower on a dummy image (in the shared
@@ -492,7 +522,7 @@ def generate(
             inputs = {k: v.to(device) for k, v in slice_encoding(enc, start, stop).items()}
             if share:
                 prompt_of_row = [r // G - start // G for r in range(start, stop)]
-                prefill = shared_prefill(model, inputs, prompt_of_row)
+                prefill = shared_prefill(model, inputs, prompt_of_row, cascade=cascade and lean)
                 inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")} | prefill  # no pixels
             elif "pixel_values" not in inputs and tower_is_collective(model):
                 # the other ranks' `generate` may encode images now, before its prefill
@@ -507,6 +537,7 @@ def generate(
             if lean:
                 cache = prefill.pop(_cache_kwarg(model)) if share else None
                 deltas = model.model.rope_deltas if share else None
+                prefix = prefill.pop("mmrlsd_prefix", None) if share else None
                 # the graph step's weights cast once per rollout under autocast (not under FSDP: its gathered
                 # parameters would all be kept)
                 cast_once = graph and not graph_step.sharded(model)
@@ -515,7 +546,7 @@ def generate(
                     new = lean_decode(model, inputs, cache=cache, deltas=deltas, procs=list(procs),
                                       suppress=kwargs["suppress_tokens"], eos=eos, pad=pad,
                                       max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"], compact=compact,
-                                      graph=graph)  # fmt: skip
+                                      graph=graph, prefix=prefix)  # fmt: skip
                 pieces.append(new.cpu())
             else:
                 out = model.generate(**inputs, logits_processor=procs, **kwargs)

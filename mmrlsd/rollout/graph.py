@@ -31,6 +31,7 @@ import torch
 from torch import cuda
 
 from mmrlsd.model.packing import register_attention, route_attention
+from mmrlsd.rollout.cascade import CASCADE_ATTENTION, cascade_attention_forward
 
 DECODE_SDPA = "mmrlsd_decode_sdpa"
 
@@ -115,10 +116,11 @@ def sharded(model) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
-def unsupported(model, cache) -> str | None:
-    """Why `GraphStep` cannot run `model` over `cache` (None: it can)."""
+def unsupported(model, cache, cascade: bool = False) -> str | None:
+    """Why `GraphStep` cannot run `model` over `cache` (None: it can); with `cascade` the step's attention is cascade
+    attention, whatever the model's own."""
     impl = getattr(model.config, "_attn_implementation", None)
-    if impl != "sdpa":
+    if impl != "sdpa" and not cascade:
         return f"attention implementation {impl!r} (the static step builds an sdpa mask)"
     if sharded(model):
         return "an FSDP-sharded model (its hooks gather and free the parameters around every forward)"
@@ -155,6 +157,8 @@ class GraphStep:
     (`static_cache`) to hold `written + room` positions. `mask`: the rows' attention mask over those positions
     `(n, >= written + room)`, 1 where a prompt token is real and for every response position (left padding 0).
     `text_pos` / `deltas` `(n, 1)`: the text position of the next token and each row's mRoPE offset.
+    `prefix` (cascade attention): the prompts' prefix held once (`cascade.SharedPrefix`); `cache` then holds the
+    rows' own positions only.
 
     With `capture` (CUDA), the first call runs eagerly on a side stream (warming up the kernels and the caching
     allocator), the second records the step into a CUDA graph and replays it, later calls replay it; `captured`
@@ -163,7 +167,7 @@ class GraphStep:
     """
 
     def __init__(self, model, cache, cache_kwarg: str, *, written: int, room: int, mask: torch.Tensor,
-                 text_pos: torch.Tensor, deltas: torch.Tensor, capture: bool):  # fmt: skip
+                 text_pos: torch.Tensor, deltas: torch.Tensor, capture: bool, prefix=None):  # fmt: skip
         length = written + room
         device = mask.device
         self.pos = torch.full((1,), written, dtype=torch.long, device=device)
@@ -175,14 +179,19 @@ class GraphStep:
         self.text_pos, self.deltas = text_pos.clone(), deltas.to(device).clone()
         self.capture, self.captured, self.calls = capture, False, 0
         self.graph, self.logits, self.error = None, None, None
+        if prefix is None:
+            self.attention, self.extra = register_attention(DECODE_SDPA, decode_sdpa_forward), {}
+        else:
+            self.attention = register_attention(CASCADE_ATTENTION, cascade_attention_forward)
+            self.extra = {"mmrlsd_prefix": prefix}
 
     def _forward(self) -> torch.Tensor:
         allowed = self.valid & (self.arange <= self.pos)  # (n, length): the prompt and the response so far
         position_ids = decode_position_ids(self.text_pos, self.deltas)
-        with route_attention(self.model, register_attention(DECODE_SDPA, decode_sdpa_forward)):
+        with route_attention(self.model, self.attention):
             out = self.model(input_ids=self.cur, attention_mask=allowed[:, None, None, :],
                              position_ids=position_ids, use_cache=True, logits_to_keep=1,
-                             **{self.cache_kwarg: self.cache})  # fmt: skip
+                             **{self.cache_kwarg: self.cache}, **self.extra)  # fmt: skip
         self.pos.add_(1)
         self.text_pos.add_(1)
         return out.logits[:, -1, :]

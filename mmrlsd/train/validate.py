@@ -39,7 +39,8 @@ def score_samples(policy, processor, prompts, samples, n_real, first_index, cfg,
         r = generate(policy, processor, enc, group_size=n, max_new_tokens=cfg.rollout.max_new_tokens,
                      temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                      row_offset=(first_index + start) * n, share_prefill=cfg.rollout.share_prefill,
-                     presence_penalty=presence_penalty, decode=cfg.rollout.hf_decode)  # fmt: skip
+                     presence_penalty=presence_penalty, decode=cfg.rollout.hf_decode,
+                     cascade=cfg.rollout.cascade_attention)  # fmt: skip
         res = score_responses(r.texts, [s.answer for s in chunk for _ in range(n)],
                               [s.problem_type for s in chunk for _ in range(n)], name=cfg.reward.name,
                               acc_weight=cfg.reward.acc_weight, format_weight=cfg.reward.format_weight,

@@ -154,3 +154,33 @@ def test_packed_logprobs_on_gpu(kernel, tiny_model):
                        group_size=G)  # fmt: skip
     out, _ = token_logprobs(model, seq, 6, fast=fast)
     torch.testing.assert_close(out[mask], ref[mask], rtol=0, atol=1e-5)
+
+
+def test_varlen_sdpa_reads_grouped_heads_as_repeated():
+    """varlen_sdpa lets sdpa read the shared key/value heads of grouped-query attention as stored: the outputs and
+    the query gradient equal those of repeating the heads first (as transformers does) bit for bit, the key and
+    value gradients to float rounding (the sum over the query heads of a group runs in another order), over a
+    packed row of two segments (a prefix and two responses, then a plain sequence)."""
+    from mmrlsd.model.packing import varlen_sdpa_forward
+
+    gen = torch.Generator().manual_seed(0)
+    heads, kv, d, L = 4, 2, 16, 23
+    segments = [(0, 7, [5, 6]), (1, 5, [])]
+    q, k, v = (torch.randn(1, h, L, d, generator=gen) for h in (heads, kv, kv))
+    grad = torch.randn(1, L, heads, d, generator=gen)
+
+    def run(repeat: bool):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        qq, kk, vv = leaves
+        if repeat:
+            kk, vv = kk.repeat_interleave(heads // kv, 1), vv.repeat_interleave(heads // kv, 1)
+        out, _ = varlen_sdpa_forward(None, qq, kk, vv, None, mmrlsd_segments=segments)
+        out.backward(grad)
+        return out, [x.grad for x in leaves]
+
+    (out, grads), (ref, ref_grads) = run(False), run(True)
+    assert out.shape == (1, L, heads, d) and torch.equal(out, ref)
+    assert torch.equal(grads[0], ref_grads[0])
+    for a, b in zip(grads[1:], ref_grads[1:]):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-6)
+        assert a.abs().max() > 0.1
