@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from mmrlsd.experiments.gpu_check import main
-from mmrlsd.experiments.perf import ROLLOUT_NEAR
+from mmrlsd.experiments.perf import ROLLOUT_NEAR, ROLLOUT_SETTINGS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_reduced_gpu_check_on_cpu_with_torch_and_transformers_only(tmp_path):
     # (bf16 parameters would keep most of them: one bf16 ulp at these weights' scale is ~1e-4)
     assert t["moved_fraction"] > 0.9
     rollout = result["rollout"]  # generate and the lean loop sampled the same ids (it raises otherwise)
-    assert set(rollout["settings"]) == {"generate", "lean", "lean_keep_rows", "graph", "cascade", "graph_cascade"}
+    assert set(rollout["settings"]) == set(ROLLOUT_SETTINGS)
     assert rollout["lean_over_generate_speed"] > 0 and rollout["lean_breakdown"]["decode_forwards"] > 0
     # the static step and cascade attention on a CPU, float32: the same ids as generate on every row
     assert all(rollout["agreement_with_generate"][k]["rows_identical"] == 1.0 for k in ROLLOUT_NEAR)

@@ -602,8 +602,9 @@ ROLLOUT_SETTINGS = {
     "graph": {"decode": "graph"},
     "cascade": {"decode": "lean", "cascade": True},
     "graph_cascade": {"decode": "graph", "cascade": True},
+    "compile_cascade": {"decode": "compile", "cascade": True},
 }
-ROLLOUT_NEAR = ("graph", "cascade", "graph_cascade")
+ROLLOUT_NEAR = ("graph", "cascade", "graph_cascade", "compile_cascade")
 
 
 def _agreement(new, ref) -> dict:
@@ -772,6 +773,7 @@ def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path, settings: tuple[str, .
         "graph_over_generate_speed": speed("generate", "graph"),
         "cascade_over_lean_speed": speed("lean", "cascade"),
         "cascade_over_generate_speed": speed("generate", "cascade"),
+        "compile_cascade_over_generate_speed": speed("generate", "compile_cascade"),
         "agreement_with_generate": agreement,
         "response_len_mean": float(lengths.mean()),
         "response_len_max": int(lengths.max()),

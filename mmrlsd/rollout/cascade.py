@@ -50,6 +50,19 @@ class SharedPrefix:
         self.bias = bias.masked_fill(mask == 0, -float("inf"))[:, None, None, :]  # (P, 1, 1, prefix)
         self.rows: torch.Tensor | None = None
 
+    def padded(self, multiple: int) -> SharedPrefix:
+        """This prefix with its length rounded up to a multiple of `multiple`: zero keys and values, not attended
+        (so a compiled step sees few distinct shapes)."""
+        extra = -self.keys[0].shape[2] % multiple
+        if not extra:
+            return self
+        out = copy.copy(self)
+        pad = (0, 0, 0, extra)  # (..., prefix, d): after the prefix positions
+        out.keys = [torch.nn.functional.pad(k, pad) for k in self.keys]
+        out.values = [torch.nn.functional.pad(v, pad) for v in self.values]
+        out.bias = torch.nn.functional.pad(self.bias, (0, extra), value=-float("inf"))
+        return out
+
     def select(self, keep: torch.Tensor) -> SharedPrefix:
         """The prefix of the batch's rows `keep` (positions in the current batch), sharing the keys and values."""
         out = copy.copy(self)

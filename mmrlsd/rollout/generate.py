@@ -200,7 +200,7 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int], cascade: bool =
     return {name: cache}
 
 
-DECODES = ("auto", "lean", "graph", "generate")
+DECODES = ("auto", "lean", "graph", "compile", "generate")
 
 # Generation-config settings under which `generate` adds logits processors of its own; the lean loop does not
 # reproduce them, so a model whose generation config sets one (e.g. a checkpoint's `repetition_penalty: 1.05`)
@@ -319,7 +319,7 @@ def _compact_size(lin: list, n: int, current: int, active: int, dtype: torch.dty
 def lean_decode(
     model, inputs: dict, *, cache, deltas: torch.Tensor | None, procs: list, suppress: list[int], eos: list[int],
     pad: int, max_new_tokens: int, synced: bool = False, compact: bool = True, graph: bool = False,
-    prefix: SharedPrefix | None = None,
+    prefix: SharedPrefix | None = None, compile: bool = False,
 ) -> torch.Tensor:  # fmt: skip
     """Greedy decoding over processed scores, as `generate(do_sample=False)` runs it, without its per-step overhead.
 
@@ -343,7 +343,8 @@ def lean_decode(
     `graph` (one process, so not with `synced`): the forwards after the first run as a `GraphStep` over a static KV cache, replayed
     as a CUDA graph on a GPU (eagerly elsewhere); the scores then equal the lean loop's up to float rounding. Where
     the step cannot run (`graph.unsupported`: an attention other than sdpa, a cache layer other than
-    `DynamicLayer`) it warns and the loop decodes as without.
+    `DynamicLayer`) it warns and the loop decodes as without. With `compile` the step runs compiled by
+    `torch.compile` instead (`GraphStep`), on any device.
 
     `prefix` (cascade attention, `mmrlsd.rollout.cascade`): the prompts' prefix keys and values held once
     (`shared_prefill(cascade=True)`), `cache` then the empty cache of the rows' own positions; every forward
@@ -413,7 +414,8 @@ def lean_decode(
             if graph and not why:
                 step = graph_step.GraphStep(model, cache, name, written=cache.get_seq_length(), room=max_new_tokens,
                                             mask=full_mask if own is None else own[:, 0, 0], text_pos=text_pos,
-                                            deltas=deltas, capture=device.type == "cuda", prefix=prefix)  # fmt: skip
+                                            deltas=deltas, capture=device.type == "cuda" and not compile,
+                                            prefix=prefix, compile=compile)  # fmt: skip
                 compact = False
             else:
                 _reserve(cache, max_new_tokens)
@@ -469,7 +471,9 @@ def generate(
     `decode`: `lean` (`lean_decode`: a plain loop of forwards over the KV cache, the same ids as `generate`),
     `graph` (the lean loop with its decode step replayed as a CUDA graph on a GPU, `mmrlsd.rollout.graph`: the same
     ids up to near-ties; single process only, under FSDP it decodes as `lean`), `generate` (Hugging Face
-    `generate`) or `auto` (graph on a GPU, lean elsewhere). A model whose generation config adds logits
+    `generate`), `compile` (the graph loop's static step compiled by `torch.compile` instead of captured: on a CPU
+    the fast setting, after seconds of compiling per process and cache length) or `auto` (graph on a GPU, lean
+    elsewhere). A model whose generation config adds logits
     processors of its own (`lean_unsupported`) decodes with `generate` whatever the setting.
 
     `cascade`: with the shared prefill and the lean or graph loop, the prompts' keys and values stay once per prompt
@@ -509,9 +513,9 @@ def generate(
     # Under FSDP without the shared prefill, `generate` encodes a rank's images before its first forward, outside
     # the root's hooks, where the text-only ranks run `dummy_vision`; the lean loop would encode them inside its
     # first forward, after the root's all-gather, and the ranks' collectives would no longer pair up.
-    lean = decode in ("lean", "graph") and not lean_unsupported(model) and (share or not dist.enabled())
+    lean = decode in ("lean", "graph", "compile") and not lean_unsupported(model) and (share or not dist.enabled())
     # a CUDA graph cannot hold FSDP's collectives: under FSDP the graph setting decodes with the lean loop
-    graph = lean and decode == "graph" and not dist.enabled()
+    graph = lean and decode in ("graph", "compile") and not dist.enabled()
     chunk = gen_batch_size or n
     if share and chunk >= G:
         chunk -= chunk % G  # whole groups: each prompt's prefix is computed once
@@ -546,7 +550,7 @@ def generate(
                     new = lean_decode(model, inputs, cache=cache, deltas=deltas, procs=list(procs),
                                       suppress=kwargs["suppress_tokens"], eos=eos, pad=pad,
                                       max_new_tokens=max_new_tokens, synced=kwargs["synced_gpus"], compact=compact,
-                                      graph=graph, prefix=prefix)  # fmt: skip
+                                      graph=graph, prefix=prefix, compile=decode == "compile")  # fmt: skip
                 pieces.append(new.cpu())
             else:
                 out = model.generate(**inputs, logits_processor=procs, **kwargs)

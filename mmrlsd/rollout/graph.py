@@ -149,6 +149,16 @@ def cached_casts(device: torch.device):
         torch.clear_autocast_cache()
 
 
+BUCKET = 64  # `compile`: static lengths rounded up to a multiple of this, so few lengths compile
+
+
+@functools.cache
+def _compiled_forward():
+    """`GraphStep._forward` compiled by `torch.compile` (inductor), once per process; it recompiles for new shapes
+    (rows, cache length), which `BUCKET` keeps few."""
+    return torch.compile(GraphStep._forward, dynamic=False)
+
+
 class GraphStep:
     """One decode forward of `model` for `n` rows at fixed shapes; called with the rows' new tokens `(n, 1)`, it
     returns the last position's logits `(n, V)` (overwritten by the next call when captured).
@@ -163,12 +173,24 @@ class GraphStep:
     With `capture` (CUDA), the first call runs eagerly on a side stream (warming up the kernels and the caching
     allocator), the second records the step into a CUDA graph and replays it, later calls replay it; `captured`
     says whether that happened. A step that cannot be recorded warns, keeps the reason in `error` and runs
-    eagerly from then on. Without `capture`, every call runs the step eagerly.
+    eagerly from then on. With `compile` (and no `capture`), the step runs compiled by `torch.compile`
+    (`rollout.hf_decode: compile`; on a CPU inductor fuses the element-wise ops between the matrix multiplies into
+    C++ kernels and drops Python's per-op overhead): the cache (or with `prefix`, the prefix) holds a multiple of
+    `BUCKET` positions, so prompts of similar length share one compilation; a step that cannot be compiled warns, keeps the reason in `error` and
+    runs eagerly. Otherwise every call runs the step eagerly.
     """
 
     def __init__(self, model, cache, cache_kwarg: str, *, written: int, room: int, mask: torch.Tensor,
-                 text_pos: torch.Tensor, deltas: torch.Tensor, capture: bool, prefix=None):  # fmt: skip
+                 text_pos: torch.Tensor, deltas: torch.Tensor, capture: bool, prefix=None,
+                 compile: bool = False):  # fmt: skip
         length = written + room
+        compile = compile and not capture
+        if compile and prefix is not None:  # the prefix's length varies with the prompts: pad it (masked)
+            prefix = prefix.padded(BUCKET)
+        elif compile:  # the cache's length varies with the prompts: round it up (the positions past
+            length = -(-length // BUCKET) * BUCKET  # written + room are never attended)
+            if mask.shape[1] < length:
+                mask = torch.nn.functional.pad(mask, (0, length - mask.shape[1]), value=1)
         device = mask.device
         self.pos = torch.full((1,), written, dtype=torch.long, device=device)
         static_cache(cache, length, self.pos)
@@ -178,6 +200,7 @@ class GraphStep:
         self.cur = torch.zeros(mask.shape[0], 1, dtype=torch.long, device=device)
         self.text_pos, self.deltas = text_pos.clone(), deltas.to(device).clone()
         self.capture, self.captured, self.calls = capture, False, 0
+        self.compile = compile
         self.graph, self.logits, self.error = None, None, None
         if prefix is None:
             self.attention, self.extra = register_attention(DECODE_SDPA, decode_sdpa_forward), {}
@@ -199,6 +222,15 @@ class GraphStep:
     def __call__(self, cur: torch.Tensor) -> torch.Tensor:
         self.cur.copy_(cur)
         self.calls += 1
+        if self.compile:
+            try:
+                return _compiled_forward()(self)
+            except Exception as e:  # inductor failed (no C++ compiler, an op it cannot lower): decode eagerly
+                if self.calls > 1:  # compiled before: a real error of the step, not of compiling it
+                    raise
+                self.compile, self.error = False, f"{type(e).__name__}: {e}"
+                warnings.warn(f"hf_decode compile: compiling the decode step failed ({self.error}); decoding "
+                              "eagerly over the static cache", stacklevel=3)  # fmt: skip
         if not self.capture:
             return self._forward()
         if self.calls == 1:  # warm-up: a real step, run eagerly off the default stream as capture requires

@@ -307,3 +307,41 @@ def test_graph_casts_each_weight_once_per_rollout_under_autocast(tiny_model, mon
     _assert_same(new, ref)
     for a, b in zip(new_lp, ref_lp):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "copies"])
+def test_compiled_step_samples_as_lean(cascade, tiny_model, monkeypatch, steps):
+    """`hf_decode: compile` on a CPU: the static step compiled by inductor (its cache, or the cascade prefix,
+    rounded up to `BUCKET` positions) samples the lean loop's ids with log-probs within 1e-5, without falling back
+    to eager."""
+    model, proc = load_model(str(tiny_model("qwen2_5_vl")))
+    enc = _encoding(proc, images=True)
+    kw = dict(seed=5, max_new_tokens=12, temperature=1.0)
+    ref, ref_lp = _run(model, proc, enc, monkeypatch, decode="lean", compact=False, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new, new_lp = _run(model, proc, enc, monkeypatch, decode="compile", cascade=cascade, **kw)
+    assert len(steps) == 1 and steps[0].compile and steps[0].error is None
+    assert steps[0].cache.layers[0].keys.shape[2] % graph.BUCKET == 0 or cascade
+    _assert_same(new, ref)
+    for step, (a, b) in enumerate(zip(new_lp, ref_lp)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {step}")
+
+
+def test_compile_failure_decodes_eagerly(tiny_model, monkeypatch, steps):
+    """A step inductor cannot compile (here: a compiler that raises): a warning, the reason kept, and the same
+    samples from the eager static step."""
+    model, proc = load_model(str(tiny_model("qwen2_5_vl")))
+    enc = _encoding(proc, images=False)
+    kw = dict(group_size=G, max_new_tokens=8, seed=0)
+
+    def broken(step):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(graph, "_compiled_forward", lambda: broken)
+    ref = gen.generate(model, proc, enc, decode="graph", **kw)
+    steps.clear()
+    with pytest.warns(UserWarning, match="hf_decode compile: compiling the decode step failed"):
+        new = gen.generate(model, proc, enc, decode="compile", **kw)
+    assert not steps[0].compile and "no C++ compiler" in steps[0].error
+    _assert_same(new, ref)

@@ -131,7 +131,8 @@ def test_hf_decode_config_choices():
     assert load_config(None, base + ["rollout.hf_decode=lean"]).rollout.hf_decode == "lean"
     assert load_config(None, base + ["rollout.hf_decode=generate"]).rollout.hf_decode == "generate"
     assert load_config(None, base + ["rollout.hf_decode=graph"]).rollout.hf_decode == "graph"
-    with pytest.raises(ConfigError, match="rollout.hf_decode.*auto, lean, graph, generate"):
+    assert load_config(None, base + ["rollout.hf_decode=compile"]).rollout.hf_decode == "compile"
+    with pytest.raises(ConfigError, match="rollout.hf_decode.*auto, lean, graph, compile, generate"):
         load_config(None, base + ["rollout.hf_decode=fast"])
 
 
