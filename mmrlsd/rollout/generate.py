@@ -3,7 +3,10 @@
 Decoding (`rollout.hf_decode`): `lean` (default, `lean_decode`) runs the forwards itself over a KV cache with room
 for the whole response, applying the same logits processors and sampler as `generate`, so the samples are
 identical; on a CPU with one thread it also drops finished rows from the batch where the matrix-multiply kernels
-give every row the same bits in the smaller batch (probed at run time). `generate` calls Hugging Face `generate`.
+give every row the same bits in the smaller batch (probed at run time). `graph` and `compile` run the same loop
+with its decode step at static shapes, replayed as a CUDA graph or compiled (`mmrlsd.rollout.graph`); with the
+shared prefill, cascade attention keeps each prompt's keys and values once (`mmrlsd.rollout.cascade`); those three
+sample the same ids up to float near-ties. `generate` calls Hugging Face `generate`.
 
 Sampled responses could otherwise contain the image placeholder token, which breaks the next forward pass (the
 processor counts placeholders against the image grid), so every vision special token is suppressed.

@@ -96,25 +96,35 @@ def test_a_wrong_write_position_moves_the_scores(tiny_model, monkeypatch, steps)
         _compare(model, proc, enc, monkeypatch, steps, seed=5, max_new_tokens=8, temperature=1.0)
 
 
+@pytest.mark.parametrize("cascade", [False, True], ids=["copies", "cascade"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_graph_step_runs_without_host_sync(arch, tiny_model):
-    """The step on the meta device (model, cache, mask and positions): a host synchronisation, which a CUDA graph
-    cannot record, would raise there."""
+def test_graph_step_runs_without_host_sync(arch, cascade, tiny_model):
+    """The step on the meta device (model, cache, mask and positions; with cascade attention also the prompts'
+    prefix): a host synchronisation, which a CUDA graph cannot record, would raise there."""
     from transformers import DynamicCache
+
+    from mmrlsd.rollout.cascade import SharedPrefix
 
     model, _ = load_model(str(tiny_model(arch)))
     meta = copy.deepcopy(model).eval().to("meta")
     cfg = model.config.get_text_config()
-    n, written, room = 3, 7, 5
+    n, written, room = 4, 7, 5
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cache = DynamicCache(config=model.config)
-    for i in range(cfg.num_hidden_layers):
-        kv = torch.empty(n, cfg.num_key_value_heads, written, head_dim, device="meta")
-        cache.update(kv, kv.clone(), i)
+
+    def filled(rows: int, length: int):
+        cache = DynamicCache(config=model.config)
+        for i in range(cfg.num_hidden_layers):
+            kv = torch.empty(rows, cfg.num_key_value_heads, length, head_dim, device="meta")
+            cache.update(kv, kv.clone(), i)
+        return cache
+
+    prefix = SharedPrefix(filled(2, 6), torch.ones(2, 6, device="meta"), 2) if cascade else None
+    cache = filled(n, 1 if cascade else written)
+    written = 1 if cascade else written
     zeros = torch.zeros(n, 1, dtype=torch.long, device="meta")
     step = graph.GraphStep(meta, cache, gen._cache_kwarg(meta), written=written, room=room,
                            mask=torch.ones(n, written + room, dtype=torch.long, device="meta"), text_pos=zeros,
-                           deltas=zeros, capture=False)  # fmt: skip
+                           deltas=zeros, capture=False, prefix=prefix)  # fmt: skip
     with torch.no_grad():
         logits = step(zeros)
     assert logits.shape == (n, cfg.vocab_size) and logits.is_meta
