@@ -141,6 +141,7 @@ def test_rollout_ab_tiny(tmp_path, monkeypatch):
     assert path.name.endswith("-cpu-rollout-ab.json") and json.loads(path.read_text()) == result
     assert set(result["settings"]) == set(perf.ROLLOUT_SETTINGS)
     assert all(len(s["calls_s"]) == 1 and s["median_s"] > 0 for s in result["settings"].values())
+    assert set(result["first_call_s"]) == {"compile_cascade"} and result["first_call_s"]["compile_cascade"] > 0
     b = result["lean_breakdown"]
     assert b["decode_forwards"] == len(b["decode_batch_rows"]) >= 1 and b["decode_batch_rows"][0] == 4
     parts = ("decode_linear_s", "decode_attention_s", "decode_layers_other_s", "decode_lm_head_s",

@@ -707,7 +707,8 @@ def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path, settings: tuple[str, .
     in turn `calls` times in this process, the sampled ids asserted equal to generate's first call on every call
     (for the `ROLLOUT_NEAR` settings, and for every setting on a GPU, their agreement recorded instead: on an H200,
     bf16, two calls of `generate` itself sampled different ids); then, with `breakdown`, one more lean call with
-    timers (`_rollout_breakdown`). Writes `<out_dir>/<YYYY-MM-DD>-<cpu|card>-rollout-ab.json`."""
+    timers (`_rollout_breakdown`). A `compile` setting first runs once untimed: its first call of the process
+    compiles for seconds (its time: `first_call_s`). Writes `<out_dir>/<YYYY-MM-DD>-<cpu|card>-rollout-ab.json`."""
     from mmrlsd.data.encoding import encode, repeat_encoding
     from mmrlsd.data.prompts import PromptBuilder
     from mmrlsd.model.load import resolve_device
@@ -734,6 +735,12 @@ def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path, settings: tuple[str, .
     if unknown := [k for k in names if k not in ROLLOUT_SETTINGS]:
         raise ValueError(f"rollout_ab: unknown setting(s) {unknown}; choose from {list(ROLLOUT_SETTINGS)}")
     ref = call(ROLLOUT_SETTINGS["generate"])  # warm-up, and the ids every call must give
+    first_call_s = {}
+    for name in names:
+        if ROLLOUT_SETTINGS[name].get("decode") == "compile":
+            t0 = time.perf_counter()
+            call(ROLLOUT_SETTINGS[name])
+            first_call_s[name] = round(time.perf_counter() - t0, 4)
     times: dict[str, list[float]] = {k: [] for k in names}
     agreement: dict[str, dict] = {}
     for _ in range(calls):
@@ -775,6 +782,7 @@ def rollout_ab(pc: PerfConfig, calls: int, out_dir: Path, settings: tuple[str, .
         "cascade_over_generate_speed": speed("generate", "cascade"),
         "compile_cascade_over_generate_speed": speed("generate", "compile_cascade"),
         "agreement_with_generate": agreement,
+        "first_call_s": first_call_s,
         "response_len_mean": float(lengths.mean()),
         "response_len_max": int(lengths.max()),
         "row_steps_fraction": float(lengths.sum() / (n * ref.response_ids.shape[1])),
