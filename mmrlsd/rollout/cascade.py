@@ -19,7 +19,7 @@ key/value bytes, and the cache needs G times less memory for the prompts (for im
 The numbers are those of attention computed another way (a matrix multiply and an explicit softmax instead of
 the fused sdpa kernel, the prefix's dot products in a larger batch): equal to the plain decode's up to float
 rounding, so the sampled ids are equal except where two noisy scores tie that closely, as for the CUDA-graph
-step. Both decode loops (`lean` and `graph`) support it; `generate` and runs without the shared prefill do not.
+step. The `lean`, `graph` and `compile` decodes support it; `generate` and runs without the shared prefill do not.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class SharedPrefix:
     `mask`: the prompts' attention mask over the prefix `(P, prefix)`, 0 at left padding.
 
     `rows`: once finished rows have left the decode batch (`select`), the rows (of the P * G) still in it; the prefix
-    products still run for all P * G query rows (the left rows' zero), so every row keeps the bits it had in the
-    full batch."""
+    products still run for all P * G query rows (those of the rows that left as zeros), so every row keeps the bits
+    it had in the full batch."""
 
     def __init__(self, cache, mask: torch.Tensor, group_size: int):
         self.keys = [layer.keys for layer in cache.layers]
@@ -74,8 +74,8 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
                               mmrlsd_prefix: SharedPrefix | None = None, **kwargs):  # fmt: skip
     """transformers' attention-interface contract for one query token per row: `query` `(n, heads, 1, d)`, `key` /
     `value` the rows' own positions `(n, kv_heads, t, d)`, `attention_mask` None or boolean `(n, 1, 1, t)` over
-    them (False: not attended), `mmrlsd_prefix` the prompts' prefix (`SharedPrefix`: n = P * G rows, or its `rows`). Returns
-    `((n, 1, heads, d), None)`."""
+    them (False: not attended), `mmrlsd_prefix` the prompts' prefix (`SharedPrefix`: n = P * G rows, or its
+    `rows`). Returns `((n, 1, heads, d), None)`."""
     if mmrlsd_prefix is None or query.shape[2] != 1:
         raise ValueError("cascade attention: needs one query token per row and the `mmrlsd_prefix` argument")
     kp, vp = mmrlsd_prefix.keys[module.layer_idx], mmrlsd_prefix.values[module.layer_idx]  # (P, kv, Lp, d)

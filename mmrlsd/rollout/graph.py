@@ -183,8 +183,8 @@ class GraphStep:
     eagerly from then on. With `compile` (and no `capture`), the step runs compiled by `torch.compile`
     (`rollout.hf_decode: compile`; on a CPU inductor fuses the element-wise ops between the matrix multiplies into
     C++ kernels and drops Python's per-op overhead): the cache (or with `prefix`, the prefix) holds a multiple of
-    `BUCKET` positions, so prompts of similar length share one compilation; a step that cannot be compiled warns, keeps the reason in `error` and
-    runs eagerly. Otherwise every call runs the step eagerly.
+    `BUCKET` positions, so prompts of similar length share one compilation; a step that cannot be compiled warns,
+    keeps the reason in `error` and runs eagerly. Otherwise every call runs the step eagerly.
     """
 
     def __init__(self, model, cache, cache_kwarg: str, *, written: int, room: int, mask: torch.Tensor,
