@@ -16,7 +16,7 @@ EXAMPLES = """examples:
   mmrlsd perf --config gpu --out eval/results/perf/            # Qwen2.5-VL-3B shape on one GPU
   mmrlsd perf --config cpu --set repeats=1 --set variants=[naive,rlsd]
   mmrlsd perf --config my_perf.yaml                            # your own settings file
-  mmrlsd perf --config cpu --rollout-ab 8 --out eval/results/perf/   # rollout only: generate vs the lean loop
+  mmrlsd perf --config cpu --rollout-ab 8 --out eval/results/perf/   # rollout only: generate vs the other decodes
 """
 
 
@@ -37,8 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config key (YAML scalar/list), repeatable")  # fmt: skip
     parser.add_argument("--rollout-ab", type=int, default=0, metavar="N",
                         help="instead of the steps: the rollout alone, `generate` against the lean decode loop "
-                             "(with and without dropping finished rows), N calls each in turn, the same ids "
-                             "asserted; writes <YYYY-MM-DD>-<device>-rollout-ab.json")  # fmt: skip
+                             "(with and without dropping finished rows; the same ids asserted), the graph and "
+                             "compiled steps and cascade attention (their agreement with generate recorded), N "
+                             "calls each in turn; writes <YYYY-MM-DD>-<device>-rollout-ab.json")  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
