@@ -218,3 +218,25 @@ def test_fast_path_under_fsdp2_matches_one_process(tiny_model, tmp_path):
     )
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_deepstack_features_in_either_transformers_layout(tiny_model, monkeypatch):
+    """Qwen3-VL's deepstack features come split per image (transformers >= 5.2x) or as one tensor per layer (5.17):
+    `vision_features` gives the same features from both."""
+    model, _, _, _, seq, _ = batch("qwen3_vl", tiny_model)
+    rows = list(range(seq.input_ids.shape[0]))
+    ref = vision_features(model, seq, rows, G)
+    inner, real = model.model, model.model.get_image_features
+
+    def joined(*a, **k):  # transformers 5.17's layout
+        out = real(*a, **k)
+        out.deepstack_features = [torch.cat(list(d)) if not torch.is_tensor(d) else d for d in out.deepstack_features]
+        return out
+
+    monkeypatch.setattr(inner, "get_image_features", joined)
+    assert all(torch.is_tensor(d) for d in joined(seq.pixel_values, seq.image_grid_thw).deepstack_features)
+    new = vision_features(model, seq, rows, G)
+    assert ref.deepstack is not None and len(new.deepstack) == len(ref.deepstack)
+    for a, b in zip(new.deepstack, ref.deepstack):
+        assert a.shape == b.shape and a.dim() == 2 and torch.equal(a, b)
+    assert torch.equal(new.embeds, ref.embeds)
