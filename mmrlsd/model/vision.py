@@ -93,7 +93,7 @@ def vision_features(model, seq: SeqBatch, rows: list[int], group_size: int) -> V
     pooled = out.pooler_output if hasattr(out, "pooler_output") else out  # tuple of per-image (tok_i, H)
     deep = getattr(out, "deepstack_features", None)
     merged = torch.cat(list(pooled))  # (n_tok, H)
-    # each deepstack layer's features: split per image (transformers >= 5.2x) or one (n_tok, H) tensor (5.17)
+    # each deepstack layer's features: split per image (transformers >= 5.19) or one (n_tok, H) tensor (5.17)
     deepstack = [d if torch.is_tensor(d) else torch.cat(list(d)) for d in deep] if deep else None
     per_image = [t.shape[0] for t in pooled]
     spans, k, start = {}, 0, 0

@@ -221,7 +221,7 @@ def test_fast_path_under_fsdp2_matches_one_process(tiny_model, tmp_path):
 
 
 def test_deepstack_features_in_either_transformers_layout(tiny_model, monkeypatch):
-    """Qwen3-VL's deepstack features come split per image (transformers >= 5.2x) or as one tensor per layer (5.17):
+    """Qwen3-VL's deepstack features come split per image (transformers >= 5.19) or as one tensor per layer (5.17):
     `vision_features` gives the same features from both."""
     model, _, _, _, seq, _ = batch("qwen3_vl", tiny_model)
     rows = list(range(seq.input_ids.shape[0]))
