@@ -32,3 +32,22 @@ def tiny_model(tmp_path_factory):
 @pytest.fixture
 def tiny_records(tmp_path) -> Path:
     return write_records(tmp_path / "data")
+
+
+@pytest.fixture
+def record_instances(monkeypatch):
+    """`record_instances(owner, name)`: the class `owner.<name>` replaced, for the test, by a subclass that records
+    its instances; returns the list they are appended to, in order."""
+
+    def record(owner, name: str) -> list:
+        made, base = [], getattr(owner, name)
+
+        class Spy(base):
+            def __init__(self, *a, **k):
+                super().__init__(*a, **k)
+                made.append(self)
+
+        monkeypatch.setattr(owner, name, Spy)
+        return made
+
+    return record

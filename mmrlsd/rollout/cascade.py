@@ -88,23 +88,22 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
     scale = d**-0.5 if scaling is None else scaling
     q = query.reshape(n, kv, groups, d)  # query head h reads key/value head h // groups (transformers' repeat_kv)
 
-    def to_all(x):  # (n, ...) -> (P * G, ...): the rows that left the batch zero
-        return x if rows is None else x.new_zeros((P * G,) + x.shape[1:]).index_copy_(0, rows, x)
+    def per_prompt(x):  # (n, kv, groups, X) -> (P, kv, G * groups, X); the rows that left the batch zero
+        if rows is not None:
+            x = x.new_zeros((P * G,) + x.shape[1:]).index_copy_(0, rows, x)
+        return x.reshape(P, G, kv, groups, -1).transpose(1, 2).reshape(P, kv, G * groups, x.shape[-1])
 
-    def to_batch(x):  # (P * G, ...) -> (n, ...)
+    def per_row(x):  # (P, kv, G * groups, X) -> (n, kv, groups, X)
+        x = x.reshape(P, kv, G, groups, -1).transpose(1, 2).reshape(P * G, kv, groups, x.shape[-1])
         return x if rows is None else x.index_select(0, rows)
 
     # prefix: a prompt's G rows x groups query heads of one key/value head as one (G * groups, d) matrix
-    qp = to_all(q).reshape(P, G, kv, groups, d).transpose(1, 2).reshape(P, kv, G * groups, d)
-    s_pre = torch.matmul(qp, kp.transpose(-1, -2)) * scale + mmrlsd_prefix.bias  # (P, kv, G * groups, Lp)
-    s_pre = to_batch(s_pre.reshape(P, kv, G, groups, Lp).transpose(1, 2).reshape(P * G, kv, groups, Lp))
+    s_pre = torch.matmul(per_prompt(q), kp.transpose(-1, -2)) * scale + mmrlsd_prefix.bias  # (P, kv, G*groups, Lp)
+    s_pre = per_row(s_pre)  # (n, kv, groups, Lp)
     s_own = torch.matmul(q, key.transpose(-1, -2)) * scale  # (n, kv, groups, t)
     if attention_mask is not None:
         s_own = s_own.masked_fill(~attention_mask, -float("inf"))
     probs = torch.cat([s_pre.float(), s_own.float()], dim=-1).softmax(dim=-1).to(value.dtype)
     p_pre, p_own = probs[..., :Lp], probs[..., Lp:]
-    p_pre = to_all(p_pre).reshape(P, G, kv, groups, Lp).transpose(1, 2).reshape(P, kv, G * groups, Lp)
-    o_pre = torch.matmul(p_pre, vp).reshape(P, kv, G, groups, d).transpose(1, 2).reshape(P * G, kv, groups, d)
-    o_pre = to_batch(o_pre)
-    out = o_pre + torch.matmul(p_own, value)  # (n, kv, groups, d)
+    out = per_row(torch.matmul(per_prompt(p_pre), vp)) + torch.matmul(p_own, value)  # (n, kv, groups, d)
     return out.reshape(n, 1, heads, d), None

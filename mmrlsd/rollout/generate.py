@@ -396,14 +396,15 @@ def lean_decode(
                 break
         elif done_here:
             break
-        if step is None and own is not None:
-            with route_attention(model, register_attention(CASCADE_ATTENTION, cascade_attention_forward)):
-                logits = model(input_ids=cur, attention_mask=own[..., : forwards + 1], position_ids=position_ids,
-                               use_cache=True, logits_to_keep=1, mmrlsd_prefix=prefix,
-                               **{name: cache}).logits[:, -1, :]  # fmt: skip
-        elif step is None:
-            logits = model(input_ids=cur, attention_mask=full_mask[:, : L + forwards], position_ids=position_ids,
-                           use_cache=True, logits_to_keep=1, **{name: cache}, **extra).logits[:, -1, :]  # fmt: skip
+        if step is None:
+            if own is None:  # the model's own attention over the mask so far
+                attend, routed = {"attention_mask": full_mask[:, : L + forwards]}, nullcontext()
+            else:  # cascade attention: the prefix, and the rows' own positions so far
+                attend = {"attention_mask": own[..., : forwards + 1], "mmrlsd_prefix": prefix}
+                routed = route_attention(model, register_attention(CASCADE_ATTENTION, cascade_attention_forward))
+            with routed:
+                logits = model(input_ids=cur, position_ids=position_ids, use_cache=True, logits_to_keep=1,
+                               **attend, **{name: cache}, **extra).logits[:, -1, :]  # fmt: skip
         else:
             logits = step(cur)
         forwards += 1

@@ -23,17 +23,9 @@ from mmrlsd.rollout import generate as gen
 
 
 @pytest.fixture
-def prefixes(monkeypatch):
+def prefixes(record_instances):
     """The `SharedPrefix`es the shared prefill builds, in order."""
-    made = []
-
-    class Spy(cascade.SharedPrefix):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(gen, "SharedPrefix", Spy)
-    return made
+    return record_instances(gen, "SharedPrefix")
 
 
 def _close(new_lp, ref_lp, atol=1e-5):

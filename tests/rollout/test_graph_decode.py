@@ -24,17 +24,9 @@ from mmrlsd.rollout import graph
 
 
 @pytest.fixture
-def steps(monkeypatch):
+def steps(record_instances):
     """The `GraphStep`s the decode loop builds, in order."""
-    made = []
-
-    class Spy(graph.GraphStep):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    monkeypatch.setattr(graph, "GraphStep", Spy)
-    return made
+    return record_instances(graph, "GraphStep")
 
 
 def _compare(model, proc, enc, monkeypatch, steps, **kw):
