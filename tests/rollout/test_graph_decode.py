@@ -330,6 +330,28 @@ def test_compiled_step_samples_as_lean(cascade, tiny_model, monkeypatch, steps):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {step}")
 
 
+def test_compiled_steps_of_other_shapes_in_one_process(tiny_model, monkeypatch, steps):
+    """A compiled step skips dynamo's guards after its first call (`skip_guard_eval_unsafe`), so the first call must
+    still pick the graph of its own shapes: decodes of other lengths (another own-cache size), another row count
+    and the first shape again, in turn in one process, each sample the lean loop's ids with log-probs within 1e-5.
+    Skipping the guards on the first call too runs the previous decode's graph on these tensors and fails here."""
+    model, proc = load_model(str(tiny_model("qwen2_5_vl")))
+    enc = _encoding(proc, images=True)
+    fewer = {k: v[:G] for k, v in _encoding(proc, images=False).items()}  # one text prompt's G rows
+    runs = [(enc, 12), (enc, 7), (fewer, 12), (enc, 12)]
+    for i, (e, new_tokens) in enumerate(runs):
+        kw = dict(seed=i, max_new_tokens=new_tokens, temperature=1.0)
+        ref, ref_lp = _run(model, proc, e, monkeypatch, decode="lean", compact=False, **kw)
+        steps.clear()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            new, new_lp = _run(model, proc, e, monkeypatch, decode="compile", cascade=True, **kw)
+        assert len(steps) == 1 and steps[0].compile and steps[0].calls == new_tokens - 1, f"run {i}"
+        _assert_same(new, ref)
+        for step, (a, b) in enumerate(zip(new_lp, ref_lp)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"run {i}, step {step}")
+
+
 def test_compile_failure_decodes_eagerly(tiny_model, monkeypatch, steps):
     """A step inductor cannot compile (here: a compiler that raises): a warning, the reason kept, and the same
     samples from the eager static step."""
