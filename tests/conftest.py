@@ -51,3 +51,21 @@ def record_instances(monkeypatch):
         return made
 
     return record
+
+
+@pytest.fixture
+def without_interleave_flag(tmp_path):
+    """`without_interleave_flag(checkpoint)`: a copy of a Qwen3-VL checkpoint whose config lacks
+    `mrope_interleaved` (the flag vLLM needs to rotate image tokens as transformers does)."""
+    import json
+    import shutil
+
+    def copy(src: Path) -> Path:
+        dst = tmp_path / f"{Path(src).name}-no-interleave"
+        shutil.copytree(src, dst)
+        cfg = json.loads((dst / "config.json").read_text())
+        del cfg["text_config"]["rope_parameters"]["mrope_interleaved"]
+        (dst / "config.json").write_text(json.dumps(cfg))
+        return dst
+
+    return copy

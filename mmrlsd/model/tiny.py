@@ -183,6 +183,10 @@ def tiny_config(arch: str, tok, size: TinySize | None = None):
             depth=vd, hidden_size=vh, intermediate_size=2 * vh, num_heads=vn, out_hidden_size=size.hidden,
             num_position_embeddings=64, deepstack_visual_indexes=[0],
         )  # fmt: skip
+        # as the released Qwen3-VL configs say: transformers always interleaves the (temporal, height, width)
+        # rotary sections for Qwen3-VL, vLLM only when this flag is set (without it vLLM's image-token positions
+        # rotate differently and its log-probs drift from transformers' on image prompts)
+        text["rope_parameters"]["mrope_interleaved"] = True
         return Qwen3VLConfig(text_config=text, vision_config=vision, **ids)
     raise KeyError(f"unknown architecture {arch!r}; known: {', '.join(ARCHS)}")
 

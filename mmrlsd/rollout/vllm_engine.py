@@ -72,16 +72,39 @@ def current_platform() -> str:
     return "cpu" if p.is_cpu() else ("cuda" if p.is_cuda_alike() else str(p.device_type))
 
 
-def model_positions(model_path: str) -> int | None:
-    """The model's `max_position_embeddings` (text config), or None when it cannot be read."""
+def _checkpoint_config(model_path: str):
+    """The checkpoint's transformers config, or None when it cannot be read."""
     try:
         from transformers import AutoConfig
 
-        cfg = AutoConfig.from_pretrained(model_path)
+        return AutoConfig.from_pretrained(model_path)
     except (OSError, ValueError):
         return None
-    text = getattr(cfg, "text_config", cfg)
-    return getattr(text, "max_position_embeddings", None)
+
+
+def model_positions(model_path: str) -> int | None:
+    """The model's `max_position_embeddings` (text config), or None when it cannot be read."""
+    cfg = _checkpoint_config(model_path)
+    return getattr(getattr(cfg, "text_config", cfg), "max_position_embeddings", None)
+
+
+def hf_overrides(model_path: str) -> dict | None:
+    """Config overrides (`vllm.LLM(hf_overrides=...)`) under which vLLM runs the checkpoint as transformers, the
+    trainer, does; None when none is needed.
+
+    Qwen3-VL: transformers always interleaves the (temporal, height, width) sections of the rotary dimensions;
+    vLLM interleaves them only when the text config's rope parameters say `mrope_interleaved: true`, as the
+    released checkpoints do. A checkpoint without the flag would otherwise roll out with image tokens rotated
+    differently from the log-probs training computes (on the tiny Qwen3-VL: 1.4e-2 in log-probability)."""
+    cfg = _checkpoint_config(model_path)
+    if getattr(cfg, "model_type", None) not in ("qwen3_vl", "qwen3_vl_moe"):
+        return None
+    rope = dict(getattr(cfg.text_config, "rope_parameters", None) or {})
+    if "mrope_section" not in rope or rope.get("mrope_interleaved"):
+        return None
+    log.warning("vLLM: %s does not set mrope_interleaved; interleaving the rotary sections as transformers does",
+                model_path)  # fmt: skip
+    return {"text_config": {"rope_parameters": {**rope, "mrope_interleaved": True}}}
 
 
 def engine_kwargs(model_path: str, s: VLLMSettings, *, dtype: str, seed: int, platform: str, world_size: int,
@@ -201,6 +224,8 @@ class VLLMEngine:
                                     positions=model_positions(model_path))  # fmt: skip
         if mm_processor_kwargs:  # the image budget the policy's processor uses (model.min/max_pixels)
             self.kwargs["mm_processor_kwargs"] = mm_processor_kwargs
+        if overrides := hf_overrides(model_path):
+            self.kwargs["hf_overrides"] = overrides
         self.in_process = self.settings.in_process or world_size > 1
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.in_process else "1"}
         with keep_torch_threads(), _env(**env):

@@ -2,6 +2,7 @@
 request building, sampling settings, placeholder blocking, EOS masking, sleep/wake, weight sync and thread
 settings. The same engine against the real vLLM: tests/real_vllm (`pytest -m vllm`, in the vLLM virtualenv)."""
 
+import json
 import sys
 import types
 
@@ -10,7 +11,14 @@ import torch
 
 from mmrlsd.model.load import load_model
 from mmrlsd.rollout.generate import eos_token_ids, vision_token_ids
-from mmrlsd.rollout.vllm_engine import BLOCK, VLLMEngine, VLLMSettings, engine_kwargs, rollouts_from_ids
+from mmrlsd.rollout.vllm_engine import (
+    BLOCK,
+    VLLMEngine,
+    VLLMSettings,
+    engine_kwargs,
+    hf_overrides,
+    rollouts_from_ids,
+)
 
 
 class FakeParams:
@@ -68,6 +76,26 @@ def engine(tiny_model, monkeypatch):
 def kwargs_for(platform="cpu", world=1, **settings):
     return engine_kwargs("m", VLLMSettings(**settings), dtype="float32", seed=0, platform=platform, world_size=world,
                          max_images=2, positions=4096)  # fmt: skip
+
+
+def test_qwen3_vl_without_interleave_flag_gets_it_from_an_override(tiny_model, tmp_path, monkeypatch,
+                                                                   without_interleave_flag):
+    """transformers always interleaves Qwen3-VL's rotary sections, vLLM only with `mrope_interleaved`: a checkpoint
+    without the flag gets it through `hf_overrides` (its other rope parameters kept); checkpoints that set it,
+    other architectures and unreadable paths get no override."""
+    src = tiny_model("qwen3_vl")
+    rope = json.loads((src / "config.json").read_text())["text_config"]["rope_parameters"]
+    assert rope["mrope_interleaved"] is True  # the tiny config says it, as the released configs do
+    bare = without_interleave_flag(src)
+    assert hf_overrides(str(bare)) == {"text_config": {"rope_parameters": rope}}
+    assert hf_overrides(str(src)) is None
+    assert hf_overrides(str(tiny_model("qwen2_5_vl"))) is None
+    assert hf_overrides(str(tmp_path / "missing")) is None
+    fake_vllm(monkeypatch)
+    _, proc = load_model(str(src))
+    eng = VLLMEngine(str(bare), processor=proc, llm_factory=FakeLLM)
+    assert eng.llm.kw["hf_overrides"] == {"text_config": {"rope_parameters": rope}}
+    assert "hf_overrides" not in VLLMEngine(str(src), processor=proc, llm_factory=FakeLLM).llm.kw
 
 
 def test_engine_settings_follow_platform_and_config():
