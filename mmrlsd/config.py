@@ -146,11 +146,10 @@ class RolloutConfig:
     (lean, with each decode forward after the first replayed as a CUDA graph over a static KV cache: the same ids
     as lean up to float near-ties; sdpa attention only, a single process: under FSDP it decodes as lean, and on a
     CPU it gains nothing) | compile (graph's static step compiled by `torch.compile` instead of captured: on a
-    CPU ~1.4x faster than lean per rollout after seconds of compiling per process and prompt-length bucket; the
+    CPU ~1.5x faster than lean per rollout after seconds of compiling per process and prompt-length bucket; the
     same ids as lean up to float near-ties; not measured on a GPU) | generate (Hugging Face `generate`). lean and
-    generate sample the same ids; a
-    checkpoint whose generation config adds logits processors of its own (e.g. repetition_penalty) always uses
-    generate."""
+    generate sample the same ids. None of them applies the logits processors a checkpoint's generation config adds
+    (e.g. Qwen2.5-VL's repetition_penalty 1.05; a warning names them): samples follow the policy, as with vLLM."""
     cascade_attention: bool = True
     """HF rollout with the shared prefill and the lean or graph loop: each prompt's keys and values stay in the KV
     cache once (not copied to its G samples), and each decode step attends to them for the G samples in one matrix

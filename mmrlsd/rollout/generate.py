@@ -205,9 +205,12 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int], cascade: bool =
 
 DECODES = ("auto", "lean", "graph", "compile", "generate")
 
-# Generation-config settings under which `generate` adds logits processors of its own; the lean loop does not
-# reproduce them, so a model whose generation config sets one (e.g. a checkpoint's `repetition_penalty: 1.05`)
-# decodes with `generate`. Each entry: the attribute and the values that leave it off.
+# Generation-config settings under which `generate` adds logits processors of its own. A rollout samples from the
+# policy under mmrlsd's own sampling settings only, as vLLM does with explicit sampling parameters (and verl and
+# EasyR1 with it): a checkpoint's setting (Qwen2-VL's and Qwen2.5-VL's released generation configs set
+# `repetition_penalty: 1.05`) would make the samples follow another distribution than the log-probs training
+# computes, so `generate` runs with each of them off and the lean loop never applies them. Each entry: the
+# attribute and the values that leave it off (the last one is passed to `generate`).
 _GENERATE_ONLY = {
     "repetition_penalty": (None, 1.0), "no_repeat_ngram_size": (None, 0), "encoder_no_repeat_ngram_size": (None, 0),
     "encoder_repetition_penalty": (None, 1.0), "bad_words_ids": (None,), "sequence_bias": (None,),
@@ -218,10 +221,11 @@ _GENERATE_ONLY = {
 }  # fmt: skip
 
 
-def lean_unsupported(model) -> list[str]:
-    """The generation-config settings of `model` that only `generate` applies (empty: the lean loop is exact)."""
+def checkpoint_processors(model) -> dict[str, object]:
+    """The settings of `model`'s generation config that would add logits processors to `generate` (`_GENERATE_ONLY`),
+    each with the value that turns it off: the rollout passes those to `generate` (empty: nothing to turn off)."""
     gc = model.generation_config
-    return [f"{k}={getattr(gc, k)!r}" for k, off in _GENERATE_ONLY.items() if getattr(gc, k, None) not in off]
+    return {k: off[-1] for k, off in _GENERATE_ONLY.items() if getattr(gc, k, None) not in off}
 
 
 @functools.cache
@@ -477,8 +481,9 @@ def generate(
     ids up to near-ties; single process only, under FSDP it decodes as `lean`), `generate` (Hugging Face
     `generate`), `compile` (the graph loop's static step compiled by `torch.compile` instead of captured: on a CPU
     the fast setting, after seconds of compiling per process and cache length) or `auto` (graph on a GPU, lean
-    elsewhere). A model whose generation config adds logits
-    processors of its own (`lean_unsupported`) decodes with `generate` whatever the setting.
+    elsewhere). Settings of the model's generation config that add logits processors of their own (e.g. a
+    released checkpoint's `repetition_penalty`, `checkpoint_processors`) are not applied by any of them, with a
+    warning: the samples follow the policy under the arguments given here, as with vLLM.
 
     `cascade`: with the shared prefill and the lean or graph loop, the prompts' keys and values stay once per prompt
     and the decode steps use cascade attention (`mmrlsd.rollout.cascade`: the same ids up to near-ties); ignored
@@ -517,7 +522,13 @@ def generate(
     # Under FSDP without the shared prefill, `generate` encodes a rank's images before its first forward, outside
     # the root's hooks, where the text-only ranks run `dummy_vision`; the lean loop would encode them inside its
     # first forward, after the root's all-gather, and the ranks' collectives would no longer pair up.
-    lean = decode in ("lean", "graph", "compile") and not lean_unsupported(model) and (share or not dist.enabled())
+    lean = decode in ("lean", "graph", "compile") and (share or not dist.enabled())
+    if off := checkpoint_processors(model):  # what `generate` would add from the checkpoint: off, as in vLLM
+        gc = model.generation_config
+        warnings.warn("rollout: the model's generation config sets "
+                      f"{', '.join(f'{k}={getattr(gc, k)!r}' for k in off)}; sampling without it, as vLLM does, so "
+                      "that the samples follow the policy whose log-probs training computes", stacklevel=2)  # fmt: skip
+        kwargs.update(off)
     # a CUDA graph cannot hold FSDP's collectives: under FSDP the graph setting decodes with the lean loop
     graph = lean and decode in ("graph", "compile") and not dist.enabled()
     chunk = gen_batch_size or n

@@ -104,21 +104,26 @@ def test_gen_batch_size_keeps_lean_samples(tiny_model):
         assert torch.equal(r.response_ids, ref.response_ids), size
 
 
-def test_generation_config_processors_fall_back_to_generate(tiny_model, monkeypatch):
-    """A checkpoint whose generation config adds a processor (Qwen's released ones set repetition_penalty 1.05)
-    decodes with `generate` even under `decode="lean"`, so the samples keep that processor."""
+def test_checkpoint_generation_processors_are_not_applied(tiny_model):
+    """A checkpoint whose generation config adds a processor (Qwen2.5-VL's released one sets repetition_penalty
+    1.05) decodes without it on every decode path, with a warning naming it, as vLLM does: the same ids as the
+    checkpoint without the setting, where Hugging Face `generate` applying it gives others."""
     model, proc = load_model(str(tiny_model("qwen2_vl")))
     enc = _encoding(proc, images=False)
-    assert gen.lean_unsupported(model) == []
+    kw = dict(group_size=G, max_new_tokens=8, temperature=0.0)  # greedy: the tiny model's near-ties show the penalty
+    assert gen.checkpoint_processors(model) == {}
+    ref = gen.generate(model, proc, enc, decode="lean", **kw)
     model.generation_config.repetition_penalty = 1.3
-    assert gen.lean_unsupported(model) == ["repetition_penalty=1.3"]
-    called = []
-    monkeypatch.setattr(gen, "lean_decode", lambda *a, **k: called.append(1))
-    kw = dict(group_size=G, max_new_tokens=8, seed=0)
-    ref = gen.generate(model, proc, enc, decode="generate", **kw)
-    new = gen.generate(model, proc, enc, decode="lean", **kw)
-    assert not called
-    _assert_same(new, ref)
+    model.generation_config.no_repeat_ngram_size = 2
+    assert gen.checkpoint_processors(model) == {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+    for decode in ("lean", "generate", "compile"):
+        with pytest.warns(UserWarning, match="repetition_penalty=1.3, no_repeat_ngram_size=2; sampling without"):
+            new = gen.generate(model, proc, enc, decode=decode, **kw)
+        _assert_same(new, ref)
+    applied = model.generate(**enc, max_new_tokens=8, do_sample=False)  # transformers' own: the penalty applies
+    model.generation_config.repetition_penalty, model.generation_config.no_repeat_ngram_size = 1.0, 0
+    plain = model.generate(**enc, max_new_tokens=8, do_sample=False)
+    assert not torch.equal(applied, plain)  # so the setting would have changed the samples
     with pytest.raises(ValueError, match="decode"):
         gen.generate(model, proc, enc, decode="fast", **kw)
 
