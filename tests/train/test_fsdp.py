@@ -3,6 +3,7 @@ resumes on 1 rank with the same metrics."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,36 @@ def test_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path):
     w_res, w_two = load_policy_weights(resumed / "checkpoint-2"), load_policy_weights(two / "checkpoint-2")
     for k in w_two:
         torch.testing.assert_close(w_res[k], w_two[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_two_ranks_refill_online_filtering_in_step(tiny_model, tmp_path):
+    """Online filtering under 2 ranks (gloo): each rank refills its own share of the batch, and a rank whose share
+    is full keeps rolling out while the other's is not, so both run the same rounds and their collectives pair up.
+    The band (0.45, 0.6) drops most groups of this data: refills and padding happen, and the run finishes. (Each
+    rank filters its own groups, so the batch, unlike without filtering, depends on the number of ranks.)"""
+    from tinydata import write_records
+
+    data = write_records(tmp_path / "data", n=12, text_only_every=3)
+    args = tiny_overrides(tiny_model("qwen2_vl"), data, **{
+        "trainer.total_steps": 2, "trainer.threads": 1, "algo.online_filtering": "true",
+        "algo.filter_low": 0.45, "algo.filter_high": 0.6, "algo.max_refill_tries": 4,
+    })  # fmt: skip
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("{}\n")
+    env = {**os.environ, "PYTHONPATH": PLUGINS + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "two_ranks"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmrlsd",
+           "train", str(cfg_file), *args, "--output-dir", str(run), "--no-progress"]  # fmt: skip
+    # its own process group: ranks whose rounds do not pair up hang, and a timeout must take them down too
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=180)  # ~15 s when the ranks stay in step
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-4000:]
+    m = read_metrics(run)
+    assert [x["step"] for x in m] == [1, 2]
+    assert max(x["filter/rounds"] for x in m) > 1 and max(x["filter/padded_groups"] for x in m) > 0
+    assert all(x["filter/rounds"] <= 4 and abs(x["loss"]) < 1e3 for x in m)
