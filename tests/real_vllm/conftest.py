@@ -29,23 +29,28 @@ def vllm_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_engine(vllm_model):
-    """Factory: `vllm_engine(arch)` -> `(engine, hf_model, processor)`, an in-process engine per architecture."""
+    """Factory: `vllm_engine(arch)` -> `(engine, hf_model, processor)`, an in-process engine per architecture;
+    `vllm_engine(arch, path=..., mm_processor_kwargs=...)` one for another checkpoint or image budget. Engines live
+    until the session ends: an in-process engine that is shut down takes vLLM's process-wide parallel state with
+    it, and the other engines then fail ("pipeline model parallel group is not initialized")."""
     from helpers import ENGINE_SETTINGS
 
-    from mmrlsd.model.load import load_model
+    from mmrlsd.model.load import load_model, set_pixel_budget
     from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
     cache = {}
 
-    def build(arch: str):
-        if arch not in cache:
-            path = str(vllm_model(arch))
+    def build(arch: str, path=None, mm_processor_kwargs: dict | None = None):
+        key = (arch, str(path), repr(mm_processor_kwargs))
+        if key not in cache:
+            path = str(path or vllm_model(arch))
             model, proc = load_model(path, dtype="float32", device="cpu")
             model.eval()
-            eng = VLLMEngine(
-                path, processor=proc, dtype="float32", seed=0, settings=VLLMSettings(**ENGINE_SETTINGS)
-            )
-            cache[arch] = (eng, model, proc)
-        return cache[arch]
+            if mm_processor_kwargs:
+                set_pixel_budget(proc, **mm_processor_kwargs)
+            eng = VLLMEngine(path, processor=proc, dtype="float32", seed=0, settings=VLLMSettings(**ENGINE_SETTINGS),
+                             mm_processor_kwargs=mm_processor_kwargs)  # fmt: skip
+            cache[key] = (eng, model, proc)
+        return cache[key]
 
     return build

@@ -37,17 +37,11 @@ def test_greedy_tokens_and_logprobs_match_hf(arch, vllm_engine):
     assert rows(r) == rows(hf)
 
 
-def test_qwen3_vl_checkpoint_without_interleave_flag_matches_hf(vllm_model, without_interleave_flag):
+def test_qwen3_vl_checkpoint_without_interleave_flag_matches_hf(vllm_model, vllm_engine, without_interleave_flag):
     """A Qwen3-VL checkpoint whose config lacks `mrope_interleaved`: transformers interleaves the rotary sections
     regardless, and the engine passes vLLM the flag (`hf_overrides`), so greedy tokens and log-probs still match
     (without the override: 1.4e-2 apart on the image prompts)."""
-    from mmrlsd.model.load import load_model
-    from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
-
-    path = str(without_interleave_flag(vllm_model("qwen3_vl")))
-    model, proc = load_model(path, dtype="float32", device="cpu")
-    model.eval()
-    eng = VLLMEngine(path, processor=proc, dtype="float32", seed=0, settings=VLLMSettings(**ENGINE_SETTINGS))
+    eng, model, proc = vllm_engine("qwen3_vl", path=without_interleave_flag(vllm_model("qwen3_vl")))
     assert "hf_overrides" in eng.kwargs
     texts, images = prompts(proc)
     enc, hf = hf_generate(model, proc, texts, images, max_new_tokens=16)
@@ -58,29 +52,23 @@ def test_qwen3_vl_checkpoint_without_interleave_flag_matches_hf(vllm_model, with
     assert rows(r) == rows(hf)
 
 
-def test_pixel_budget_reaches_vllm(vllm_model):
+def test_pixel_budget_reaches_vllm(vllm_engine):
     """`model.min_pixels` / `max_pixels` (here 64x64 to 80x80, the checkpoint's own: up to 112x112) go to vLLM's
     processor (`mm_processor_kwargs`): a large and a small image give vLLM's prompt the same tokens as the
     training encoding, so rollout and training see the same image tokens."""
     from PIL import Image
 
     from mmrlsd.data.encoding import chat_text, encode
-    from mmrlsd.model.load import load_model, set_pixel_budget
-    from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
-    path = str(vllm_model("qwen2_5_vl"))
-    _, proc = load_model(path, dtype="float32", device="cpu")
-    budget = {"min_pixels": 64 * 64, "max_pixels": 80 * 80}
-    set_pixel_budget(proc, **budget)
-    eng = VLLMEngine(path, processor=proc, dtype="float32", seed=0, settings=VLLMSettings(**ENGINE_SETTINGS),
-                     mm_processor_kwargs=budget)  # fmt: skip
+    eng, _, proc = vllm_engine("qwen2_5_vl", mm_processor_kwargs={"min_pixels": 64 * 64, "max_pixels": 80 * 80})
+    _, _, plain = vllm_engine("qwen2_5_vl")  # the checkpoint's own budget
     params = eng.sampling_params(n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1, seed=0, eos=[2])
     text = chat_text(proc, "what colour ?", 1)
     for img in (Image.new("RGB", (320, 240), "red"), Image.new("RGB", (20, 30), "blue")):
         ours = encode(proc, [text], [[img]])["input_ids"][0].tolist()
         (out,) = eng.llm.generate([{"prompt": text, "multi_modal_data": {"image": [img]}}], params, use_tqdm=False)
         assert out.prompt_token_ids == ours, img.size
-    unbudgeted = encode(load_model(path, dtype="float32", device="cpu")[1], [text], [[img]])["input_ids"][0]
+    unbudgeted = encode(plain, [text], [[img]])["input_ids"][0]
     assert len(unbudgeted) != len(ours)  # the checkpoint's own limits would give the small image other tokens
 
 
