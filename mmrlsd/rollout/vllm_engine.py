@@ -204,7 +204,7 @@ class VLLMEngine:
         world_size: training processes (torchrun); > 1 runs the engine with vLLM's external launcher.
         llm_factory: builds the LLM (default `vllm.LLM`); tests pass a stand-in.
         platform: `cpu` / `cuda` (default: what vLLM detects).
-        mm_processor_kwargs: image-processor settings (`min_pixels`, `max_pixels`) matching the policy's.
+        mm_processor_kwargs: image-processor settings matching the policy's (its pixel budget as `size`).
     """
 
     def __init__(self, model_path: str, *, processor, dtype: str = "bfloat16", seed: int = 0,

@@ -155,9 +155,19 @@ def build(cfg: Config):
         engine = VLLMEngine(cfg.model.path, processor=processor, dtype=cfg.model.dtype, settings=settings,
                             seed=cfg.trainer.seed + dist.rank() // settings.tensor_parallel_size,
                             world_size=dist.world_size(),
-                            mm_processor_kwargs={k: v for k in ("min_pixels", "max_pixels")
-                                                 if (v := getattr(cfg.model, k))})  # fmt: skip
+                            mm_processor_kwargs=image_budget(processor, cfg.model.min_pixels,
+                                                             cfg.model.max_pixels))  # fmt: skip
     return StepContext(cfg, policy, teacher, processor, optimizer, prompts, engine)
+
+
+def image_budget(processor, min_pixels: int = 0, max_pixels: int = 0) -> dict | None:
+    """vLLM's `mm_processor_kwargs` for the pixel budget `model.min_pixels` / `max_pixels` that `processor` already
+    applies (`set_pixel_budget`; None: neither set, both engines use the checkpoint's): the image processor's `size`
+    as the policy's processor holds it, so vLLM resizes every image as training encodes it (transformers 5.19
+    deprecates `min_pixels` / `max_pixels` as processor-call arguments)."""
+    if not (min_pixels or max_pixels):
+        return None
+    return {"size": dict(processor.image_processor.size)}
 
 
 def _compute(ctx: StepContext):

@@ -30,26 +30,27 @@ def vllm_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def vllm_engine(vllm_model):
     """Factory: `vllm_engine(arch)` -> `(engine, hf_model, processor)`, an in-process engine per architecture;
-    `vllm_engine(arch, path=..., mm_processor_kwargs=...)` one for another checkpoint or image budget. Engines live
+    `vllm_engine(arch, path=..., budget=(min_pixels, max_pixels))` one for another checkpoint or pixel budget
+    (passed to vLLM as training does). Engines live
     until the session ends: an in-process engine that is shut down takes vLLM's process-wide parallel state with
     it, and the other engines then fail ("pipeline model parallel group is not initialized")."""
     from helpers import ENGINE_SETTINGS
 
     from mmrlsd.model.load import load_model, set_pixel_budget
     from mmrlsd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+    from mmrlsd.train.loop import image_budget
 
     cache = {}
 
-    def build(arch: str, path=None, mm_processor_kwargs: dict | None = None):
-        key = (arch, str(path), repr(mm_processor_kwargs))
+    def build(arch: str, path=None, budget: tuple[int, int] = (0, 0)):
+        key = (arch, str(path), budget)
         if key not in cache:
             path = str(path or vllm_model(arch))
             model, proc = load_model(path, dtype="float32", device="cpu")
             model.eval()
-            if mm_processor_kwargs:
-                set_pixel_budget(proc, **mm_processor_kwargs)
+            set_pixel_budget(proc, *budget)  # model.min_pixels / max_pixels, as training loads them
             eng = VLLMEngine(path, processor=proc, dtype="float32", seed=0, settings=VLLMSettings(**ENGINE_SETTINGS),
-                             mm_processor_kwargs=mm_processor_kwargs)  # fmt: skip
+                             mm_processor_kwargs=image_budget(proc, *budget))  # fmt: skip
             cache[key] = (eng, model, proc)
         return cache[key]
 

@@ -54,13 +54,13 @@ def test_qwen3_vl_checkpoint_without_interleave_flag_matches_hf(vllm_model, vllm
 
 def test_pixel_budget_reaches_vllm(vllm_engine):
     """`model.min_pixels` / `max_pixels` (here 64x64 to 80x80, the checkpoint's own: up to 112x112) go to vLLM's
-    processor (`mm_processor_kwargs`): a large and a small image give vLLM's prompt the same tokens as the
-    training encoding, so rollout and training see the same image tokens."""
+    processor (`mm_processor_kwargs`, `mmrlsd.train.loop.image_budget`): a large and a small image give vLLM's
+    prompt the same tokens as the training encoding, so rollout and training see the same image tokens."""
     from PIL import Image
 
     from mmrlsd.data.encoding import chat_text, encode
 
-    eng, _, proc = vllm_engine("qwen2_5_vl", mm_processor_kwargs={"min_pixels": 64 * 64, "max_pixels": 80 * 80})
+    eng, _, proc = vllm_engine("qwen2_5_vl", budget=(64 * 64, 80 * 80))
     _, _, plain = vllm_engine("qwen2_5_vl")  # the checkpoint's own budget
     params = eng.sampling_params(n=1, temperature=0.0, top_p=1.0, top_k=0, max_new_tokens=1, seed=0, eos=[2])
     text = chat_text(proc, "what colour ?", 1)

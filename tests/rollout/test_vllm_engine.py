@@ -235,6 +235,6 @@ def test_training_loop_uses_the_engine_and_syncs_weights(tiny_model, tiny_record
     run = train(cfg, tmp_path / "run", progress=False)
     (llm,) = created
     assert llm.kw["model"] == str(tiny_model("qwen2_vl")) and llm.synced == 2  # one push per optimizer step
-    assert llm.kw["max_num_seqs"] == 64 and llm.kw["mm_processor_kwargs"] == {"max_pixels": 12544}
+    assert llm.kw["max_num_seqs"] == 64 and llm.kw["mm_processor_kwargs"] == {"size": {"shortest_edge": 784, "longest_edge": 12544}}
     m = read_metrics(run)
     assert [r["step"] for r in m] == [1, 2] and all(r["response/length_mean"] == 12 for r in m)
