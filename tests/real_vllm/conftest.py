@@ -31,9 +31,9 @@ def vllm_model(tmp_path_factory):
 def vllm_engine(vllm_model):
     """Factory: `vllm_engine(arch)` -> `(engine, hf_model, processor)`, an in-process engine per architecture;
     `vllm_engine(arch, path=..., budget=(min_pixels, max_pixels))` one for another checkpoint or pixel budget
-    (passed to vLLM as training does). Engines live
-    until the session ends: an in-process engine that is shut down takes vLLM's process-wide parallel state with
-    it, and the other engines then fail ("pipeline model parallel group is not initialized")."""
+    (passed to vLLM as training does). Engines live until the session ends: an in-process engine that is shut
+    down takes vLLM's process-wide parallel state with it, and the other engines then fail ("pipeline model
+    parallel group is not initialized")."""
     from helpers import ENGINE_SETTINGS
 
     from mmrlsd.model.load import load_model, set_pixel_budget

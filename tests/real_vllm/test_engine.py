@@ -23,18 +23,22 @@ pytestmark = pytest.mark.vllm
 LOGPROB_TOL = 1e-5
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-def test_greedy_tokens_and_logprobs_match_hf(arch, vllm_engine):
-    eng, model, proc = vllm_engine(arch)
+def assert_greedy_matches_hf(eng, model, proc) -> None:
+    """vLLM's greedy tokens equal HF's on the three prompts, and the log-probs vLLM reports for them are within
+    `LOGPROB_TOL` of HF's teacher-forced ones."""
     texts, images = prompts(proc)
     enc, hf = hf_generate(model, proc, texts, images, max_new_tokens=16)
     r, lps = vllm_greedy(eng, model, proc, texts, images, max_new_tokens=16, logprobs=True)
-    # teacher-forced HF log-probs of vLLM's tokens vs the log-probs vLLM reports for them
     ref = teacher_forced(model, enc, r)
     diff = max(abs(a - float(ref[i, t])) for i, row in enumerate(lps) for t, a in enumerate(row))
-    print(f"{arch}: max |logp diff| = {diff:.2e}")
+    print(f"max |logp diff| = {diff:.2e}")
     assert diff < LOGPROB_TOL
     assert rows(r) == rows(hf)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_tokens_and_logprobs_match_hf(arch, vllm_engine):
+    assert_greedy_matches_hf(*vllm_engine(arch))
 
 
 def test_qwen3_vl_checkpoint_without_interleave_flag_matches_hf(vllm_model, vllm_engine, without_interleave_flag):
@@ -43,13 +47,7 @@ def test_qwen3_vl_checkpoint_without_interleave_flag_matches_hf(vllm_model, vllm
     (without the override: 1.4e-2 apart on the image prompts)."""
     eng, model, proc = vllm_engine("qwen3_vl", path=without_interleave_flag(vllm_model("qwen3_vl")))
     assert "hf_overrides" in eng.kwargs
-    texts, images = prompts(proc)
-    enc, hf = hf_generate(model, proc, texts, images, max_new_tokens=16)
-    r, lps = vllm_greedy(eng, model, proc, texts, images, max_new_tokens=16, logprobs=True)
-    ref = teacher_forced(model, enc, r)
-    diff = max(abs(a - float(ref[i, t])) for i, row in enumerate(lps) for t, a in enumerate(row))
-    assert diff < LOGPROB_TOL
-    assert rows(r) == rows(hf)
+    assert_greedy_matches_hf(eng, model, proc)
 
 
 def test_pixel_budget_reaches_vllm(vllm_engine):
