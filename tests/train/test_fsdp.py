@@ -3,7 +3,6 @@ resumes on 1 rank with the same metrics."""
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +89,7 @@ def test_two_ranks_refill_online_filtering_in_step(tiny_model, tmp_path):
     is full keeps rolling out while the other's is not, so both run the same rounds and their collectives pair up.
     The band (0.45, 0.6) drops most groups of this data: refills and padding happen, and the run finishes. (Each
     rank filters its own groups, so the batch, unlike without filtering, depends on the number of ranks.)"""
+    from test_fsdp_mixed import run_two_ranks
     from tinydata import write_records
 
     data = write_records(tmp_path / "data", n=12, text_only_every=3)
@@ -97,21 +97,10 @@ def test_two_ranks_refill_online_filtering_in_step(tiny_model, tmp_path):
         "trainer.total_steps": 2, "trainer.threads": 1, "algo.online_filtering": "true",
         "algo.filter_low": 0.45, "algo.filter_high": 0.6, "algo.max_refill_tries": 4,
     })  # fmt: skip
-    cfg_file = tmp_path / "cfg.yaml"
-    cfg_file.write_text("{}\n")
     env = {**os.environ, "PYTHONPATH": PLUGINS + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     run = tmp_path / "two_ranks"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmrlsd",
-           "train", str(cfg_file), *args, "--output-dir", str(run), "--no-progress"]  # fmt: skip
-    # its own process group: ranks whose rounds do not pair up hang, and a timeout must take them down too
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
-    try:
-        _, err = proc.communicate(timeout=180)  # ~15 s when the ranks stay in step
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-4000:]
+    r = run_two_ranks(args, run, env, timeout=180)  # ranks whose rounds do not pair up hang; ~15 s in step
+    assert r.returncode == 0, r.stderr[-4000:]
     m = read_metrics(run)
     assert [x["step"] for x in m] == [1, 2]
     assert max(x["filter/rounds"] for x in m) > 1 and max(x["filter/padded_groups"] for x in m) > 0

@@ -100,12 +100,12 @@ def torchrun(argv: list[str], env: dict, timeout: float = TIMEOUT_S) -> subproce
         return subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
 
 
-def run_two_ranks(args: list[str], out: Path, env: dict) -> subprocess.CompletedProcess:
-    """`mmrlsd train` on 2 ranks with `args` (overrides) into `out`."""
+def run_two_ranks(args: list[str], out: Path, env: dict, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`mmrlsd train` on 2 ranks with `args` (overrides) into `out` (killed after `timeout` seconds: `torchrun`)."""
     cfg_file = out.parent / "cfg.yaml"
     cfg_file.write_text("{}\n")
     return torchrun(
-        ["-m", "mmrlsd", "train", str(cfg_file), *args, "--output-dir", str(out), "--no-progress"], env
+        ["-m", "mmrlsd", "train", str(cfg_file), *args, "--output-dir", str(out), "--no-progress"], env, timeout
     )
 
 
