@@ -74,8 +74,8 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
                               mmrlsd_prefix: SharedPrefix | None = None, **kwargs):  # fmt: skip
     """transformers' attention-interface contract for one query token per row: `query` `(n, heads, 1, d)`, `key` /
     `value` the rows' own positions `(n, kv_heads, t, d)`, `attention_mask` None or boolean `(n, 1, 1, t)` over
-    them (False: not attended), `mmrlsd_prefix` the prompts' prefix (`SharedPrefix`: n = P * G rows, or its
-    `rows`). Returns `((n, 1, heads, d), None)`."""
+    them (False: not attended; attention reads only the positions it covers), `mmrlsd_prefix` the prompts'
+    prefix (`SharedPrefix`: n = P * G rows, or its `rows`). Returns `((n, 1, heads, d), None)`."""
     if mmrlsd_prefix is None or query.shape[2] != 1:
         raise ValueError("cascade attention: needs one query token per row and the `mmrlsd_prefix` argument")
     kp, vp = mmrlsd_prefix.keys[module.layer_idx], mmrlsd_prefix.values[module.layer_idx]  # (P, kv, Lp, d)
@@ -98,12 +98,24 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
         return x if rows is None else x.index_select(0, rows)
 
     # prefix: a prompt's G rows x groups query heads of one key/value head as one (G * groups, d) matrix
+    if attention_mask is not None:  # the compiled step's mask covers the positions written so far (`GraphStep`)
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
+    # compiled, a row's own products are multiply-sums that inductor fuses into one loop each: 64 matrix
+    # products of (groups x d) @ (d x t) cost more in MKL's batched multiply than the arithmetic
+    fused = torch.compiler.is_compiling()
     s_pre = torch.matmul(per_prompt(q), kp.transpose(-1, -2)) * scale + mmrlsd_prefix.bias  # (P, kv, G*groups, Lp)
     s_pre = per_row(s_pre)  # (n, kv, groups, Lp)
-    s_own = torch.matmul(q, key.transpose(-1, -2)) * scale  # (n, kv, groups, t)
+    if fused:
+        s_own = (q.unsqueeze(-2) * key.unsqueeze(2)).sum(-1) * scale  # (n, kv, groups, t)
+    else:
+        s_own = torch.matmul(q, key.transpose(-1, -2)) * scale
     if attention_mask is not None:
         s_own = s_own.masked_fill(~attention_mask, -float("inf"))
     probs = torch.cat([s_pre.float(), s_own.float()], dim=-1).softmax(dim=-1).to(value.dtype)
     p_pre, p_own = probs[..., :Lp], probs[..., Lp:]
-    out = per_row(torch.matmul(per_prompt(p_pre), vp)) + torch.matmul(p_own, value)  # (n, kv, groups, d)
+    if fused:
+        own = (p_own.unsqueeze(-1) * value.unsqueeze(2)).sum(-2)  # (n, kv, groups, d)
+    else:
+        own = torch.matmul(p_own, value)
+    out = per_row(torch.matmul(per_prompt(p_pre), vp)) + own  # (n, kv, groups, d)
     return out.reshape(n, 1, heads, d), None

@@ -330,6 +330,36 @@ def test_compiled_step_samples_as_lean(cascade, tiny_model, monkeypatch, steps):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {step}")
 
 
+@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "copies"])
+def test_compiled_step_reads_no_unwritten_position(cascade, tiny_model, monkeypatch, steps):
+    """The compiled step attends only to the positions written so far: with every unwritten key and value of the
+    static cache set to NaN it still samples the lean loop's ids with log-probs within 1e-5 (one compilation for
+    all its lengths). The eager step, which attends over the whole buffer with those positions masked, is broken
+    by the same NaNs (0 x NaN in the value product), so the poison reaches attention."""
+    model, proc = load_model(str(tiny_model("qwen2_5_vl")))
+    enc = _encoding(proc, images=True)
+    kw = dict(seed=6, max_new_tokens=12, temperature=1.0)
+    ref, ref_lp = _run(model, proc, enc, monkeypatch, decode="lean", compact=False, **kw)
+    convert = graph.static_cache
+
+    def poisoned(cache, length, pos):
+        convert(cache, length, pos)
+        for layer in cache.layers:
+            layer.keys[..., int(pos) :, :] = float("nan")
+            layer.values[..., int(pos) :, :] = float("nan")
+
+    monkeypatch.setattr(graph, "static_cache", poisoned)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new, new_lp = _run(model, proc, enc, monkeypatch, decode="compile", cascade=cascade, **kw)
+    assert len(steps) == 1 and steps[0].compile and steps[0].error is None
+    _assert_same(new, ref)
+    for step, (a, b) in enumerate(zip(new_lp, ref_lp)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"step {step}")
+    _, eager_lp = _run(model, proc, enc, monkeypatch, decode="graph", cascade=cascade, **kw)
+    assert not all(torch.isfinite(lp).all() for lp in eager_lp[1:])
+
+
 def test_compiled_steps_of_other_shapes_in_one_process(tiny_model, monkeypatch, steps):
     """A compiled step skips dynamo's guards after its first call (`skip_guard_eval_unsafe`), so the first call must
     still pick the graph of its own shapes: decodes of other lengths (another own-cache size), another row count
@@ -359,7 +389,7 @@ def test_compile_failure_decodes_eagerly(tiny_model, monkeypatch, steps):
     enc = _encoding(proc, images=False)
     kw = dict(group_size=G, max_new_tokens=8, seed=0)
 
-    def broken(step):
+    def broken(step, valid, arange):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(graph, "_compiled_forward", lambda: broken)
