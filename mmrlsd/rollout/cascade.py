@@ -97,12 +97,12 @@ def cascade_attention_forward(module, query, key, value, attention_mask, scaling
         x = x.reshape(P, kv, G, groups, -1).transpose(1, 2).reshape(P * G, kv, groups, x.shape[-1])
         return x if rows is None else x.index_select(0, rows)
 
-    # prefix: a prompt's G rows x groups query heads of one key/value head as one (G * groups, d) matrix
     if attention_mask is not None:  # the compiled step's mask covers the positions written so far (`GraphStep`)
         key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]
     # compiled, a row's own products are multiply-sums that inductor fuses into one loop each: 64 matrix
     # products of (groups x d) @ (d x t) cost more in MKL's batched multiply than the arithmetic
     fused = torch.compiler.is_compiling()
+    # prefix: a prompt's G rows x groups query heads of one key/value head as one (G * groups, d) matrix
     s_pre = torch.matmul(per_prompt(q), kp.transpose(-1, -2)) * scale + mmrlsd_prefix.bias  # (P, kv, G*groups, Lp)
     s_pre = per_row(s_pre)  # (n, kv, groups, Lp)
     if fused:
