@@ -160,13 +160,16 @@ def cached_casts(device: torch.device):
 
 
 BUCKET = 64  # `compile`: static lengths rounded up to a multiple of this, so few lengths compile
+RECOMPILE_LIMIT = 64  # `compile`: shapes the step may compile for in one process (dynamo's default is 8)
 
 
 @functools.cache
 def _compiled_forward():
     """`GraphStep._forward` compiled by `torch.compile` (inductor), once per process; it recompiles for new shapes
-    (rows, cache length), which `BUCKET` keeps few."""
-    return torch.compile(GraphStep._forward, dynamic=False)
+    (rows, cache length), which `BUCKET` keeps few. As one graph (`fullgraph`): a step that cannot be compiled, or
+    a new shape past the recompile limit, raises at its first call instead of running uncompiled, which the later
+    calls, skipping guards, must know."""
+    return torch.compile(GraphStep._forward, dynamic=False, fullgraph=True)
 
 
 class GraphStep:
@@ -191,8 +194,9 @@ class GraphStep:
     graphs (`skip_guard_eval_unsafe`: the step's shapes and tensors stay fixed between its calls). The compiled step
     attends only to the positions written so far: its mask is cut to them and marked a dynamic size, so one
     compilation serves every step and attention reads no unwritten key or value (on the CPU perf config ~half of
-    the rows' own keys and values on average). A step that cannot be compiled warns, keeps the reason in `error`
-    and runs eagerly. Otherwise every call runs the step eagerly over the whole cache.
+    the rows' own keys and values on average). A step that cannot be compiled (or a new shape past
+    `RECOMPILE_LIMIT` compiled ones) warns, keeps the reason in `error` and runs eagerly. Otherwise every call
+    runs the step eagerly over the whole cache.
     """
 
     def __init__(self, model, cache, cache_kwarg: str, *, written: int, room: int, mask: torch.Tensor,
@@ -246,8 +250,11 @@ class GraphStep:
             torch._dynamo.mark_dynamic(valid, 1)  # one compilation for every length (the others stay static)
             torch._dynamo.mark_dynamic(arange, 0)
             try:
-                if self.calls == 1:  # every guard runs: picks this step's compilation, or compiles one
-                    return _compiled_forward()(self, valid, arange)
+                if self.calls == 1:  # every guard runs: picks this step's compilation, or compiles one (past
+                    # `RECOMPILE_LIMIT` shapes that fails, and the step runs eagerly: see `_compiled_forward`)
+                    limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+                    with torch._dynamo.config.patch(recompile_limit=limit):
+                        return _compiled_forward()(self, valid, arange)
                 # later calls change no static shape, tensor or setting the guards check, so only the guards that
                 # tell the cached compilations apart run: ~0.3 ms less per decode step on the CPU perf config
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):

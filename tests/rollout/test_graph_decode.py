@@ -382,6 +382,21 @@ def test_compiled_steps_of_other_shapes_in_one_process(tiny_model, monkeypatch, 
             torch.testing.assert_close(a, b, rtol=0, atol=1e-5, msg=f"run {i}, step {step}")
 
 
+def test_compiled_step_past_the_recompile_limit_decodes_eagerly(tiny_model, monkeypatch, steps):
+    """A new shape past the recompile limit: the step's first call fails instead of running uncompiled (which its
+    later calls, skipping guards, would take for a compilation of its shapes and run another shape's graph); the
+    step warns and decodes eagerly, sampling the lean loop's ids."""
+    model, proc = load_model(str(tiny_model("qwen2_5_vl")))
+    enc = _encoding(proc, images=True)
+    kw = dict(seed=7, max_new_tokens=11, temperature=1.0)  # a length no other test compiles
+    ref, _ = _run(model, proc, enc, monkeypatch, decode="lean", compact=False, **kw)
+    monkeypatch.setattr(graph, "RECOMPILE_LIMIT", 0)
+    with torch._dynamo.config.patch(recompile_limit=0), pytest.warns(UserWarning, match="compiling the decode step"):
+        new, _ = _run(model, proc, enc, monkeypatch, decode="compile", cascade=True, **kw)
+    assert not steps[0].compile and "RecompileLimit" in steps[0].error
+    _assert_same(new, ref)
+
+
 def test_compile_failure_decodes_eagerly(tiny_model, monkeypatch, steps):
     """A step inductor cannot compile (here: a compiler that raises): a warning, the reason kept, and the same
     samples from the eager static step."""
