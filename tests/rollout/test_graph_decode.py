@@ -311,12 +311,13 @@ def test_graph_casts_each_weight_once_per_rollout_under_autocast(tiny_model, mon
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("cascade", [True, False], ids=["cascade", "copies"])
-def test_compiled_step_samples_as_lean(cascade, tiny_model, monkeypatch, steps):
-    """`hf_decode: compile` on a CPU: the static step compiled by inductor (its cache, or the cascade prefix,
-    rounded up to `BUCKET` positions) samples the lean loop's ids with log-probs within 1e-5, without falling back
-    to eager."""
-    model, proc = load_model(str(tiny_model("qwen2_5_vl")))
+@pytest.mark.parametrize(("arch", "cascade"), [(a, True) for a in ARCHS] + [("qwen2_5_vl", False)],
+                         ids=[f"{a}-cascade" for a in ARCHS] + ["qwen2_5_vl-copies"])  # fmt: skip
+def test_compiled_step_samples_as_lean(arch, cascade, tiny_model, monkeypatch, steps):
+    """`hf_decode: compile` on a CPU: the static step compiled by inductor as one graph (its cache, or the cascade
+    prefix, rounded up to `BUCKET` positions) samples the lean loop's ids with log-probs within 1e-5, without
+    falling back to eager (a graph break would)."""
+    model, proc = load_model(str(tiny_model(arch)))
     enc = _encoding(proc, images=True)
     kw = dict(seed=5, max_new_tokens=12, temperature=1.0)
     ref, ref_lp = _run(model, proc, enc, monkeypatch, decode="lean", compact=False, **kw)
