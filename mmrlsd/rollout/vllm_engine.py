@@ -72,7 +72,7 @@ def current_platform() -> str:
     return "cpu" if p.is_cpu() else ("cuda" if p.is_cuda_alike() else str(p.device_type))
 
 
-def _checkpoint_config(model_path: str):
+def checkpoint_config(model_path: str):
     """The checkpoint's transformers config, or None when it cannot be read."""
     try:
         from transformers import AutoConfig
@@ -82,28 +82,24 @@ def _checkpoint_config(model_path: str):
         return None
 
 
-def model_positions(model_path: str) -> int | None:
-    """The model's `max_position_embeddings` (text config), or None when it cannot be read."""
-    cfg = _checkpoint_config(model_path)
+def model_positions(cfg) -> int | None:
+    """The `max_position_embeddings` of a checkpoint's config `cfg` (its text config), or None (no config)."""
     return getattr(getattr(cfg, "text_config", cfg), "max_position_embeddings", None)
 
 
-def hf_overrides(model_path: str) -> dict | None:
-    """Config overrides (`vllm.LLM(hf_overrides=...)`) under which vLLM runs the checkpoint as transformers, the
-    trainer, does; None when none is needed.
+def hf_overrides(cfg) -> dict | None:
+    """Config overrides (`vllm.LLM(hf_overrides=...)`) under which vLLM runs the checkpoint whose config is `cfg`
+    as transformers, the trainer, does; None when none is needed (or there is no config).
 
     Qwen3-VL: transformers always interleaves the (temporal, height, width) sections of the rotary dimensions;
     vLLM interleaves them only when the text config's rope parameters say `mrope_interleaved: true`, as the
     released checkpoints do. A checkpoint without the flag would otherwise roll out with image tokens rotated
     differently from the log-probs training computes (on the tiny Qwen3-VL: 1.4e-2 in log-probability)."""
-    cfg = _checkpoint_config(model_path)
     if getattr(cfg, "model_type", None) not in ("qwen3_vl", "qwen3_vl_moe"):
         return None
     rope = dict(getattr(cfg.text_config, "rope_parameters", None) or {})
     if "mrope_section" not in rope or rope.get("mrope_interleaved"):
         return None
-    log.warning("vLLM: %s does not set mrope_interleaved; interleaving the rotary sections as transformers does",
-                model_path)  # fmt: skip
     return {"text_config": {"rope_parameters": {**rope, "mrope_interleaved": True}}}
 
 
@@ -219,12 +215,15 @@ class VLLMEngine:
         self.platform = platform or current_platform()
         self.processor = processor
         self.banned = vision_token_ids(processor)
+        checkpoint = checkpoint_config(model_path)  # read once: the limits and the overrides come from it
         self.kwargs = engine_kwargs(model_path, self.settings, dtype=dtype, seed=seed, platform=self.platform,
                                     world_size=world_size, max_images=max_images,
-                                    positions=model_positions(model_path))  # fmt: skip
+                                    positions=model_positions(checkpoint))  # fmt: skip
         if mm_processor_kwargs:  # the image budget the policy's processor uses (model.min/max_pixels)
             self.kwargs["mm_processor_kwargs"] = mm_processor_kwargs
-        if overrides := hf_overrides(model_path):
+        if overrides := hf_overrides(checkpoint):
+            log.warning("vLLM: %s does not set mrope_interleaved; interleaving the rotary sections as transformers "
+                        "does", model_path)  # fmt: skip
             self.kwargs["hf_overrides"] = overrides
         self.in_process = self.settings.in_process or world_size > 1
         env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0" if self.in_process else "1"}

@@ -15,6 +15,7 @@ from mmrlsd.rollout.vllm_engine import (
     BLOCK,
     VLLMEngine,
     VLLMSettings,
+    checkpoint_config,
     engine_kwargs,
     hf_overrides,
     rollouts_from_ids,
@@ -87,10 +88,10 @@ def test_qwen3_vl_without_interleave_flag_gets_it_from_an_override(tiny_model, t
     rope = json.loads((src / "config.json").read_text())["text_config"]["rope_parameters"]
     assert rope["mrope_interleaved"] is True  # the tiny config says it, as the released configs do
     bare = without_interleave_flag(src)
-    assert hf_overrides(str(bare)) == {"text_config": {"rope_parameters": rope}}
-    assert hf_overrides(str(src)) is None
-    assert hf_overrides(str(tiny_model("qwen2_5_vl"))) is None
-    assert hf_overrides(str(tmp_path / "missing")) is None
+    assert hf_overrides(checkpoint_config(str(bare))) == {"text_config": {"rope_parameters": rope}}
+    assert hf_overrides(checkpoint_config(str(src))) is None
+    assert hf_overrides(checkpoint_config(str(tiny_model("qwen2_5_vl")))) is None
+    assert hf_overrides(checkpoint_config(str(tmp_path / "missing"))) is None
     fake_vllm(monkeypatch)
     _, proc = load_model(str(src))
     eng = VLLMEngine(str(bare), processor=proc, llm_factory=FakeLLM)
