@@ -190,7 +190,7 @@ def _check_drops(model, proc, enc, n, share, monkeypatch):
         assert len(set(lengths.tolist())) >= 4, name  # rows finished at different steps
         assert len(new_seen) == len(ref_seen) == ref.response_ids.shape[1]
         sizes = [len(rows) for rows, _ in new_seen]
-        assert sizes[0] == n and min(sizes) < n // 2, (name, sizes)  # the batch shrank
+        assert sizes[0] == n and min(sizes) < n, (name, sizes)  # shrank (sizes: where the CPU's kernels are row-exact)
         for step, ((rows, lp), (ref_rows, ref_lp)) in enumerate(zip(new_seen, ref_seen)):
             assert ref_rows == list(range(n))
             live = [r for r in range(n) if lengths[r] > step]  # rows that sample a token at this step
