@@ -62,6 +62,10 @@ class ModelConfig:
     """With sdpa attention: the vision tower attends within its windows (each image; Qwen2.5-VL's 8x8-patch
     windows) in one batched call per distinct window length, not one call per window (transformers' sdpa path);
     the same arithmetic. Off: transformers' own loop."""
+    linear_patch_embed: bool = True
+    """The vision tower's patch embedding (a 3-D convolution whose kernel is its stride) as one matrix multiply
+    over the flattened patches: the same sums in another order, ~6x faster on a CPU. Off: transformers'
+    convolution."""
 
 
 @dataclass

@@ -208,7 +208,7 @@ def mmrlsd_config(pc: PerfConfig, variant: str):
         "model.share_prefix": fast and pc.share_prefix, "model.logprob_chunk": pc.logprob_chunk if fast else 0,
         "rollout.share_prefill": fast and pc.share_prefill, "rollout.hf_decode": decode,
         "rollout.cascade_attention": fast and pc.cascade_attention,
-        "model.vision_windows": fast and variant != "rlsd_tower_loop",
+        "model.vision_windows": fast and variant != "rlsd_tower_loop", "model.linear_patch_embed": fast,
         "model.packed_attention": pc.packed_attention,
         "optim.token_budget": pc.token_budget if fast else 0,
     }  # fmt: skip

@@ -37,7 +37,7 @@ from mmrlsd.data.encoding import encode, repeat_encoding
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.model.logprobs import build_sequences, token_logprobs
 from mmrlsd.model.packing import FastOptions, fast_options
-from mmrlsd.model.vision import batch_vision_windows
+from mmrlsd.model.vision import batch_vision_windows, linear_patch_embed
 from mmrlsd.reward.rewards import score_responses
 from mmrlsd.rollout.engine import HFEngine, RolloutEngine
 from mmrlsd.train import faults
@@ -60,9 +60,11 @@ class StepContext:
     def __post_init__(self):
         if self.engine is None:
             self.engine = HFEngine(self.policy, self.processor)
-        if self.cfg.model.vision_windows:
-            for model in (self.policy, self.teacher):  # the same model twice when the teacher is the policy
+        for model in (self.policy, self.teacher):  # the same model twice when the teacher is the policy
+            if self.cfg.model.vision_windows:
                 batch_vision_windows(model)
+            if self.cfg.model.linear_patch_embed:
+                linear_patch_embed(model)
 
 
 @dataclass

@@ -104,3 +104,50 @@ def test_the_step_context_applies_model_vision_windows(on, tiny_model):
                 PromptBuilder(proc, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer"))  # fmt: skip
     want = vision.VISION_WINDOWS if on else "sdpa"
     assert [m.model.visual.config._attn_implementation for m in (policy, teacher)] == [want, want]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_linear_patch_embedding_gives_the_convolutions_numbers(arch, tiny_model, monkeypatch):
+    """The patch embedding as a matrix multiply (`model.linear_patch_embed`): the tower's output and every
+    parameter gradient (the convolution kernel's included) equal the convolution's up to float rounding, the
+    convolution no longer runs, and the checkpoint is unchanged."""
+    model, proc = load_model(str(tiny_model(arch)), max_pixels=448 * 448)
+    px, thw = _images(proc)
+    ref, ref_grads, _ = _tower(model, px, thw, monkeypatch)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    assert vision.linear_patch_embed(model)
+    conv = model.model.visual.patch_embed.proj
+    monkeypatch.setattr(conv, "_conv_forward", lambda *a: pytest.fail("the convolution ran"))
+    out, grads, _ = _tower(model, px, thw, monkeypatch)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and "patch_embed.proj.weight" in grads
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_linear_patch_embedding_leaves_other_convolutions_alone(tiny_model):
+    model, _ = load_model(str(tiny_model("qwen2_vl")))
+    embed = model.model.visual.patch_embed
+    embed.proj = torch.nn.Conv3d(3, embed.proj.out_channels, kernel_size=(2, 14, 14), stride=(2, 7, 7), bias=False)
+    assert not vision.linear_patch_embed(model)  # overlapping kernels: a real convolution
+    assert "forward" not in vars(embed)
+    assert not vision.linear_patch_embed(torch.nn.Linear(2, 2))  # no vision tower
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_step_context_applies_model_linear_patch_embed(on, tiny_model):
+    import copy
+
+    from mmrlsd.config import load_config, packaged_prompt
+    from mmrlsd.data.prompts import PromptBuilder
+    from mmrlsd.train.step import StepContext
+
+    cfg = load_config(None, ["model.path=x", "data.train_files=[a.jsonl]",
+                             f"model.linear_patch_embed={str(on).lower()}"])  # fmt: skip
+    policy, proc = load_model(str(tiny_model("qwen2_vl")))
+    teacher = copy.deepcopy(policy)
+    StepContext(cfg, policy, teacher, proc, torch.optim.SGD(policy.parameters(), lr=0.1),
+                PromptBuilder(proc, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer"))  # fmt: skip
+    assert [("forward" in vars(m.model.visual.patch_embed)) for m in (policy, teacher)] == [on, on]
