@@ -125,6 +125,14 @@ def test_groups_repeat_detects_differing_rows(tiny_model):
     pixels = {k: v.clone() for k, v in enc.items()}
     pixels["pixel_values"][-1, 0] += 1.0  # the last pixel row is row 7's (group 1; group 2 is text-only)
     assert not gen.groups_repeat(pixels, G)
+    nan = {k: v.clone() for k, v in enc.items()}
+    nan["pixel_values"][:, 0] = float("nan")  # NaN equals nothing, as in torch.equal
+    assert not gen.groups_repeat(nan, G)
+
+    def bf16(e):  # a dtype NumPy lacks: compared by torch.equal
+        return {k: v.to(torch.bfloat16) if k == "pixel_values" else v for k, v in e.items()}
+
+    assert gen.groups_repeat(bf16(enc), G) and not gen.groups_repeat(bf16(pixels), G)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
