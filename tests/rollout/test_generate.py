@@ -89,10 +89,13 @@ def test_row_seeded_noise_is_each_rows_own_stream():
     scores = torch.randn(3, 500, generator=torch.Generator().manual_seed(0))
     gens = [torch.Generator().manual_seed(7 * 1_000_003 + r) for r in (0, 5, 9)]
     expect = []
-    for _ in range(2):  # two decode steps
+    for _ in range(3):  # three decode steps
         u = torch.stack([torch.rand(500, generator=g, dtype=torch.float64) for g in gens])
         expect.append(scores + (-torch.log(-torch.log(u))).float())
     s = RowSeededSampler(7, [0, 5, 9])
-    assert torch.equal(s(None, scores), expect[0])
-    assert torch.equal(s.select([1, 2])(None, scores[1:]), expect[1][1:])
+    first = s(None, scores)
+    assert torch.equal(first, expect[0])
+    assert torch.equal(s(None, scores), expect[1])  # the noise buffer reused: the next draws of each stream
+    assert torch.equal(first, expect[0])  # the first step's result is not overwritten
+    assert torch.equal(s.select([1, 2])(None, scores[1:]), expect[2][1:])
     assert s.gens[0].device.type == "cpu"
