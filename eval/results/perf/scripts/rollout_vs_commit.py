@@ -9,8 +9,10 @@ comparison across commits (`2026-12-05-cpu-rollout-vs-6429516.json`).
     done
 
 `old`: the tree's own `generate` defaults (at 6429516: Hugging Face `generate` after the shared prefill);
-`generate` / `compile`: `hf_decode` of this tree (`compile` with cascade attention). One thread, seed 0, 2 warm-up
-calls, then `calls` timed ones; saves the ids, mask and times to `out` (compare the ids across files).
+`generate` / `compile`: `hf_decode` of the tree on PYTHONPATH (`compile` with cascade attention), with its vision
+tower's patch embedding as a matrix multiply where the tree has that default (`model.linear_patch_embed`). One
+thread, seed 0, 2 warm-up calls, then `calls` timed ones; saves the ids, mask and times to `out` (compare the ids
+across files).
 """
 
 import statistics
@@ -23,6 +25,7 @@ import torch
 from mmrlsd.data.encoding import encode, repeat_encoding
 from mmrlsd.data.prompts import PromptBuilder
 from mmrlsd.experiments import perf
+from mmrlsd.model import vision
 from mmrlsd.rollout.generate import generate
 
 
@@ -31,6 +34,8 @@ def main(mode: str, out: str, calls: int = 7) -> None:
     torch.set_num_threads(1)
     model, processor = perf.build_model(pc, torch.device("cpu"))
     model.eval()
+    if hasattr(vision, "linear_patch_embed"):  # the default since 00a70d3 (`model.linear_patch_embed`)
+        vision.linear_patch_embed(model)
     samples = perf.make_samples(pc, pc.batch_size)
     template = getattr(perf, "packaged_prompt", None) or perf.template  # renamed after 6429516
     prompts = PromptBuilder(processor, template("student.jinja"), template("teacher.jinja"), "answer")
