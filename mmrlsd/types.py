@@ -36,10 +36,11 @@ class SeqBatch:
     input_ids: torch.Tensor  # (N, P+T)
     attention_mask: torch.Tensor  # (N, P+T)
     mm_token_type_ids: torch.Tensor | None  # (N, P+T), 1 on image tokens
-    pixel_values: torch.Tensor | None  # (patches, C·t·p·p) of all images, sequence order
-    image_grid_thw: torch.Tensor | None  # (n_images, 3)
+    pixel_values: torch.Tensor | None  # (patches, C·t·p·p) of all images, sequence order (or per group)
+    image_grid_thw: torch.Tensor | None  # (n_images, 3), every sequence's images
     images_per_seq: list[int]  # (N,) images owned by each sequence, in order
     prompt_len: int  # P (response token t sits at column P + t)
+    pixel_group_size: int = 1  # G > 1: pixel_values holds each group's first sequence's rows only
 
     @property
     def response_len(self) -> int:

@@ -4,7 +4,9 @@ rows own which images and pixel rows.
 A processor encoding of N left-padded prompt rows holds `input_ids`, `attention_mask`, `mm_token_type_ids` (1 on
 image tokens) and, when any row has an image, `pixel_values` (the patches of all images, row order) and
 `image_grid_thw` (one row per image). Rows `b*G .. b*G+G-1` repeat prompt b when the encoding comes from
-`repeat_encoding`.
+`repeat_encoding`, which keeps each prompt's pixel rows once: its `pixel_values` hold the rows of each group's
+first row only, `PIXEL_GROUP` says so (G), and `image_grid_thw` still lists every row's images. Read a row's pixel
+rows through `row_pixel_spans` / `row_pixels` (or `slice_encoding`, which gives a plain encoding).
 """
 
 from __future__ import annotations
@@ -60,16 +62,54 @@ def image_offsets(images_per_row: list[int], image_grid_thw: torch.Tensor) -> tu
     return [0, *accumulate(images_per_row)], [0, *accumulate(image_grid_thw.prod(dim=1).tolist())]
 
 
-def slice_encoding(enc, start: int, stop: int) -> dict:
-    """Rows start..stop of a left-padded prompt encoding, with their images' pixel rows."""
+# the key of a `repeat_encoding` result: its pixel rows are stored once per G rows
+PIXEL_GROUP = "pixel_group_size"
+
+
+def pixel_group(enc) -> int:
+    """G when `enc` stores the pixel rows once per group of G rows (`repeat_encoding`), else 1."""
+    return int(enc.get(PIXEL_GROUP, 1))
+
+
+def row_pixel_spans(images_per_row: list[int], image_grid_thw: torch.Tensor, group: int = 1) -> list[tuple]:
+    """`(start, stop)` of each row's pixel rows in `pixel_values`: consecutive in row order, or with `group` > 1
+    (pixel rows stored once per group, `PIXEL_GROUP`) every row of a group at its first row's."""
+    img, pix = image_offsets(images_per_row, image_grid_thw)  # pix: over every row's images
+    spans, at = [], 0
+    for r in range(len(images_per_row)):
+        size = pix[img[r + 1]] - pix[img[r]]
+        if r % group == 0:
+            first, at = (at, at + size), at + size
+        elif size != first[1] - first[0]:
+            raise ValueError(f"encoding: row {r} has other images than the first row of its group of {group}")
+        spans.append(first)
+    return spans
+
+
+def row_pixels(pixel_values: torch.Tensor, spans: list[tuple], start: int, stop: int) -> torch.Tensor | None:
+    """The pixel rows of rows start..stop in row order (`row_pixel_spans`): a view where they are stored
+    consecutively, else a copy. None if those rows have no image."""
+    merged: list[list[int]] = []
+    for a, b in spans[start:stop]:
+        if b > a and merged and merged[-1][1] == a:
+            merged[-1][1] = b
+        elif b > a:
+            merged.append([a, b])
+    parts = [pixel_values[a:b] for a, b in merged]
+    return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def slice_encoding(enc, start: int, stop: int, images: bool = True) -> dict:
+    """Rows start..stop of a left-padded prompt encoding, with their images' pixel rows (a plain encoding: pixel
+    rows stored once per group are repeated for the rows here); `images=False`: the tokens only."""
     out = {k: enc[k][start:stop] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
-    if enc.get("pixel_values") is not None:
+    if images and enc.get("pixel_values") is not None:
         image_token = enc["mm_token_type_ids"] if "mm_token_type_ids" in enc else None
-        img, pix = image_offsets(_images_per_row(enc, image_token), enc["image_grid_thw"])
-        first, last = img[start], img[stop]
-        if last > first:
-            out["pixel_values"] = enc["pixel_values"][pix[first] : pix[last]]
-            out["image_grid_thw"] = enc["image_grid_thw"][first:last]
+        per_row, thw = _images_per_row(enc, image_token), enc["image_grid_thw"]
+        pixels = row_pixels(enc["pixel_values"], row_pixel_spans(per_row, thw, pixel_group(enc)), start, stop)
+        if pixels is not None:
+            img, _ = image_offsets(per_row, thw)
+            out["pixel_values"], out["image_grid_thw"] = pixels, thw[img[start] : img[stop]]
     return out
 
 
@@ -120,34 +160,42 @@ def groups_repeat(enc, group_size: int) -> bool:
                 return False
     if enc.get("pixel_values") is None:
         return True
-    thw, pixels = enc["image_grid_thw"], enc["pixel_values"]
-    img, pix = image_offsets(images_per_row(enc), thw)
+    thw, pixels, per_row = enc["image_grid_thw"], enc["pixel_values"], images_per_row(enc)
+    img, _ = image_offsets(per_row, thw)
+    try:
+        spans = row_pixel_spans(per_row, thw, pixel_group(enc))
+    except ValueError:  # rows of a stored group with other images
+        return False
     for r in range(n):
         f = r - r % G  # the group's first row
+        (a, b), (c, d) = spans[r], spans[f]
         if r != f and not (
             torch.equal(thw[img[r] : img[r + 1]], thw[img[f] : img[f + 1]])
-            and _equal(pixels[pix[img[r]] : pix[img[r + 1]]], pixels[pix[img[f]] : pix[img[f + 1]]])
+            and ((a, b) == (c, d) or _equal(pixels[a:b], pixels[c:d]))  # one stored copy: equal
         ):
             return False
     return True
 
 
 def repeat_encoding(enc, group_size: int) -> dict:
-    """A processor encoding of B prompts with every row repeated G times (prompt b owns rows b*G .. b*G+G-1),
-    pixel rows and image grids included: what encoding the B*G repeated prompts gives, with each prompt
-    tokenised and its images preprocessed once."""
+    """A processor encoding of B prompts with every row repeated G times (prompt b owns rows b*G .. b*G+G-1): the
+    tokens and image grids of the B*G repeated prompts, each prompt tokenised and its images preprocessed once.
+    The pixel rows are not copied: `pixel_values` keeps each prompt's once (the input's tensor) and `PIXEL_GROUP`
+    is G (`slice_encoding` and `row_pixels` give any rows' pixel rows). At the recipes' pixel budget G copies of
+    a batch's pixel rows took gigabytes of host memory; on the CPU perf config the copy took ~15 ms per step."""
     G = group_size
+    if pixel_group(enc) != 1:
+        raise ValueError("repeat_encoding: the encoding is already repeated")
     out = {
         k: enc[k].repeat_interleave(G, dim=0)
         for k in ("input_ids", "attention_mask", "mm_token_type_ids")
         if k in enc
     }
     if enc.get("pixel_values") is not None:
-        img_start, pix_start = image_offsets(images_per_row(enc), enc["image_grid_thw"])
-        pix, thw = [], []
+        img_start, _ = image_offsets(images_per_row(enc), enc["image_grid_thw"])
+        thw = []
         for b in range(enc["input_ids"].shape[0]):
-            a, z = img_start[b], img_start[b + 1]
-            pix += [enc["pixel_values"][pix_start[a] : pix_start[z]]] * G
-            thw += [enc["image_grid_thw"][a:z]] * G
-        out["pixel_values"], out["image_grid_thw"] = torch.cat(pix), torch.cat(thw)
+            thw += [enc["image_grid_thw"][img_start[b] : img_start[b + 1]]] * G
+        out["pixel_values"], out["image_grid_thw"] = enc["pixel_values"], torch.cat(thw)
+        out[PIXEL_GROUP] = G
     return out

@@ -23,7 +23,7 @@ from types import MethodType
 
 import torch
 
-from mmrlsd.data.encoding import image_offsets, images_per_row
+from mmrlsd.data.encoding import image_offsets, images_per_row, pixel_group, row_pixel_spans, row_pixels
 from mmrlsd.model.packing import (
     FastOptions,
     Layout,
@@ -51,17 +51,24 @@ def build_sequences(enc, rollouts: Rollouts) -> SeqBatch:
         image_grid_thw=enc.get("image_grid_thw"),
         images_per_seq=images_per_row(enc),
         prompt_len=enc["input_ids"].shape[1],
+        pixel_group_size=pixel_group(enc),
     )
+
+
+def seq_pixels(seq: SeqBatch, start: int, stop: int) -> torch.Tensor | None:
+    """The pixel rows of sequences start..stop, in order (copied only where stored once per group)."""
+    if seq.pixel_values is None:
+        return None
+    spans = row_pixel_spans(seq.images_per_seq, seq.image_grid_thw, seq.pixel_group_size)
+    return row_pixels(seq.pixel_values, spans, start, stop)
 
 
 def slice_seq(seq: SeqBatch, start: int, stop: int) -> SeqBatch:
     """Rows start..stop with exactly their images' pixel rows."""
-    pv, thw = None, None
-    if seq.pixel_values is not None:
-        img, pix = image_offsets(seq.images_per_seq, seq.image_grid_thw)
-        first, last = img[start], img[stop]
-        if last > first:
-            pv, thw = seq.pixel_values[pix[first] : pix[last]], seq.image_grid_thw[first:last]
+    pv, thw = seq_pixels(seq, start, stop), None
+    if pv is not None:
+        img, _ = image_offsets(seq.images_per_seq, seq.image_grid_thw)
+        thw = seq.image_grid_thw[img[start] : img[stop]]
     mm = seq.mm_token_type_ids[start:stop] if seq.mm_token_type_ids is not None else None
     return SeqBatch(
         input_ids=seq.input_ids[start:stop], attention_mask=seq.attention_mask[start:stop], mm_token_type_ids=mm,
@@ -86,7 +93,8 @@ def response_logits(model, seq: SeqBatch) -> torch.Tensor:
     if seq.mm_token_type_ids is not None:
         inputs["mm_token_type_ids"] = seq.mm_token_type_ids
     if seq.pixel_values is not None:
-        inputs["pixel_values"] = seq.pixel_values.to(model.dtype)
+        every_row = seq_pixels(seq, 0, len(seq.images_per_seq))  # (stored once per group: repeated here)
+        inputs["pixel_values"] = every_row.to(model.dtype)
         inputs["image_grid_thw"] = seq.image_grid_thw
     inputs = {k: v.to(device) for k, v in inputs.items()}
     with tower_on_every_rank(model, has_images=seq.pixel_values is not None):  # FSDP: a dummy image if none

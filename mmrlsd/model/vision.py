@@ -1,9 +1,9 @@
 """Vision features computed once per prompt and shared by its G responses; the vision tower under FSDP.
 
-`repeat_encoding` repeats every prompt G times, images included, so the naive forward runs the vision tower
-G times on the same pixels. Here the tower runs once on the images of each prompt's first row, and every
-row's image placeholders are filled by indexing those features (the same `masked_scatter` merge that
-Qwen2VLModel.forward does). Autograd's index backward sums the G rows' gradients; with `detached()` and
+`repeat_encoding` repeats every prompt G times (its pixel rows stored once), and the naive forward hands every
+row's pixel rows to the model, which runs the vision tower G times on the same pixels. Here the tower runs once on
+the images of each prompt's first row, and every row's image placeholders are filled by indexing those features
+(the same `masked_scatter` merge that Qwen2VLModel.forward does). Autograd's index backward sums the G rows' gradients; with `detached()` and
 `backward_from()` the tower's own backward also runs once per prompt per optimizer step, however many
 micro-batches the rows are spread over.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mmrlsd import dist
-from mmrlsd.data.encoding import image_offsets
+from mmrlsd.data.encoding import image_offsets, row_pixel_spans
 from mmrlsd.model.packing import register_attention
 from mmrlsd.types import SeqBatch
 
@@ -77,7 +77,8 @@ def vision_features(model, seq: SeqBatch, rows: list[int], group_size: int) -> V
     groups = sorted({r // group_size for r in rows if seq.images_per_seq[r] > 0})
     if seq.pixel_values is None or not groups:
         return _no_image_features(model, group_size) if tower_is_collective(model) else None
-    img_start, pix_start = image_offsets(seq.images_per_seq, seq.image_grid_thw)
+    img_start, _ = image_offsets(seq.images_per_seq, seq.image_grid_thw)
+    spans = row_pixel_spans(seq.images_per_seq, seq.image_grid_thw, seq.pixel_group_size)
     pix, thw = [], []
     for g in groups:
         r0 = g * group_size
@@ -85,7 +86,7 @@ def vision_features(model, seq: SeqBatch, rows: list[int], group_size: int) -> V
         if any(seq.images_per_seq[r] != seq.images_per_seq[r0] for r in members):
             raise ValueError(f"rows {r0}..{r0 + group_size - 1} do not share their images (group {g})")
         a, b = img_start[r0], img_start[r0 + 1]
-        pix.append(seq.pixel_values[pix_start[a] : pix_start[b]])
+        pix.append(seq.pixel_values[spans[r0][0] : spans[r0][1]])
         thw.append(seq.image_grid_thw[a:b])
     device = next(model.parameters()).device
     inner = model.model

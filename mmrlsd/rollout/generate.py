@@ -166,22 +166,23 @@ def prompt_positions(
     return torch.cat([text_pos[None], mrope.to(text_pos.device)]), deltas.to(ids.device)
 
 
-def shared_prefill(model, chunk: dict, prompt_of_row: list[int], cascade: bool = False) -> dict:
-    """Run every token but the last of each distinct prompt of `chunk` (images included) once, and copy the KV cache
-    to the rows: the `generate` kwargs under which it computes only the last prompt token and the decode steps.
+def shared_prefill(model, prompts: dict, prompt_of_row: list[int], cascade: bool = False) -> dict:
+    """Run every token but the last of each distinct prompt (images included) once, and copy the KV cache to the
+    rows: the `generate` kwargs under which it computes only the last prompt token and the decode steps.
 
-    `prompt_of_row[i]` (0..P-1, non-decreasing) is the distinct prompt row i repeats; prompt p is taken from its
-    first row. Positions are the ones `generate` gives the full prompt (text positions from the attention mask,
-    mRoPE from `get_rope_index`); the mRoPE offset of each row (`model.model.rope_deltas`, which `generate` reads
-    when it continues from a cache) is repeated to the N rows.
+    `prompts`: the encoding of the P distinct prompts (their images' pixel rows once each); `prompt_of_row[i]`
+    (0..P-1, non-decreasing) is the prompt row i repeats. Positions are the ones `generate` gives the full prompt
+    (text positions from the attention mask, mRoPE from `get_rope_index`); the mRoPE offset of each row
+    (`model.model.rope_deltas`, which `generate` reads when it continues from a cache) is repeated to the N rows.
 
     With `cascade`, where every prompt is repeated by as many consecutive rows, the keys and values are not copied:
     the result holds them once as `mmrlsd_prefix` (`cascade.SharedPrefix`) and an empty KV cache for the rows' own
     positions, for `lean_decode` with cascade attention."""
     from transformers import DynamicCache
 
-    firsts = [prompt_of_row.index(p) for p in range(prompt_of_row[-1] + 1)]
-    pre = select_rows(chunk, firsts)
+    pre, P = prompts, prompt_of_row[-1] + 1
+    if pre["input_ids"].shape[0] != P:
+        raise ValueError(f"shared prefill: {pre['input_ids'].shape[0]} prompts for rows of {P}")
     ids, mask = pre["input_ids"][:, :-1], pre["attention_mask"][:, :-1]  # (P, L-1)
     extra = {}
     if "mm_token_type_ids" in pre:
@@ -199,7 +200,7 @@ def shared_prefill(model, chunk: dict, prompt_of_row: list[int], cascade: bool =
         )
     rows = torch.tensor(prompt_of_row, device=ids.device)  # (N,)
     model.model.rope_deltas = deltas.to(ids.device)[rows]  # (N, 1)
-    G = len(prompt_of_row) // len(firsts)
+    G = len(prompt_of_row) // P
     if cascade and prompt_of_row == [r // G for r in range(len(prompt_of_row))]:
         return {name: DynamicCache(config=model.config), "mmrlsd_prefix": SharedPrefix(cache, mask, G)}
     # (P, ...) -> (N, ...): row i gets the keys and values of prompt prompt_of_row[i]
@@ -543,10 +544,13 @@ def generate(
     with _eval_mode(model):
         for start in tqdm(range(0, n, chunk), desc="generate", disable=not progress, leave=False):
             stop = min(n, start + chunk)
-            inputs = {k: v.to(device) for k, v in slice_encoding(enc, start, stop).items()}
+            # sharing the prefill, only each prompt's first row needs its images (not G copies of the pixel rows)
+            inputs = {k: v.to(device) for k, v in slice_encoding(enc, start, stop, images=not share).items()}
             if share:
                 prompt_of_row = [r // G - start // G for r in range(start, stop)]
-                prefill = shared_prefill(model, inputs, prompt_of_row, cascade=cascade and lean)
+                firsts = [start + prompt_of_row.index(p) for p in range(prompt_of_row[-1] + 1)]
+                prompts = {k: v.to(device) for k, v in select_rows(enc, firsts).items()}
+                prefill = shared_prefill(model, prompts, prompt_of_row, cascade=cascade and lean)
                 inputs = {k: inputs[k] for k in ("input_ids", "attention_mask")} | prefill  # no pixels
             elif "pixel_values" not in inputs and tower_is_collective(model):
                 # the other ranks' `generate` may encode images now, before its prefill

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from mmrlsd.algo.methods import TokenRule, privileged_gain, token_advantages
-from mmrlsd.data.encoding import chat_text, encode, repeat_encoding
+from mmrlsd.data.encoding import PIXEL_GROUP, chat_text, encode, repeat_encoding, slice_encoding
 from mmrlsd.model.load import load_model
 from mmrlsd.model.logprobs import (
     build_sequences,
     fast_forward_logprobs,
     forward_logprobs,
+    seq_pixels,
     slice_seq,
     token_logprobs,
 )
@@ -42,11 +43,23 @@ def batch(arch, tiny_model):
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
 def test_repeat_encoding_equals_encoding_repeated_prompts(arch, tiny_model):
     model, proc, texts, imgs, _, _ = batch(arch, tiny_model)
+    """The repeated encoding is the encoding of the repeated prompts (any rows, through `slice_encoding`), with each
+    prompt's pixel rows stored once: the processor's own tensor, not G copies."""
     full = encode(proc, [t for t in texts for _ in range(G)], [i for i in imgs for _ in range(G)])
-    rep = repeat_encoding(encode(proc, texts, imgs), G)
-    assert set(rep) == {k for k in full if full[k] is not None}
-    for k in rep:
+    once = encode(proc, texts, imgs)
+    rep = repeat_encoding(once, G)
+    assert set(rep) == {k for k in full if full[k] is not None} | {PIXEL_GROUP}
+    assert rep[PIXEL_GROUP] == G and rep["pixel_values"] is once["pixel_values"]
+    for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
         assert torch.equal(rep[k], full[k]), k
+    n = 3 * G
+    for start, stop in [(0, n), (0, 1), (1, 2), (2, 7), (G - 1, 2 * G + 1), (G, 2 * G), (n - 1, n)]:
+        got, want = slice_encoding(rep, start, stop), slice_encoding(full, start, stop)
+        assert got.keys() == want.keys(), (start, stop)
+        for k in got:
+            assert torch.equal(got[k], want[k]), (start, stop, k)
+    with pytest.raises(ValueError, match="already repeated"):
+        repeat_encoding(rep, G)
 
 
 def _count_tower_calls(model):
@@ -234,7 +247,8 @@ def test_deepstack_features_in_either_transformers_layout(tiny_model, monkeypatc
         return out
 
     monkeypatch.setattr(inner, "get_image_features", joined)
-    assert all(torch.is_tensor(d) for d in joined(seq.pixel_values, seq.image_grid_thw).deepstack_features)
+    every_row = seq_pixels(seq, 0, len(rows))  # pixel rows are stored once per group
+    assert all(torch.is_tensor(d) for d in joined(every_row, seq.image_grid_thw).deepstack_features)
     new = vision_features(model, seq, rows, G)
     assert ref.deepstack is not None and len(new.deepstack) == len(ref.deepstack)
     for a, b in zip(new.deepstack, ref.deepstack):

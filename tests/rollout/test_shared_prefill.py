@@ -13,7 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mmrlsd.data.encoding import chat_text, encode, repeat_encoding
+from mmrlsd.data import encoding
+from mmrlsd.data.encoding import PIXEL_GROUP, chat_text, encode, repeat_encoding, slice_encoding
 from mmrlsd.model.load import load_model
 from mmrlsd.rollout import generate as gen
 
@@ -113,15 +114,20 @@ def test_checkpointed_model_in_training_mode_samples_as_in_eval_mode(share, tiny
     assert torch.equal(r.response_ids, ref.response_ids)
 
 
-def test_groups_repeat_detects_differing_rows(tiny_model):
+def test_groups_repeat_detects_differing_rows(tiny_model, monkeypatch):
+    """On a plain encoding (every row's pixel rows) the rows of each group are compared; on `repeat_encoding`'s
+    (pixel rows once per group) they are equal by construction and not compared."""
     _, proc = load_model(str(tiny_model("qwen2_vl")))
-    enc = _encoding(proc, images=True)
-    assert gen.groups_repeat(enc, G)
-    assert not gen.groups_repeat(enc, 3)  # 12 rows are not groups of 3 repeating one prompt
-    assert not gen.groups_repeat(enc, 5)  # 12 rows do not split into groups of 5
-    tokens = {k: v.clone() for k, v in enc.items()}
-    tokens["input_ids"][G + 1, -3] += 1  # one row of group 1 differs in one token
-    assert not gen.groups_repeat(tokens, G)
+    grouped = _encoding(proc, images=True)
+    enc = slice_encoding(grouped, 0, grouped["input_ids"].shape[0])  # plain: G copies of the pixel rows
+    assert PIXEL_GROUP not in enc and enc["pixel_values"].shape[0] == G * grouped["pixel_values"].shape[0]
+    for e in (enc, grouped):
+        assert gen.groups_repeat(e, G)
+        assert not gen.groups_repeat(e, 3)  # 12 rows are not groups of 3 repeating one prompt
+        assert not gen.groups_repeat(e, 5)  # 12 rows do not split into groups of 5
+        tokens = {k: v.clone() if torch.is_tensor(v) else v for k, v in e.items()}
+        tokens["input_ids"][G + 1, -3] += 1  # one row of group 1 differs in one token
+        assert not gen.groups_repeat(tokens, G)
     pixels = {k: v.clone() for k, v in enc.items()}
     pixels["pixel_values"][-1, 0] += 1.0  # the last pixel row is row 7's (group 1; group 2 is text-only)
     assert not gen.groups_repeat(pixels, G)
@@ -133,6 +139,8 @@ def test_groups_repeat_detects_differing_rows(tiny_model):
         return {k: v.to(torch.bfloat16) if k == "pixel_values" else v for k, v in e.items()}
 
     assert gen.groups_repeat(bf16(enc), G) and not gen.groups_repeat(bf16(pixels), G)
+    monkeypatch.setattr(encoding, "_equal", lambda a, b: pytest.fail("compared pixel rows stored once"))
+    assert gen.groups_repeat(grouped, G)
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
