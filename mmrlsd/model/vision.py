@@ -3,9 +3,9 @@
 `repeat_encoding` repeats every prompt G times (its pixel rows stored once), and the naive forward hands every
 row's pixel rows to the model, which runs the vision tower G times on the same pixels. Here the tower runs once on
 the images of each prompt's first row, and every row's image placeholders are filled by indexing those features
-(the same `masked_scatter` merge that Qwen2VLModel.forward does). Autograd's index backward sums the G rows' gradients; with `detached()` and
-`backward_from()` the tower's own backward also runs once per prompt per optimizer step, however many
-micro-batches the rows are spread over.
+(the same `masked_scatter` merge that Qwen2VLModel.forward does). Autograd's index backward sums the G rows'
+gradients; with `detached()` and `backward_from()` the tower's own backward also runs once per prompt per
+optimizer step, however many micro-batches the rows are spread over.
 
 Qwen3-VL's deepstack features (added to the first decoder layers' hidden states at the image positions,
 transformers' Qwen3VLTextModel._deepstack_process) are shared the same way.
