@@ -143,6 +143,25 @@ def test_groups_repeat_detects_differing_rows(tiny_model, monkeypatch):
     assert gen.groups_repeat(grouped, G)
 
 
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "full"])
+def test_rollout_copies_pixel_rows_only_for_the_rows_it_runs(share, tiny_model, monkeypatch):
+    """`repeat_encoding` stores each prompt's pixel rows once; a shared-prefill rollout reads only the prompts'
+    rows (no G copies of them anywhere), the full prefill materialises them for every row it runs."""
+    model, proc = load_model(str(tiny_model("qwen2_vl")))
+    enc = _encoding(proc, images=True)
+    stored = enc["pixel_values"].shape[0]  # the two image prompts' rows, once
+    read, real = [], encoding.row_pixels
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        read.append(0 if out is None else out.shape[0])
+        return out
+
+    monkeypatch.setattr(encoding, "row_pixels", spy)
+    gen.generate(model, proc, enc, group_size=G, max_new_tokens=4, seed=0, share_prefill=share)
+    assert sum(read) == (stored if share else G * stored)
+
+
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen3_vl"])
 def test_falls_back_to_full_prefill_when_group_rows_differ(arch, tiny_model):
     """Same tokens, different pictures within a group: sharing would give every row the first row's image, so
