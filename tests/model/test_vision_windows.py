@@ -89,23 +89,6 @@ def test_the_setting_stays_in_memory_and_off_for_other_kernels(tiny_model, tmp_p
     json.loads((tmp_path / "config.json").read_text())
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_the_step_context_applies_model_vision_windows(on, tiny_model):
-    import copy
-
-    from mmrlsd.config import load_config, packaged_prompt
-    from mmrlsd.data.prompts import PromptBuilder
-    from mmrlsd.train.step import StepContext
-
-    cfg = load_config(None, ["model.path=x", "data.train_files=[a.jsonl]", f"model.vision_windows={str(on).lower()}"])
-    policy, proc = load_model(str(tiny_model("qwen2_vl")))
-    teacher = copy.deepcopy(policy)
-    StepContext(cfg, policy, teacher, proc, torch.optim.SGD(policy.parameters(), lr=0.1),
-                PromptBuilder(proc, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer"))  # fmt: skip
-    want = vision.VISION_WINDOWS if on else "sdpa"
-    assert [m.model.visual.config._attn_implementation for m in (policy, teacher)] == [want, want]
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_linear_patch_embedding_gives_the_convolutions_numbers(arch, tiny_model, monkeypatch):
     """The patch embedding as a matrix multiply (`model.linear_patch_embed`): the tower's output and every
@@ -136,18 +119,21 @@ def test_linear_patch_embedding_leaves_other_convolutions_alone(tiny_model):
     assert not vision.linear_patch_embed(torch.nn.Linear(2, 2))  # no vision tower
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_the_step_context_applies_model_linear_patch_embed(on, tiny_model):
+@pytest.mark.parametrize(("windows", "linear"), [(True, True), (False, False), (True, False)])
+def test_the_step_context_applies_the_towers_settings(windows, linear, tiny_model):
+    """`model.vision_windows` and `model.linear_patch_embed` reach the policy and the teacher, each on its own."""
     import copy
 
     from mmrlsd.config import load_config, packaged_prompt
     from mmrlsd.data.prompts import PromptBuilder
     from mmrlsd.train.step import StepContext
 
-    cfg = load_config(None, ["model.path=x", "data.train_files=[a.jsonl]",
-                             f"model.linear_patch_embed={str(on).lower()}"])  # fmt: skip
+    cfg = load_config(None, ["model.path=x", "data.train_files=[a.jsonl]", f"model.vision_windows={str(windows).lower()}",
+                             f"model.linear_patch_embed={str(linear).lower()}"])  # fmt: skip
     policy, proc = load_model(str(tiny_model("qwen2_vl")))
     teacher = copy.deepcopy(policy)
     StepContext(cfg, policy, teacher, proc, torch.optim.SGD(policy.parameters(), lr=0.1),
                 PromptBuilder(proc, packaged_prompt("student.jinja"), packaged_prompt("teacher.jinja"), "answer"))  # fmt: skip
-    assert [("forward" in vars(m.model.visual.patch_embed)) for m in (policy, teacher)] == [on, on]
+    want = vision.VISION_WINDOWS if windows else "sdpa"
+    assert [m.model.visual.config._attn_implementation for m in (policy, teacher)] == [want, want]
+    assert [("forward" in vars(m.model.visual.patch_embed)) for m in (policy, teacher)] == [linear, linear]
