@@ -99,17 +99,27 @@ def row_pixels(pixel_values: torch.Tensor, spans: list[tuple], start: int, stop:
     return None if not parts else parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def rows_images(pixel_values: torch.Tensor, image_grid_thw: torch.Tensor, images_per_row: list[int], start: int,
+                stop: int, group: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+    """`(pixel rows, image grids)` of rows start..stop, in row order, of an encoding whose pixel rows are stored per
+    row (`group` 1) or once per group of `group` rows; `(None, None)` if those rows have no image."""
+    pixels = row_pixels(pixel_values, row_pixel_spans(images_per_row, image_grid_thw, group), start, stop)
+    if pixels is None:
+        return None, None
+    img, _ = image_offsets(images_per_row, image_grid_thw)
+    return pixels, image_grid_thw[img[start] : img[stop]]
+
+
 def slice_encoding(enc, start: int, stop: int, images: bool = True) -> dict:
     """Rows start..stop of a left-padded prompt encoding, with their images' pixel rows (a plain encoding: pixel
     rows stored once per group are repeated for the rows here); `images=False`: the tokens only."""
     out = {k: enc[k][start:stop] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in enc}
     if images and enc.get("pixel_values") is not None:
         image_token = enc["mm_token_type_ids"] if "mm_token_type_ids" in enc else None
-        per_row, thw = _images_per_row(enc, image_token), enc["image_grid_thw"]
-        pixels = row_pixels(enc["pixel_values"], row_pixel_spans(per_row, thw, pixel_group(enc)), start, stop)
+        pixels, thw = rows_images(enc["pixel_values"], enc["image_grid_thw"], _images_per_row(enc, image_token),
+                                  start, stop, pixel_group(enc))  # fmt: skip
         if pixels is not None:
-            img, _ = image_offsets(per_row, thw)
-            out["pixel_values"], out["image_grid_thw"] = pixels, thw[img[start] : img[stop]]
+            out["pixel_values"], out["image_grid_thw"] = pixels, thw
     return out
 
 

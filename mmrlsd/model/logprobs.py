@@ -23,7 +23,7 @@ from types import MethodType
 
 import torch
 
-from mmrlsd.data.encoding import image_offsets, images_per_row, pixel_group, row_pixel_spans, row_pixels
+from mmrlsd.data.encoding import images_per_row, pixel_group, rows_images
 from mmrlsd.model.packing import (
     FastOptions,
     Layout,
@@ -55,20 +55,21 @@ def build_sequences(enc, rollouts: Rollouts) -> SeqBatch:
     )
 
 
+def _rows_images(seq: SeqBatch, start: int, stop: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if seq.pixel_values is None:
+        return None, None
+    thw, group = seq.image_grid_thw, seq.pixel_group_size
+    return rows_images(seq.pixel_values, thw, seq.images_per_seq, start, stop, group)
+
+
 def seq_pixels(seq: SeqBatch, start: int, stop: int) -> torch.Tensor | None:
     """The pixel rows of sequences start..stop, in order (copied only where stored once per group)."""
-    if seq.pixel_values is None:
-        return None
-    spans = row_pixel_spans(seq.images_per_seq, seq.image_grid_thw, seq.pixel_group_size)
-    return row_pixels(seq.pixel_values, spans, start, stop)
+    return _rows_images(seq, start, stop)[0]
 
 
 def slice_seq(seq: SeqBatch, start: int, stop: int) -> SeqBatch:
     """Rows start..stop with exactly their images' pixel rows."""
-    pv, thw = seq_pixels(seq, start, stop), None
-    if pv is not None:
-        img, _ = image_offsets(seq.images_per_seq, seq.image_grid_thw)
-        thw = seq.image_grid_thw[img[start] : img[stop]]
+    pv, thw = _rows_images(seq, start, stop)
     mm = seq.mm_token_type_ids[start:stop] if seq.mm_token_type_ids is not None else None
     return SeqBatch(
         input_ids=seq.input_ids[start:stop], attention_mask=seq.attention_mask[start:stop], mm_token_type_ids=mm,
